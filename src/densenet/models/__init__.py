@@ -1,0 +1,4 @@
+"""Model families. Each module builds its networks from the paper's parts; registry.py names them."""
+from .densenet import DenseNet, DenseNetConfig
+
+__all__ = ["DenseNet", "DenseNetConfig"]

@@ -1,0 +1,297 @@
+"""DenseNet, DenseNet-B, -C and -BC (Huang, Liu, van der Maaten, Weinberger, CVPR 2017).
+
+Notation of the paper: growth rate k (`growth_rate`), compression theta (`compression`), bottleneck B
+(`bottleneck`, width `bn_size * k`). Layer l of a block computes x_l = H_l([x_0, x_1, ..., x_{l-1}]).
+
+Module names follow torchvision (`features.denseblock1.denselayer1.norm1`, `transition1`, `norm5`,
+`classifier`), the de facto DenseNet checkpoint format, so published checkpoints load unchanged.
+
+Two implementations of a dense block compute the same function:
+- the fused path (default, `fused=True`, see `_fused.py`): one feature buffer per block that every
+  layer writes its k maps into, and batch statistics computed once per feature map and shared by
+  every layer that reads it. Exact, faster and leaner; `memory_efficient=True` additionally
+  recomputes each layer's BN-ReLU-Conv input in the backward pass (linear memory in depth).
+- the reference path (`fused=False`): concatenation per layer, as the paper's equation reads and as
+  torchvision computes it; `memory_efficient=True` checkpoints the concat-BN-ReLU-Conv1x1 part.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import _fused
+
+# Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
+IMAGENET_BLOCKS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32), 264: (6, 12, 64, 48)}
+
+
+def compressed_channels(m: int, theta: float) -> int:
+    """floor(theta * m), in exact arithmetic: float(0.29) * 100 is 28.999..., the paper means 29."""
+    return math.floor(Fraction(str(theta)) * m)
+
+
+@dataclass(frozen=True)
+class DenseNetConfig:
+    """The structure of a DenseNet, in the paper's terms."""
+
+    growth_rate: int = 12  # k: feature maps each layer adds
+    block_config: tuple[int, ...] = (16, 16, 16)  # layers per dense block
+    bottleneck: bool = True  # B: BN-ReLU-Conv1x1(bn_size*k) before each 3x3 convolution
+    compression: float = 0.5  # theta: a transition after a block of m maps outputs floor(theta*m)
+    num_init_features: int | None = None  # stem maps; None: 2k with bottleneck (BC), else 16 (CIFAR)
+    bn_size: int = 4  # bottleneck width in multiples of k (4k in the paper)
+    drop_rate: float = 0.0  # dropout after every convolution but the first (0.2 without augmentation)
+    num_classes: int = 10
+    in_channels: int = 3
+    stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 conv; or 7x7/2 conv, BN, ReLU, 3x3/2 max pool
+    memory_efficient: bool = False  # recompute each layer's BN-ReLU-Conv input in the backward pass
+    fused: bool = True  # shared feature buffer and shared BN statistics (exact; see _fused.py)
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"DenseNetConfig: {msg}")
+
+        object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
+        need(isinstance(self.growth_rate, int) and self.growth_rate >= 1,
+             f"growth_rate (k) must be a positive integer, got {self.growth_rate!r}")
+        need(len(self.block_config) >= 1 and all(n >= 1 for n in self.block_config),
+             f"block_config needs at least one block of at least one layer, got {self.block_config}")
+        need(0.0 < self.compression <= 1.0, f"compression (theta) must satisfy 0 < theta <= 1, got {self.compression}")
+        need(0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        need(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        need(self.bn_size >= 1, f"bn_size must be >= 1, got {self.bn_size}")
+        need(self.stem in ("cifar", "imagenet"), f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
+        need(self.num_init_features is None or self.num_init_features >= 1,
+             f"num_init_features must be >= 1, got {self.num_init_features}")
+        c = self.init_features
+        for n in self.block_config[:-1]:
+            c = compressed_channels(c + n * self.growth_rate, self.compression)
+            need(c >= 1, f"compression {self.compression} leaves a transition with no output maps")
+
+    @property
+    def init_features(self) -> int:
+        if self.num_init_features is not None:
+            return self.num_init_features
+        return 2 * self.growth_rate if (self.bottleneck or self.stem == "imagenet") else 16
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height/width that keeps at least one pixel through every downsampling."""
+        size = 1
+        while self._out_size(size) < 1:
+            size += 1
+        return size
+
+    def _out_size(self, h: int) -> int:
+        if self.stem == "imagenet":
+            h = (h + 2 * 3 - 7) // 2 + 1  # 7x7 conv, stride 2, padding 3
+            h = (h + 2 * 1 - 3) // 2 + 1 if h >= 1 else h  # 3x3 max pool, stride 2, padding 1
+        for _ in self.block_config[:-1]:
+            h //= 2  # 2x2 average pooling in each transition
+        return h
+
+
+def cifar_block_config(depth: int, bottleneck: bool, num_blocks: int = 3) -> tuple[int, ...]:
+    """Layers per block of the CIFAR/SVHN networks: L = 3n + 4, or L = 6n + 4 with bottlenecks."""
+    convs_per_layer = 2 if bottleneck else 1
+    step = num_blocks * convs_per_layer
+    n, rest = divmod(depth - (num_blocks + 1), step)
+    if rest or n < 1:
+        kind = "DenseNet-BC/-B (L = 6n + 4)" if bottleneck else "DenseNet (L = 3n + 4)"
+        lower = max(n, 1) * step + num_blocks + 1
+        near = f"{lower}, {lower + step}" if depth > lower else f"{lower}"
+        raise ValueError(f"depth {depth} cannot be built for {kind}: valid depths are {near} (nearest), "
+                         f"and in general {step + num_blocks + 1}, {2 * step + num_blocks + 1}, ... "
+                         f"(every {step} layers)")
+    return (n,) * num_blocks
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+class DenseLayer(nn.Module):
+    """H_l: BN-ReLU-Conv3x3(k); with bottleneck, BN-ReLU-Conv1x1(4k) then BN-ReLU-Conv3x3(k).
+
+    Dropout follows each convolution, as in the authors' code (torchvision drops only after the 3x3).
+    """
+
+    def __init__(self, in_channels: int, cfg: DenseNetConfig):
+        super().__init__()
+        k, width = cfg.growth_rate, cfg.bn_size * cfg.growth_rate
+        self.norm1 = nn.BatchNorm2d(in_channels, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = _conv(in_channels, width if cfg.bottleneck else k, 1 if cfg.bottleneck else 3)
+        if cfg.bottleneck:
+            self.norm2 = nn.BatchNorm2d(width, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = _conv(width, k, 3)
+        self.bottleneck = cfg.bottleneck
+        self.drop_rate = cfg.drop_rate
+
+    def layer_input(self, *features: torch.Tensor) -> torch.Tensor:
+        """BN-ReLU-Conv of the concatenation [x_0, ..., x_{l-1}]: the part memory-efficient mode recomputes."""
+        x = torch.cat(features, 1)  # (B, k0 + (l-1)k, H, W)
+        return self.conv1(self.relu1(self.norm1(x)))
+
+    def rest(self, y: torch.Tensor) -> torch.Tensor:
+        """Dropout after the first convolution, then (bottleneck) BN-ReLU-Conv3x3 and dropout: (B, k, H, W)."""
+        y = F.dropout(y, self.drop_rate, self.training)
+        if self.bottleneck:
+            y = F.dropout(self.conv2(self.relu2(self.norm2(y))), self.drop_rate, self.training)
+        return y
+
+    def forward(self, features: list[torch.Tensor], memory_efficient: bool = False) -> torch.Tensor:
+        if memory_efficient and torch.is_grad_enabled():
+            y = checkpoint(self.layer_input, *features, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), _restore_bn_buffers(self.norm1)))
+        else:
+            y = self.layer_input(*features)
+        return self.rest(y)
+
+
+@contextlib.contextmanager
+def _restore_bn_buffers(bn: nn.BatchNorm2d):
+    """During recomputation, leave BN running statistics as the forward pass left them.
+
+    torchvision, timm and efficient_densenet_pytorch update them a second time here (effective
+    momentum 0.19, num_batches_tracked + 2 per step); the authors' Lua code restores them, as we do.
+    """
+    saved = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, old in zip([b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                                 if b is not None], saved):
+                buf.copy_(old)
+
+
+class DenseBlock(nn.ModuleDict):
+    """num_layers dense layers; returns [x_0, x_1, ..., x_L] concatenated: k0 + L*k maps."""
+
+    def __init__(self, num_layers: int, in_channels: int, cfg: DenseNetConfig):
+        super().__init__()
+        for i in range(num_layers):
+            self[f"denselayer{i + 1}"] = DenseLayer(in_channels + i * cfg.growth_rate, cfg)
+        self.memory_efficient = cfg.memory_efficient
+        self.fused = cfg.fused
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        layers = list(self.values())
+        if self.fused and _fused.supported(layers):
+            return _fused.dense_block_forward(layers, x0, self.memory_efficient)
+        features = [x0]
+        for layer in layers:
+            features.append(layer(features, self.memory_efficient))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1(floor(theta*m)) [-Dropout] -AvgPool2x2: between two dense blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int, cfg: DenseNetConfig):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = _conv(in_channels, out_channels, 1)
+        if cfg.drop_rate > 0:
+            self.drop = nn.Dropout(cfg.drop_rate)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNet(nn.Module):
+    """Stem, dense blocks joined by transitions, then BN-ReLU-global average pool-linear classifier."""
+
+    def __init__(self, cfg: DenseNetConfig):
+        super().__init__()
+        self.config = cfg
+        c = cfg.init_features
+        self.features = nn.Sequential()
+        if cfg.stem == "imagenet":
+            self.features.add_module("conv0", _conv(cfg.in_channels, c, 7, stride=2))
+            self.features.add_module("norm0", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
+            self.features.add_module("relu0", nn.ReLU(inplace=True))
+            self.features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        else:
+            self.features.add_module("conv0", _conv(cfg.in_channels, c, 3))
+        self.stage_channels: list[int] = []
+        for i, n in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(n, c, cfg))
+            c += n * cfg.growth_rate
+            self.stage_channels.append(c)
+            if i < len(cfg.block_config) - 1:
+                out = compressed_channels(c, cfg.compression)
+                self.features.add_module(f"transition{i + 1}", Transition(c, out, cfg))
+                c = out
+        self.features.add_module("norm5", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
+        self.features.add_module("relu5", nn.ReLU())  # a module, not in place: hooks (Grad-CAM) see it
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, cfg.num_classes)
+        self.num_features = c
+        init_weights(self)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"DenseNet expects a 4-D batch (B, {cfg.in_channels}, H, W), got shape "
+                             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"DenseNet built for {cfg.in_channels} input channels got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)}); create the model with in_channels={x.shape[1]}"
+                             f" or convert the images")
+        if not x.is_floating_point():
+            raise ValueError(f"DenseNet expects a floating-point tensor, got {x.dtype}; "
+                             f"convert with x.float() (and normalise the pixels)")
+        m = cfg.min_input_size
+        if x.shape[2] < m or x.shape[3] < m:
+            raise ValueError(f"input of {x.shape[2]}x{x.shape[3]} pixels is too small for this network: "
+                             f"it downsamples by {self.reduction}, so inputs need at least {m}x{m}")
+
+    @property
+    def reduction(self) -> int:
+        return (4 if self.config.stem == "imagenet" else 1) * 2 ** (len(self.config.block_config) - 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
+        self.check_input(x)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_weights(model: nn.Module) -> None:
+    """The authors' initialisation: convolutions N(0, sqrt(2 / (kh*kw*out_channels))) (He, fan-out);
+    BN weight 1, bias 0; linear bias 0 (weight keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    which is Torch7's default too)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+__all__ = ["DenseNet", "DenseNetConfig", "DenseLayer", "DenseBlock", "Transition", "cifar_block_config",
+           "compressed_channels", "IMAGENET_BLOCKS", "init_weights"]

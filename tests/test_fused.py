@@ -1,0 +1,201 @@
+"""The fused dense block and the memory-efficient mode compute the paper's function exactly:
+outputs, gradients and BN running statistics against the plain (reference) implementation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import densenet
+
+MODES = [dict(fused=True, memory_efficient=False), dict(fused=True, memory_efficient=True),
+         dict(fused=False, memory_efficient=True)]
+NETS = [("densenet_bc_100_k12", dict(depth=22, drop_rate=0.2)),
+        ("densenet_40_k12", dict(depth=13)),
+        ("densenet121", dict(block_config=(2, 3, 2, 2)))]
+
+
+def build(name, kw, **mode):
+    torch.manual_seed(0)
+    return densenet.create_model(name, **kw, **mode).double()
+
+
+def train_step(model, x, seed=1):
+    torch.manual_seed(seed)  # same dropout masks in every mode
+    model.train()
+    model.zero_grad()
+    y = model(x)
+    ((y ** 2).sum() + y.sum()).backward()
+    return (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def assert_same(a, b, rtol=1e-5):
+    ya, ga, ba = a
+    yb, gb, bb = b
+    torch.testing.assert_close(ya, yb, rtol=rtol, atol=1e-10)
+    for k in gb:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=1e-10 + rtol * gb[k].abs().max().item(), msg=k)
+    for k in bb:
+        torch.testing.assert_close(ba[k], bb[k], rtol=rtol, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("name, kw", NETS)
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"fused{int(m['fused'])}-memeff{int(m['memory_efficient'])}")
+def test_same_outputs_gradients_and_bn_statistics_as_plain(name, kw, mode):
+    x = torch.randn(4, 3, 48, 40, dtype=torch.double)
+    plain = build(name, kw, fused=False, memory_efficient=False)
+    other = build(name, kw, **mode)
+    other.load_state_dict(plain.state_dict())
+    for seed in (1, 2):  # two steps: the second starts from updated running statistics
+        assert_same(train_step(other, x, seed), train_step(plain, x, seed))
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), plain.eval()(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES[:2] + [dict(fused=False, memory_efficient=False)])
+def test_running_statistics_updated_exactly_once_per_step(mode):
+    """torchvision and timm re-run BN in training mode when recomputing: num_batches_tracked + 2 and
+    momentum 0.19. One step here moves every BN exactly as nn.BatchNorm2d does once."""
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, **mode).train()
+    x = torch.randn(8, 3, 16, 16)
+    m(x).sum().backward()
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    assert all(bn.num_batches_tracked.item() == 1 for bn in bns)
+    # the first BN of the first layer sees the stem output: its running mean is 0.1 * batch mean
+    layer = m.features.denseblock1.denselayer1
+    with torch.no_grad():
+        stem = m.features.conv0(x)
+    torch.testing.assert_close(layer.norm1.running_mean, 0.1 * stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.norm1.running_var, 0.9 + 0.1 * stem.var((0, 2, 3), unbiased=True),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_torchvision_memory_efficient_updates_twice_we_do_not():
+    from torchvision.models.densenet import _DenseBlock
+
+    tv = _DenseBlock(2, 8, 4, 4, 0.0, memory_efficient=True).train()
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    tv(x).sum().backward()
+    assert tv.denselayer1.norm1.num_batches_tracked.item() == 2  # the pitfall this package avoids
+    ours = densenet.create_model("densenet_bc_100_k12", depth=10, memory_efficient=True).train()
+    ours(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert ours.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_layers(mode):
+    """Frozen stem and first block (fine-tuning): gradients of the rest are unchanged, frozen ones None."""
+    x = torch.randn(4, 3, 32, 32, dtype=torch.double)
+    plain = build("densenet_bc_100_k12", dict(depth=16), fused=False, memory_efficient=False)
+    other = build("densenet_bc_100_k12", dict(depth=16), **mode)
+    other.load_state_dict(plain.state_dict())
+    for m in (plain, other):
+        for p in list(m.features.conv0.parameters()) + list(m.features.denseblock1.parameters()):
+            p.requires_grad_(False)
+        for p in m.features.denseblock2.denselayer2.norm1.parameters():
+            p.requires_grad_(False)  # a frozen BN in the middle of a block
+    a, b = train_step(other, x), train_step(plain, x)
+    for n, p in other.named_parameters():
+        assert (p.grad is None) == (not p.requires_grad), n
+    assert a[1].keys() == b[1].keys()
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_grad_and_input_gradients(mode):
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, **mode).train()
+    with torch.no_grad():
+        y = m(torch.randn(2, 3, 16, 16))
+    assert not y.requires_grad
+    assert m.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 1
+    # eval mode with gradients w.r.t. the input (saliency, Grad-CAM): same as the plain path
+    plain = densenet.create_model("densenet_bc_100_k12", depth=16, fused=False).double().eval()
+    m = m.double().eval()
+    m.load_state_dict(plain.state_dict())
+    x1 = torch.randn(2, 3, 16, 16, dtype=torch.double, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    m(x1)[:, 3].sum().backward()
+    plain(x2)[:, 3].sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_memory_efficient_saves_linear_activation_memory():
+    """Bytes kept for the backward pass by autograd: quadratic in block depth in the plain mode,
+    linear with memory_efficient (plus the block buffers, which are linear by construction)."""
+    def saved_bytes(n, **mode):
+        m = densenet.create_model("densenet_bc_100_k12", depth=6 * n + 4, **mode).train()
+        storages = {}  # count each storage once: many nodes save views of the same tensor
+        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}  # not activations
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = m(torch.randn(2, 3, 16, 16))
+        return sum(storages.values())
+
+    for mode in (dict(fused=False), dict(fused=True)):
+        ratios = {}
+        for me in (False, True):
+            s = [saved_bytes(n, memory_efficient=me, **mode) for n in (8, 16, 32)]
+            ratios[me] = s[2] / s[1]
+        assert ratios[False] > 2.5  # quadratic: concatenations (or normalised inputs) of every layer
+        assert ratios[True] < 2.1  # doubling the depth (at most) doubles what is stored
+
+
+def test_in_place_modification_of_output_is_caught():
+    m = densenet.create_model("densenet_bc_100_k12", depth=10).train()
+    out = m.features[:2](torch.randn(2, 3, 8, 8))  # conv0, denseblock1
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place|inplace"):
+        out.sum().backward()
+
+
+def _ddp_worker(rank, world, init_file, result_file, mode):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build("densenet_bc_100_k12", dict(depth=16, drop_rate=0.1), **mode)
+        model.features.conv0.weight.requires_grad_(False)  # a frozen layer under DDP, too
+        ddp = DDP(model)
+        torch.manual_seed(123)
+        x = torch.randn(2 * world, 3, 16, 16, dtype=torch.double)[2 * rank:2 * rank + 2]
+        torch.manual_seed(10 + rank)
+        ddp(x).sum().backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, result_file)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=["fused-memeff", "reference-memeff"])
+def test_memory_efficient_under_ddp(tmp_path, mode):
+    """Two gloo processes: DDP's averaged gradients equal the mean of each half's own gradients."""
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(result), mode), nprocs=2, join=True)
+    ddp_grads = torch.load(result, weights_only=True)
+    torch.manual_seed(123)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.double)
+    expected = {}
+    for rank in range(2):
+        model = build("densenet_bc_100_k12", dict(depth=16, drop_rate=0.1), fused=False)
+        model.features.conv0.weight.requires_grad_(False)
+        torch.manual_seed(10 + rank)
+        model(x[2 * rank:2 * rank + 2]).sum().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                expected[n] = expected.get(n, 0) + p.grad / 2
+    assert ddp_grads.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(ddp_grads[n], expected[n], rtol=1e-6, atol=1e-9, msg=n)

@@ -1,0 +1,195 @@
+"""DenseNet exactly as the paper: every registered variant's parameter count and multiply-adds,
+the construction rules, and a clear error for every configuration the rules cannot build."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import densenet
+from densenet.analysis import count_macs, count_params
+from densenet.models.densenet import DenseNetConfig, compressed_channels
+
+ALL = densenet.list_models()
+
+
+def meta_model(name, **kw):
+    with torch.device("meta"):
+        return densenet.create_model(name, **kw)
+
+
+def test_registry_has_the_papers_tables():
+    for name in ["densenet_40_k12", "densenet_100_k12", "densenet_100_k24", "densenet_bc_100_k12",
+                 "densenet_bc_250_k24", "densenet_bc_190_k40", "densenet121", "densenet169",
+                 "densenet201", "densenet264", "densenet161"]:
+        assert name in ALL
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if densenet.get_entry(n).paper_params])
+def test_parameter_count_matches_paper(name):
+    entry = densenet.get_entry(name)
+    assert count_params(meta_model(name)) == entry.paper_params
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if densenet.get_entry(n).paper_gmacs])
+def test_multiply_adds_match_spec(name):
+    entry = densenet.get_entry(name)
+    macs = count_macs(meta_model(name), entry.input_size)
+    assert macs / 1e9 == pytest.approx(entry.paper_gmacs, abs=0.0006)
+
+
+def test_torchvision_counts_agree():
+    import torchvision
+
+    for name in ["densenet121", "densenet161", "densenet169", "densenet201"]:
+        with torch.device("meta"):
+            tv = getattr(torchvision.models, name)()
+        assert count_params(meta_model(name)) == count_params(tv)
+
+
+def test_layer_structure_reads_like_the_paper():
+    m = densenet.create_model("densenet_bc_100_k12")
+    block = m.features.denseblock1
+    assert len(block) == 16  # L = 6n + 4 -> n = 16
+    layer = block.denselayer3
+    assert layer.conv1.in_channels == 24 + 2 * 12  # k0 + k(l-1), k0 = 2k for BC
+    assert layer.conv1.out_channels == 48 and layer.conv1.kernel_size == (1, 1)  # 4k bottleneck
+    assert layer.conv2.out_channels == 12 and layer.conv2.kernel_size == (3, 3)
+    assert m.features.transition1.conv.out_channels == (24 + 16 * 12) // 2  # theta = 0.5
+    assert m.features.conv0.kernel_size == (3, 3) and m.features.conv0.out_channels == 24
+    plain = densenet.create_model("densenet_40_k12")
+    assert plain.features.conv0.out_channels == 16  # 16 stem maps reproduce the non-BC counts
+    assert plain.features.transition1.conv.out_channels == 16 + 12 * 12  # theta = 1
+    assert not hasattr(plain.features.denseblock1.denselayer1, "conv2")
+    i = densenet.create_model("densenet121")
+    assert i.features.conv0.kernel_size == (7, 7) and i.features.conv0.stride == (2, 2)
+    assert isinstance(i.features.pool0, nn.MaxPool2d)
+    assert [len(getattr(i.features, f"denseblock{b}")) for b in range(1, 5)] == [6, 12, 24, 16]
+    assert densenet.create_model("densenet161").features.conv0.out_channels == 96
+
+
+def test_compression_floors_in_exact_arithmetic():
+    # float arithmetic: math.floor(0.29 * 100) == 28; the paper's floor(theta * m) is 29
+    assert math.floor(0.29 * 100) == 28
+    assert compressed_channels(100, 0.29) == 29
+    assert compressed_channels(99, 0.5) == 49
+    m = densenet.create_model("densenet_40_k12", compression=0.29, num_init_features=16, depth=40)
+    assert m.features.transition1.conv.out_channels == math.floor(29 * (16 + 12 * 12) / 100)
+
+
+def test_authors_initialisation():
+    torch.manual_seed(0)
+    m = densenet.create_model("densenet_100_k24")
+    conv = m.features.denseblock2.denselayer5.conv1  # 3x3, 24 outputs
+    expected = math.sqrt(2.0 / (3 * 3 * 24))  # fan-out, not torchvision's fan-in
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
+    assert torch.all(m.features.norm5.weight == 1) and torch.all(m.features.norm5.bias == 0)
+    assert torch.all(m.classifier.bias == 0)
+
+
+def test_dropout_after_every_convolution_but_the_first():
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, drop_rate=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    assert torch.equal(m(x), m(x))  # eval: no dropout
+    m.train()
+    calls = []
+    # count dropout applications: F.dropout after conv1 and conv2 of every layer, and after transitions
+    import torch.nn.functional as F
+    orig = F.dropout
+
+    def counting(x, p=0.5, training=True, inplace=False):
+        calls.append(p)
+        return orig(x, p, training, inplace)
+
+    F.dropout = counting
+    try:
+        m(x)
+    finally:
+        F.dropout = orig
+    n_layers = sum(m.config.block_config)
+    assert len([p for p in calls if p == 0.2]) == 2 * n_layers + len(m.config.block_config) - 1
+
+
+def test_final_bn_relu_before_pooling_is_a_hookable_module():
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).eval()
+    seen = {}
+    m.features.relu5.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o))
+    assert isinstance(m.features.relu5, nn.ReLU) and not m.features.relu5.inplace
+    x = torch.randn(1, 3, 32, 32)
+    logits = m(x)
+    assert seen["out"].min() >= 0
+    # the output the hook saw is what the head used: pool + classifier of it reproduce the logits
+    torch.testing.assert_close(m.classifier(seen["out"].mean((2, 3))), logits)
+
+
+def test_batch_size_one_keeps_batch_dimension():
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).eval()
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grayscale_and_non_square_inputs(fused):
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, in_channels=1, num_classes=7, fused=fused)
+    out = m(torch.randn(3, 1, 40, 24))
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    i = densenet.create_model("densenet121", block_config=(1, 1, 1, 1), in_channels=1, fused=fused).eval()
+    assert i(torch.randn(2, 1, 29, 61)).shape == (2, 1000)
+
+
+def test_imagenet_topology_minimum_input_is_29():
+    m = densenet.create_model("densenet121", block_config=(1, 1, 1, 1)).eval()
+    assert m.config.min_input_size == 29
+    m(torch.randn(1, 3, 29, 29))
+    with pytest.raises(ValueError, match="at least 29x29"):
+        m(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(3, 32, 32), "4-D batch"),
+    (torch.randn(2, 1, 32, 32), "3 input channels got 1"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating-point"),
+    (torch.randn(2, 3, 2, 2), "too small"),
+])
+def test_bad_inputs_raise_clear_errors(x, match):
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).eval()
+    with pytest.raises(ValueError, match=match):
+        m(x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depth=101), r"valid depths are 100, 106"),
+    (dict(depth=101, bottleneck=False), r"L = 3n \+ 4"),
+    (dict(compression=0.0), "0 < theta <= 1"),
+    (dict(compression=1.5), "0 < theta <= 1"),
+    (dict(growth_rate=0), "growth_rate"),
+    (dict(drop_rate=1.0), "drop_rate"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(in_channels=0), "in_channels"),
+    (dict(widht=3), "unknown option"),
+])
+def test_invalid_configurations_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        densenet.create_model("densenet_bc_100_k12", **kwargs)
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(ValueError, match="densenet121"):
+        densenet.create_model("densenet12l")
+    with pytest.raises(ValueError, match="valid depths are 121"):
+        densenet.create_model("densenet121", depth=122)
+
+
+def test_any_configuration_builds():
+    m = densenet.create_model("densenet_bc_100_k12", depth=22, growth_rate=5, compression=0.3,
+                              bn_size=2, num_classes=3, in_channels=4)
+    assert m(torch.randn(2, 4, 16, 16)).shape == (2, 3)
+    cfg = DenseNetConfig(growth_rate=7, block_config=(2, 3), bottleneck=False, compression=0.7)
+    assert densenet.DenseNet(cfg)(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_overrides_use_the_papers_names():
+    m = densenet.create_model("densenet_bc_100_k12", depth=250, growth_rate=24)
+    assert count_params(m) == densenet.get_entry("densenet_bc_250_k24").paper_params
