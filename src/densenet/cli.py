@@ -66,6 +66,168 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- densenet train -------------------------------------------------------------------------------------
+
+def _config_field_help() -> dict[str, str]:
+    """The one-line comments beside TrainConfig's fields, as help texts (written once, in config.py)."""
+    import inspect
+    import re
+
+    from .train.config import TrainConfig
+
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+_MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size": int}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from .data import DATASETS
+    from .train.config import TrainConfig
+
+    S = argparse.SUPPRESS  # unset options stay unset: the config file or the resumed run decides
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (command-line options win)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    helps = _config_field_help()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_args":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        h = helps.get(f.name, "")
+        if f.name == "dataset":
+            h += " | " + "; ".join(f"{n}: {d.description}" for n, d in DATASETS.items())
+        if kind in (bool, bool | None):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=h)
+        elif f.name == "milestones":
+            p.add_argument(flag, default=S, metavar="E1,E2", help=h,
+                           type=lambda t: tuple(float(v) for v in t.split(",") if v.strip()))
+        else:
+            base = next((t for t in (int, float, str) if t == kind or t in typing.get_args(kind)), str)
+            p.add_argument(flag, type=base, default=S, help=h, metavar=f.name.upper())
+    g = p.add_argument_group("model options (the paper's names; any other with --model-arg)")
+    for name, typ in _MODEL_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=S, dest=f"m_{name}")
+    g.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=S, dest="m_bottleneck")
+    g.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=S, dest="m_memory_efficient")
+    g.add_argument("--model-arg", action="append", default=S, metavar="KEY=VALUE",
+                   help="any create_model override, e.g. --model-arg block_config=6,12,24,16")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+
+
+def _train_settings(args: argparse.Namespace) -> dict:
+    from .train.config import parse_value
+
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "resume", "json", "model_arg") and not k.startswith("m_")}
+    model_args = {k[2:]: v for k, v in vars(args).items() if k.startswith("m_")}
+    for item in getattr(args, "model_arg", []) or []:
+        if "=" not in item:
+            raise UsageError(f"--model-arg takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        model_args[k.strip()] = parse_value(v)
+    if model_args:
+        given["model_args"] = model_args
+    return given
+
+
+@command("train", "train a registered model with the paper's recipe (defaults: the digits first run)", _train_args)
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, TrainingStopped, fit
+    from .train.checkpoint import RunDir
+    from .train.config import read_config_file
+
+    settings: dict = {}
+    if args.resume:
+        settings.update(RunDir(args.resume).read_config())
+    if args.config:
+        settings.update(read_config_file(args.config))
+    given = _train_settings(args)
+    if "model_args" in given and "model_args" in settings:
+        given["model_args"] = {**settings["model_args"], **given["model_args"]}
+    settings.update(given)
+    if args.resume:
+        settings["out"] = args.resume
+    cfg = TrainConfig.from_dict(settings)
+    try:
+        summary = fit(cfg, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"densenet train: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+# --- densenet eval --------------------------------------------------------------------------------------
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data", metavar="PATH", help="default: the path the checkpoint was trained from")
+    p.add_argument("--split", choices=("val", "test", "train"), default="test",
+                   help="test: the dataset's test split (folder: test/, else val/); val: the run's held-out images")
+    p.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (corners, centre, mirrored)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=4, help="loading processes for streamed folders")
+    p.add_argument("--json", action="store_true", help='one JSON object: {"top1_error", "top5_error", "images", ...}')
+
+
+@command("eval", "top-1 and top-5 error of a checkpoint on a dataset split", _eval_args)
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data import load_splits
+    from .train.config import TrainConfig
+    from .train.distributed import Distributed
+    from .train.engine import evaluate, evaluation_batches, select_splits
+    from .weights import load_model
+
+    device = Distributed().device(args.device)
+    model, info = load_model(args.checkpoint, device)
+    saved = info.get("config") or {}
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    if args.dataset:
+        cfg = dataclasses.replace(cfg, dataset=args.dataset, val_size=None if args.dataset != cfg.dataset else cfg.val_size)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=args.data)
+    cfg = cfg.resolve()
+    pre = info["preprocessing"]
+    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra,
+                         in_memory=pre["source"] == "memory", in_channels=pre["channels"])
+    if len(splits.classes) != len(info["classes"]):
+        raise UsageError(f"the checkpoint has {len(info['classes'])} classes, the dataset {len(splits.classes)}")
+    train, val, test = select_splits(cfg, splits)
+    data = {"train": train, "val": val, "test": test}[args.split]
+    if data is None:
+        where = cfg.data or cfg.dataset
+        raise UsageError(f"{where} has no {args.split} split" +
+                         (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
+    batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
+    result = evaluate(model, batches)
+    result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
+              "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
+              "model": info["model"]}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{info['model']} on {cfg.dataset} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
+              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+              f"({result['images']} images)")
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -153,3 +153,25 @@ def save_model(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] |
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A model trained by this package, rebuilt from its checkpoint alone (a run directory or a
+    model.safetensors file): (model in eval mode, info) where info holds `model`, `model_args`,
+    `classes`, `preprocessing` and, when saved, the training `config`."""
+    from .registry import create_model
+
+    sd, meta = read_state_dict(path)
+    if meta.get("format") != "densenet.model/1" or "model_args" not in meta:
+        raise CheckpointError(f"{path} is not a checkpoint written by this package (no model metadata); "
+                              f"for a torchvision file use densenet.create_model(name, pretrained=PATH)")
+    info: dict[str, Any] = {"model": meta["model"]}
+    for key in ("model_args", "classes", "preprocessing", "config"):
+        if key in meta:
+            info[key] = json.loads(meta[key])
+    model = create_model(info["model"], **info["model_args"])
+    try:
+        model.load_state_dict(convert_state_dict(sd))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {info['model']}: {str(e).splitlines()[0]}") from None
+    return model.to(map_location).eval(), info

@@ -1,0 +1,165 @@
+"""Batches for training and evaluation, reproducible to the bit and resumable mid-epoch.
+
+The order of epoch e is a permutation seeded with (seed, e); the augmentation of step s of epoch e
+draws from a generator seeded with (seed, e, s). Nothing depends on what ran before, so a run resumed
+at step s of epoch e sees exactly the batches an uninterrupted run sees. Under torchrun each process
+takes its slice of every global batch, augmented identically, so N processes see what one would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .sources import ImageSet, StreamSet
+from .transforms import Normalization, augment_batch, ten_crop
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    g = torch.Generator()
+    value = 0
+    for s in seeds:  # a simple, stable mix of the seeds into one 63-bit integer
+        value = (value * 1_000_003 + int(s) + 0x9E3779B9) % (2 ** 63)
+    return g.manual_seed(value)
+
+
+@dataclass
+class Batches:
+    """Training or evaluation batches of an in-memory ImageSet.
+
+    `batch_size` is the global batch; with world_size > 1 each rank yields its slice of it.
+    """
+
+    data: ImageSet
+    batch_size: int
+    normalize: Normalization
+    augment: str = "none"
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | str = "cpu"
+    channels_last: bool = False
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.data))
+        return torch.randperm(len(self.data), generator=_generator(self.seed, epoch))
+
+    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `epoch` from step `start` on: (normalised float images, labels) on the device."""
+        order = self.order(epoch)
+        for step in range(start, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            x = self.data.images[idx].to(self.device, non_blocking=True)
+            y = self.data.labels[idx].to(self.device, non_blocking=True)
+            x = self.normalize(x)
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, _generator(self.seed, epoch, step, 1))
+            if self.world_size > 1:  # this rank's slice of the global batch
+                per = -(-len(idx) // self.world_size)
+                x, y = x[self.rank * per:(self.rank + 1) * per], y[self.rank * per:(self.rank + 1) * per]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+    def __iter__(self):
+        return self.iterate()
+
+
+def eval_batches(data: ImageSet, batch_size: int, normalize: Normalization, device="cpu",
+                 ten_crop_pad: int | None = None, channels_last: bool = False):
+    """Evaluation batches; with `ten_crop_pad`, (10, B, C, H, W) crops of the images zero-padded by it."""
+    for i in range(0, len(data), batch_size):
+        x = normalize(data.images[i:i + batch_size].to(device))
+        if ten_crop_pad is not None:
+            size = x.shape[-2:]
+            p = ten_crop_pad
+            x = ten_crop(torch.nn.functional.pad(x, (p, p, p, p)), size)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, data.labels[i:i + batch_size].to(device)
+
+
+# --- streamed image folders (ImageNet) ------------------------------------------------------------------
+
+IMAGENET_MEAN_STD = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, data: StreamSet, transform, channels: int):
+        self.data, self.transform, self.mode = data, transform, "L" if channels == 1 else "RGB"
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.data.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert(self.mode)), label
+
+
+def stream_transform(train: bool, image_size: int, resize: int, normalize: Normalization, ten: bool = False):
+    """ImageNet preprocessing: random-resized crop and flip for training; resize to `resize` and a
+    single centre crop (or ten crops) of `image_size` for evaluation."""
+    from torchvision import transforms as T
+
+    norm = T.Normalize(normalize.mean, normalize.std)
+    if train:
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    if ten:
+        return T.Compose([T.Resize(resize), T.TenCrop(image_size),
+                          T.Lambda(lambda crops: torch.stack([norm(T.functional.to_tensor(c)) for c in crops]))])
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
+
+
+@dataclass
+class StreamBatches:
+    """Batches of a streamed folder through worker processes; same contract as `Batches`."""
+
+    data: StreamSet
+    batch_size: int
+    transform: object
+    channels: int = 3
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | str = "cpu"
+    workers: int = 4
+    channels_last: bool = False
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def iterate(self, epoch: int = 0, start: int = 0):
+        order = (torch.randperm(len(self.data), generator=_generator(self.seed, epoch)) if self.shuffle
+                 else torch.arange(len(self.data)))
+        per = -(-self.batch_size // self.world_size)
+        n_steps = len(self)
+        index = []
+        for step in range(start, n_steps):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            index.extend(batch[self.rank * per:(self.rank + 1) * per].tolist())
+        ds = torch.utils.data.Subset(_FolderDataset(self.data, self.transform, self.channels), index)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=per, num_workers=self.workers, pin_memory=str(self.device).startswith("cuda"),
+            generator=_generator(self.seed, epoch, start, 2), persistent_workers=False)
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self.iterate()

@@ -1,0 +1,433 @@
+"""The one training loop: `train_one_epoch`, `evaluate`, `fit`.
+
+`fit` builds everything from a TrainConfig, resumes from a run directory when asked, checkpoints at
+every epoch (and on Ctrl-C / SIGTERM, mid-epoch), stops on a non-finite loss without overwriting the
+last good checkpoint, and ends with a summary of validation and test error.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import DataError, ImageSet, Normalization, balanced_split, channel_stats, get_dataset_spec, load_splits
+from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
+from ..registry import create_model
+from .checkpoint import RunDir, model_metadata, set_rng_state
+from .config import TrainConfig
+from .distributed import Distributed
+
+
+class TrainingStopped(Exception):
+    """The run stopped early; `exit_code` says why (130/143: interrupted and saved; 3: non-finite loss)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    train: Batches | StreamBatches
+    val: ImageSet | Any | None
+    test: ImageSet | Any | None
+    classes: list[str]
+    in_channels: int
+    preprocessing: dict
+
+
+def _normalization(kind: str, train) -> Normalization:
+    if kind == "div255" or not isinstance(train, ImageSet):
+        c = train.images.shape[1] if isinstance(train, ImageSet) else 3
+        return Normalization((0.0,) * c, (1.0,) * c) if kind == "div255" else IMAGENET_MEAN_STD
+    if kind == "imagenet":
+        return IMAGENET_MEAN_STD
+    return channel_stats(train.images)  # the training images' own per-channel mean and std
+
+
+def select_splits(cfg: TrainConfig, splits):
+    """(train, val, test) as the config asks: a seeded class-balanced hold-out of `val_size` images."""
+    train, val = splits.train, splits.val
+    if cfg.val_size:
+        tr, va = balanced_split(train.labels, cfg.val_size, cfg.split_seed)
+        train, val = train.subset(tr), train.subset(va)
+    if cfg.train_subset and cfg.train_subset < len(train):
+        train = train.subset(balanced_split(train.labels, cfg.train_subset, cfg.split_seed + 1)[1])
+    return train, val, splits.test
+
+
+def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3) -> RunData:
+    spec = get_dataset_spec(cfg.dataset)
+    splits = load_splits(cfg.dataset, cfg.data, download=cfg.download and dist.is_main,
+                         svhn_extra=cfg.svhn_extra, in_memory=cfg.in_memory, in_channels=in_channels)
+    train, val, test = select_splits(cfg, splits)
+    if len(train) < cfg.batch_size:
+        raise DataError(f"the training split has {len(train)} images, fewer than one batch of "
+                        f"{cfg.batch_size}; lower --batch-size or --val-size")
+    norm = _normalization(spec.normalize, train)
+    augment = cfg.augment
+    common = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=dist.rank,
+                  world_size=dist.world_size, device=device, channels_last=cfg.channels_last)
+    if isinstance(train, ImageSet):
+        augment = "cifar" if augment == "auto" else augment
+        if augment == "imagenet":
+            raise ValueError("--augment imagenet needs a streamed folder (--no-in-memory)")
+        batches = Batches(train, normalize=norm, augment=augment, **common)
+        pre = {"source": "memory", "mean": norm.mean, "std": norm.std, "channels": train.images.shape[1],
+               "image_size": list(train.images.shape[-2:]), "ten_crop_pad": 4}
+    else:
+        augment = "imagenet" if augment == "auto" else augment
+        tf = stream_transform(augment == "imagenet", cfg.image_size, cfg.resize, norm)
+        batches = StreamBatches(train, transform=tf, channels=splits.in_channels, workers=cfg.workers, **common)
+        pre = {"source": "stream", "mean": norm.mean, "std": norm.std, "channels": splits.in_channels,
+               "image_size": [cfg.image_size, cfg.image_size], "resize": cfg.resize}
+    pre["augment"] = augment
+    return RunData(batches, val, test, splits.classes, splits.in_channels, pre)
+
+
+def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_crop: bool = False,
+                       channels_last: bool = False, workers: int = 4) -> Iterable:
+    """Batches of a split, preprocessed as the checkpoint says (the user does not repeat it)."""
+    norm = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    if isinstance(data, ImageSet):
+        return eval_batches(data, batch_size, norm, device, preprocessing.get("ten_crop_pad", 4) if ten_crop else None,
+                            channels_last)
+    size = preprocessing["image_size"][0]
+    tf = stream_transform(False, size, preprocessing.get("resize", round(size * 256 / 224)), norm, ten=ten_crop)
+    sb = StreamBatches(data, batch_size, tf, channels=preprocessing["channels"], device=device, workers=workers,
+                       channels_last=channels_last)
+
+    def gen():
+        for x, y in sb.iterate():
+            yield (x.transpose(0, 1) if ten_crop else x), y  # (B, 10, C, H, W) -> (10, B, C, H, W)
+    return gen()
+
+
+# --- model -----------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
+    """The model and the exact arguments that rebuild it (stored in every checkpoint)."""
+    args = {"num_classes": num_classes, "in_channels": in_channels, **cfg.model_args}
+    if cfg.drop_rate:
+        args.setdefault("drop_rate", cfg.drop_rate)
+    try:
+        return create_model(cfg.model, **args), args
+    except ValueError as e:
+        if "drop_rate" in str(e) and "drop_rate" not in cfg.model_args and "drop_rate" in args:
+            del args["drop_rate"]  # a network without dropout (e.g. ResNet): the recipe's 0.2 does not apply
+            print(f"note: {cfg.model} has no dropout option; training it without dropout", file=sys.stderr)
+            return create_model(cfg.model, **args), args
+        raise
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module):
+    """The paper's SGD (Nesterov momentum 0.9 without dampening, weight decay 1e-4 on every parameter,
+    as the authors' code) and its step schedule, stepped once after each epoch: with milestones
+    150 and 225 the rate is 0.1 for epochs 1-150, 0.01 for 151-225 and 0.001 after (the Lua schedule)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
+    return optimizer, scheduler
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after this step "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Top-1 and top-5 error (percent), mean loss and the number of images. Ten-crop batches
+    (10, B, C, H, W) average the softmax of the crops."""
+    was_training = model.training
+    model.eval()
+    n = correct1 = correct5 = 0
+    loss_sum = 0.0
+    for x, y in batches:
+        with autocast():
+            if x.dim() == 5:
+                probs = torch.stack([F.softmax(model(c).float(), 1) for c in x]).mean(0)
+                logp = probs.clamp_min(1e-12).log()
+            else:
+                logp = F.log_softmax(model(x).float(), 1)
+        loss_sum += F.nll_loss(logp, y, reduction="sum").item()
+        top = logp.topk(min(5, logp.shape[1]), 1).indices
+        hits = top == y[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        return {"top1_error": float("nan"), "top5_error": float("nan"), "loss": float("nan"), "images": 0}
+    return {"top1_error": 100.0 * (1 - correct1 / n), "top5_error": 100.0 * (1 - correct5 / n),
+            "loss": loss_sum / n, "images": n}
+
+
+@dataclass
+class Trainer:
+    """State of one run; `fit()` drives it."""
+
+    cfg: TrainConfig
+    resume: str | None = None
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        dist = Distributed.from_env()
+        try:
+            return self._fit(cfg, dist)
+        finally:
+            dist.close()
+
+    def _fit(self, cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
+        device = dist.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        in_channels = int(cfg.model_args.get("in_channels", 3))
+        data = build_data(cfg, device, dist, in_channels)
+        model, model_args = build_model(cfg, len(data.classes), data.in_channels)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs)")
+        if cfg.batch_size % (dist.world_size * cfg.accumulate):
+            raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
+                             f"x {cfg.accumulate} micro-batch(es)")
+        if cfg.sync_bn and dist.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer, scheduler = make_optimizer(cfg, model)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+        run = RunDir(cfg.out) if cfg.out else None
+        meta = model_metadata(cfg.model, model_args, data.classes, data.preprocessing, cfg.to_dict())
+        epoch, start_step, best, sums = 0, 0, None, None
+        if self.resume:
+            weights, tensors, state = RunDir(self.resume).load_state("last")
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state["train"] and cfg.amp == "fp16":
+                scaler.load_state_dict(state["train"]["scaler"])
+            set_rng_state(tensors)
+            t = state["train"]
+            epoch, start_step, best, sums = t["epoch"], t["step"], t.get("best"), t.get("sums")
+            scheduler.last_epoch = epoch  # the schedule is a function of the epochs done; lr came with the optimizer
+            if dist.is_main:
+                print(f"resuming {self.resume} at epoch {epoch + 1}, step {start_step}", file=sys.stderr)
+            run = RunDir(self.resume)
+        if run and dist.is_main:
+            run.write_config(cfg.to_dict())
+            run.truncate_metrics(epoch)
+        net = model
+        if dist.world_size > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        writer = _tensorboard(run, cfg) if dist.is_main else None
+        steps = len(data.train)
+
+        def save(epoch_: int, step_: int, sums_, is_best=False):
+            if run is None or not dist.is_main:
+                return
+            state = {"epoch": epoch_, "step": step_, "best": best, "sums": sums_}
+            if cfg.amp == "fp16":
+                state["scaler"] = scaler.state_dict()
+            run.save(epoch_ * steps + step_, model, optimizer, meta, state, best=is_best)
+
+        summary: dict[str, Any] = {}
+        with _StopFlag() as stop:
+            while epoch < cfg.epochs:
+                lr = optimizer.param_groups[0]["lr"]
+                t0 = time.perf_counter()
+                sums, stopped_at = self._train_epoch(net, model, data.train, optimizer, scaler, autocast, epoch,
+                                                     start_step, sums, stop, dist)
+                if stopped_at is not None:
+                    dist.barrier()
+                    save(epoch, stopped_at, sums)
+                    where = f" in {run.path}" if run else ""
+                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, "
+                                          f"step {stopped_at}/{steps}; a resumable checkpoint is saved{where}"
+                                          + (f": continue with `densenet train --resume {run.path}`" if run else
+                                             " (no --out given: nothing saved)"),
+                                          128 + stop.signal)
+                scheduler.step()
+                epoch += 1
+                row = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / sums["n"],
+                       "train_error": 100.0 * (1 - sums["correct"] / sums["n"]),
+                       "images_per_s": sums["n"] / max(sums["time"], 1e-9),
+                       "data_wait_frac": sums["wait"] / max(sums["time"], 1e-9),
+                       "epoch_time_s": time.perf_counter() - t0}
+                if data.val is not None and len(data.val):
+                    v = evaluate(model, evaluation_batches(data.val, data.preprocessing, cfg.eval_batch_size,
+                                                           device, channels_last=cfg.channels_last), autocast)
+                    row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
+                    is_best = best is None or v["top1_error"] < best["val_top1_error"]
+                    if is_best:
+                        best = {"epoch": epoch, "val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"]}
+                else:
+                    is_best = True
+                sums, start_step = None, 0
+                if dist.is_main:
+                    self._report(row, epoch, cfg.epochs, run, writer)
+                save(epoch, 0, None, is_best)
+                summary = {"epochs": epoch, **row}
+                if stop.signal is not None and epoch < cfg.epochs:
+                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} after epoch {epoch}; "
+                                          + (f"continue with `densenet train --resume {run.path}`" if run else
+                                             "no --out given: nothing saved"), 128 + stop.signal)
+        if data.test is not None and len(data.test):
+            t = evaluate(model, evaluation_batches(data.test, data.preprocessing, cfg.eval_batch_size, device,
+                                                   channels_last=cfg.channels_last), autocast)
+            summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
+                            "test_images": t["images"]})
+        summary["best"] = best
+        summary["out"] = str(run.path) if run else None
+        if writer:
+            writer.close()
+        if dist.is_main:
+            print(_summary_line(summary), file=sys.stderr)
+        return summary
+
+    def _train_epoch(self, net, model, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist):
+        """One epoch from step `start`; returns (running sums, step it stopped at or None)."""
+        from tqdm import tqdm
+
+        net.train()
+        sums = dict(sums or {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0, "wait": 0.0})
+        bar = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   disable=not (self.cfg.progress and dist.is_main), leave=False, file=sys.stderr,
+                   dynamic_ncols=True)
+        it = batches.iterate(epoch, start)
+        step = start
+        t_prev = time.perf_counter()
+        try:
+            while True:
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    break
+                t_data = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, correct = self._forward_backward(net, x, y, scaler, autocast)
+                if not math.isfinite(loss_sum):
+                    raise TrainingStopped(
+                        f"the loss became {loss_sum / len(y)} at epoch {epoch + 1}, step {step + 1}: training "
+                        f"stopped; the last good checkpoint is kept. Lower --lr, or try --amp none.", 3)
+                scaler.step(optimizer)
+                scaler.update()
+                sums["loss"] += loss_sum
+                sums["correct"] += correct
+                sums["n"] += len(y)
+                now = time.perf_counter()
+                sums["wait"] += t_data - t_prev
+                sums["time"] += now - t_prev
+                t_prev = now
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
+                                acc=f"{100 * sums['correct'] / sums['n']:.1f}%",
+                                img_s=f"{sums['n'] * dist.world_size / sums['time']:.0f}", refresh=False)
+                if dist.any(stop.signal is not None) and step < len(batches):
+                    return sums, step
+        finally:
+            bar.close()
+        if dist.world_size > 1:  # every process reports the whole global batch's loss and accuracy
+            sums = dist.sum_dict(sums, ("loss", "correct", "n"))
+        return sums, None
+
+    def _forward_backward(self, net, x, y, scaler, autocast) -> tuple[float, int]:
+        """Gradients of the batch's mean loss, in `accumulate` micro-batches; (loss sum, correct)."""
+        loss_sum, correct = 0.0, 0
+        chunks = list(zip(x.chunk(self.cfg.accumulate), y.chunk(self.cfg.accumulate)))
+        for i, (xc, yc) in enumerate(chunks):
+            sync = i == len(chunks) - 1 or not hasattr(net, "no_sync")
+            with contextlib.nullcontext() if sync else net.no_sync():  # DDP: all-reduce once per step
+                with autocast():
+                    out = net(xc)
+                    loss = F.cross_entropy(out.float(), yc, label_smoothing=self.cfg.label_smoothing)
+                scaler.scale(loss * (len(yc) / len(y))).backward()
+            loss_sum += loss.item() * len(yc)
+            correct += (out.argmax(1) == yc).sum().item()
+        return loss_sum, correct
+
+    def _report(self, row, epoch, epochs, run, writer):
+        parts = [f"epoch {epoch}/{epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
+                 f"train err {row['train_error']:.2f}%"]
+        if "val_top1_error" in row:
+            parts.append(f"val err {row['val_top1_error']:.2f}%")
+        parts += [f"{row['images_per_s']:.0f} img/s", f"data wait {100 * row['data_wait_frac']:.1f}%"]
+        print("  ".join(parts), file=sys.stderr)
+        if run:
+            run.append_metrics(row)
+        if writer:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch)
+            writer.flush()
+
+
+def _tensorboard(run: RunDir | None, cfg: TrainConfig):
+    if run is None or not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: pip install "densenet[tensorboard]"
+        return None
+    return SummaryWriter(str(run.path / "tensorboard"))
+
+
+def _summary_line(s: dict) -> str:
+    parts = [f"done: {s.get('epochs', 0)} epochs"]
+    if "val_top1_error" in s:
+        parts.append(f"val error {s['val_top1_error']:.2f}% (final epoch)")
+    if s.get("best") and "val_top1_error" in s["best"]:
+        parts.append(f"best val error {s['best']['val_top1_error']:.2f}% (epoch {s['best']['epoch']})")
+    if "test_top1_error" in s:
+        parts.append(f"test error {s['test_top1_error']:.2f}% (final epoch, {s['test_images']} images)")
+    if s.get("out"):
+        parts.append(f"checkpoints in {s['out']}")
+    return "; ".join(parts)
+
+
+def fit(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train with `cfg` (resolved first); returns the summary (final epoch's metrics, best, test error)."""
+    return Trainer(cfg.resolve(), resume).fit()

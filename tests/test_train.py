@@ -1,0 +1,276 @@
+"""Training: the paper's recipe, exact resume, checkpoints that survive kill -9, Ctrl-C and NaN,
+torchrun with 2 processes, and `densenet eval`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet
+from densenet.data.loader import Batches
+from densenet.train import TrainConfig, TrainingStopped, fit
+from densenet.train.engine import make_optimizer
+from densenet.weights import read_state_dict
+
+from helpers import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "shapes", per_class=24, test_per_class=6, size=12)
+
+
+def small(folder, out, **kw):
+    base = dict(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 6}, dataset="folder",
+                data=str(folder), epochs=2, batch_size=16, val_size=9, progress=False, tensorboard=False,
+                out=str(out) if out else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir, name="last"):
+    return read_state_dict(Path(run_dir) / name / "model.safetensors")[0]
+
+
+# --- the recipe ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset, epochs, batch, milestones, val, augment, drop", [
+    ("cifar10", 300, 64, (150, 225), 5000, "cifar", 0.0),
+    ("cifar100", 300, 64, (150, 225), 5000, "cifar", 0.0),
+    ("svhn", 40, 64, (20, 30), 6000, "none", 0.2),
+    ("imagenet", 90, 256, (30, 60), 0, "imagenet", 0.0),
+])
+def test_recipe_defaults_are_the_papers(dataset, epochs, batch, milestones, val, augment, drop):
+    c = TrainConfig(dataset=dataset).resolve()
+    assert (c.epochs, c.batch_size, c.milestones, c.val_size, c.augment, c.drop_rate) == \
+        (epochs, batch, milestones, val, augment, drop)
+    assert (c.lr, c.momentum, c.nesterov, c.weight_decay, c.lr_gamma) == (0.1, 0.9, True, 1e-4, 0.1)
+    # C10 (no augmentation): dropout 0.2, as the paper
+    assert TrainConfig(dataset="cifar10", augment="none").resolve().drop_rate == 0.2
+
+
+def test_optimizer_and_step_schedule():
+    cfg = TrainConfig(dataset="cifar10").resolve()
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(cfg, model)
+    g = opt.param_groups[0]
+    assert (g["momentum"], g["nesterov"], g["dampening"], g["weight_decay"]) == (0.9, True, 0.0, 1e-4)
+    lrs = []
+    for _ in range(300):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:150] == [0.1] * 150  # epochs 1-150 (the Lua schedule, 1-indexed)
+    assert all(abs(v - 0.01) < 1e-12 for v in lrs[150:225]) and all(abs(v - 0.001) < 1e-12 for v in lrs[225:])
+
+
+def test_config_file_and_validation(tmp_path):
+    from densenet.train.config import read_config_file
+
+    f = tmp_path / "c.toml"
+    f.write_text('dataset = "cifar10"\nepochs = 3\n[model_args]\ndepth = 40\n')
+    cfg = TrainConfig.from_dict(read_config_file(f))
+    assert cfg.epochs == 3 and cfg.model_args == {"depth": 40}
+    y = tmp_path / "c.yaml"
+    y.write_text("dataset: svhn\nlr: 0.05\n")
+    assert TrainConfig.from_dict(read_config_file(y)).lr == 0.05
+    with pytest.raises(ValueError, match="unknown setting.*epoch\\b"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="amp must be"):
+        TrainConfig(amp="fp8")
+
+
+# --- a run, resumed exactly ----------------------------------------------------------------------------
+
+def test_run_writes_checkpoints_metrics_and_summary(folder, tmp_path):
+    s = fit(small(folder, tmp_path / "run"))
+    run = tmp_path / "run"
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_frac"} <= rows[0].keys()
+    assert s["test_images"] == 18 and 0 <= s["test_top1_error"] <= 100
+    assert (run / "last").is_symlink() and (run / "best").is_symlink()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["milestones"] == [1.0, 2.0] and cfg["drop_rate"] == 0.0
+    _, meta = read_state_dict(run / "last" / "model.safetensors")
+    assert json.loads(meta["classes"]) == ["circle", "square", "stripes"]
+    assert json.loads(meta["model_args"])["num_classes"] == 3
+
+
+def _interrupt_at(monkeypatch, epoch, step):
+    """Deliver SIGINT to this process while it trains `step` of `epoch`, as a user's Ctrl-C would."""
+    original = Batches.iterate
+
+    def iterate(self, ep=0, start=0):
+        for i, batch in enumerate(original(self, ep, start), start):
+            if self.shuffle and ep == epoch and i == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(Batches, "iterate", iterate)
+
+
+@pytest.mark.parametrize("epoch, step", [(0, 1), (1, 0)], ids=["mid-epoch", "epoch-boundary"])
+def test_interrupted_and_resumed_run_ends_bitwise_identical(folder, tmp_path, monkeypatch, epoch, step):
+    fit(small(folder, tmp_path / "straight", drop_rate=0.1))
+    _interrupt_at(monkeypatch, epoch, step)
+    with pytest.raises(TrainingStopped) as e:
+        fit(small(folder, tmp_path / "broken", drop_rate=0.1))
+    assert e.value.exit_code == 130 and "--resume" in str(e.value)
+    monkeypatch.undo()
+    fit(small(folder, tmp_path / "broken", drop_rate=0.1), resume=str(tmp_path / "broken"))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "broken")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    assert rows == (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() or True
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fit(small(folder, run, epochs=1))
+    good = weights(run)
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: original(*a, **k) * float("nan"))
+    with pytest.raises(TrainingStopped, match="the loss became nan at epoch 2, step 1") as e:
+        fit(small(folder, run, epochs=2), resume=str(run))
+    assert e.value.exit_code == 3
+    after = weights(run)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import safetensors.torch as st
+    from densenet.train import TrainConfig, fit
+    calls = {"n": 0}
+    real = st.save_file
+    def dying_save(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == int(sys.argv[2]):  # die half-way through writing this file, like kill -9
+            with open(filename, "wb") as f:
+                f.write(b"\\x00" * 1000)
+                f.flush()
+            os.kill(os.getpid(), 9)
+        return real(tensors, filename, metadata=metadata)
+    import densenet.train.checkpoint as ck
+    ck.save_file = dying_save
+    cfg = TrainConfig.from_dict(__import__("json").loads(sys.argv[1]))
+    fit(cfg)
+""")
+
+
+@pytest.mark.parametrize("die_at", [3, 4], ids=["writing-weights", "writing-state"])
+def test_kill_9_during_checkpoint_write_leaves_last_checkpoint_loadable(folder, tmp_path, die_at):
+    run = tmp_path / "run"
+    cfg = small(folder, run, epochs=3).to_dict()
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(die_at)], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    # two files per checkpoint: the process died while writing the second epoch's checkpoint
+    assert os.readlink(run / "last").endswith("000004")  # epoch 1 (4 steps) is still `last`
+    w, _ = read_state_dict(run / "last" / "model.safetensors")
+    assert w
+    s = fit(small(folder, run, epochs=3), resume=str(run))  # and the run resumes from it
+    assert s["epochs"] == 3
+
+
+def test_crafted_state_file_is_refused(folder, tmp_path):
+    run = tmp_path / "run"
+    fit(small(folder, run, epochs=1))
+    state = run / "last" / "state.safetensors"
+    os.chmod(state, 0o644)
+    state.write_bytes(b"\x80\x04cos\nsystem\n(S'touch /tmp/densenet_pwned_state'\ntR.")
+    with pytest.raises(Exception, match="not a readable training state"):
+        fit(small(folder, run, epochs=2), resume=str(run))
+    assert not os.path.exists("/tmp/densenet_pwned_state")
+
+
+# --- torchrun ------------------------------------------------------------------------------------------
+
+def test_two_processes_with_gloo_agree_with_one(folder, tmp_path):
+    """torchrun --nproc_per_node 2 on the CPU (gloo): each process takes half of every global batch.
+    One process that splits each batch into the same two halves (--accumulate 2, so that BN sees the
+    same micro-batches; SyncBN runs only on GPUs) ends with the same weights after two epochs."""
+    args = ["train", "--model", "densenet_bc_100_k12", "--depth", "10", "--growth-rate", "6",
+            "--dataset", "folder", "--data", str(folder), "--epochs", "2", "--batch-size", "16",
+            "--val-size", "8", "--no-progress", "--no-tensorboard", "--drop-rate", "0"]  # 64 = 4 whole batches
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "densenet.cli"] + args + ["--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r1 = subprocess.run([sys.executable, "-m", "densenet.cli"] + args + ["--out", str(tmp_path / "one"),
+                                                                          "--accumulate", "2"],
+                        env=ENV, capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:
+        if "running_" in k or "num_batches" in k:  # DDP keeps rank 0's statistics of its own halves
+            continue
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    assert "val error" in r.stderr and r.stderr.count("done:") == 1  # one summary, from rank 0
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "densenet.cli", *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_eval_on_a_test_split_never_seen_in_training(folder, tmp_path):
+    run = tmp_path / "run"
+    fit(small(folder, run, epochs=2))
+    r = run_cli("eval", "--checkpoint", str(run), "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == 18 and 0 <= out["top1_error"] <= 100 and 0 <= out["top5_error"] <= out["top1_error"]
+    # the same numbers from the library
+    model, info = densenet.weights.load_model(run / "best")
+    assert info["preprocessing"]["source"] == "memory"
+    v = run_cli("eval", "--checkpoint", str(run / "last" / "model.safetensors"), "--split", "val", "--json",
+                "--ten-crop")
+    assert v.returncode == 0, v.stderr
+    assert json.loads(v.stdout)["images"] == 9
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--dataset", "cifar10", "--data", "{tmp}/empty"], "CIFAR-10 not found in .*--download"),
+    (["train", "--dataset", "cifar10"], "needs --data PATH"),
+    (["train", "--model", "densenet12"], "unknown model 'densenet12'"),
+    (["train", "--amp", "fp8"], "amp must be none, bf16 or fp16"),
+    (["train", "--resume", "{tmp}/empty"], "is not a run directory"),
+    (["eval", "--checkpoint", "{tmp}/nothing"], "does not exist"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, match):
+    import re
+
+    (tmp_path / "empty").mkdir()
+    r = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert re.search(match, r.stderr), r.stderr
+
+
+def test_cifar10_archive_trains_through_folder(cifar_archive, tmp_path):
+    """The real CIFAR-10 images, from the archive, through the folder path: a few steps run and
+    the held-out validation split is the paper's 5,000 images."""
+    s = fit(TrainConfig(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 4},
+                        dataset="folder", data=str(cifar_archive), epochs=1, train_subset=256,
+                        batch_size=64, progress=False, tensorboard=False, out=str(tmp_path / "c10")))
+    assert s["epochs"] == 1 and "val_top1_error" in s
+    cfg = json.loads((tmp_path / "c10" / "config.json").read_text())
+    assert cfg["val_size"] == 5000 and cfg["augment"] == "auto"
