@@ -274,3 +274,21 @@ def test_cifar10_archive_trains_through_folder(cifar_archive, tmp_path):
     assert s["epochs"] == 1 and "val_top1_error" in s
     cfg = json.loads((tmp_path / "c10" / "config.json").read_text())
     assert cfg["val_size"] == 5000 and cfg["augment"] == "auto"
+
+
+def test_streamed_folder_with_imagenet_preprocessing(folder, tmp_path):
+    """The ImageNet path (random-resized crops streamed through worker processes; evaluation by a
+    resize and a centre crop, or ten crops) on a small folder."""
+    run = tmp_path / "stream"
+    s = fit(small(folder, run, dataset="imagenet", image_size=8, resize=10, workers=0, epochs=1))
+    assert s["test_images"] == 18
+    _, info = densenet.weights.load_model(run / "last")
+    assert info["preprocessing"] == {**info["preprocessing"], "source": "stream", "image_size": [8, 8], "resize": 10}
+    r = run_cli("eval", "--checkpoint", str(run), "--ten-crop", "--json", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["images"] == 18
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(folder, tmp_path):
+    s = fit(small(folder, None, amp="bf16", channels_last=True, epochs=1))
+    assert s["train_loss"] == s["train_loss"] and 0 <= s["val_top1_error"] <= 100  # finite

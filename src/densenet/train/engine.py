@@ -298,7 +298,8 @@ class Trainer:
                        "epoch_time_s": time.perf_counter() - t0}
                 if data.val is not None and len(data.val):
                     v = evaluate(model, evaluation_batches(data.val, data.preprocessing, cfg.eval_batch_size,
-                                                           device, channels_last=cfg.channels_last), autocast)
+                                                           device, channels_last=cfg.channels_last,
+                                                           workers=cfg.workers), autocast)
                     row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
                     is_best = best is None or v["top1_error"] < best["val_top1_error"]
                     if is_best:
@@ -316,7 +317,7 @@ class Trainer:
                                              "no --out given: nothing saved"), 128 + stop.signal)
         if data.test is not None and len(data.test):
             t = evaluate(model, evaluation_batches(data.test, data.preprocessing, cfg.eval_batch_size, device,
-                                                   channels_last=cfg.channels_last), autocast)
+                                                   channels_last=cfg.channels_last, workers=cfg.workers), autocast)
             summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
                             "test_images": t["images"]})
         summary["best"] = best
