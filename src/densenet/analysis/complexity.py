@@ -60,3 +60,58 @@ def model_table(names: list[str] | None = None) -> list[ModelRow]:
         rows.append(ModelRow(name, e.family, e.input_size, e.num_classes, count_params(model),
                              count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description))
     return rows
+
+
+@dataclass
+class StageProfile:
+    name: str
+    params: int
+    macs: int  # per image
+    activation_bytes: int  # kept for backward, for the whole batch
+
+
+@dataclass
+class Profile:
+    model: str
+    input_size: tuple[int, int, int]
+    batch_size: int
+    params: int
+    macs: int  # per image
+    activation_bytes: int  # kept for backward by a training step at batch_size
+    peak_forward_bytes: int
+    paper_params: int | None
+    paper_gmacs: float | None
+    stages: list[StageProfile]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def profile(name: str, input_size: tuple[int, int, int] | None = None, batch_size: int = 64,
+            **overrides) -> Profile:
+    """Parameters, multiply-adds and training activation memory of a registered model, per stage.
+    Everything is measured on the meta device: instant, and possible for any batch size."""
+    from ..registry import create_model, get_entry
+    from .memory import activation_memory, stages
+
+    entry = get_entry(name)
+    size = tuple(input_size or entry.input_size)
+    overrides.setdefault("num_classes", entry.num_classes)
+    if "in_channels" not in overrides and size[0] != entry.input_size[0]:
+        overrides["in_channels"] = size[0]
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+        x = torch.empty((1, *size))
+        model.eval()
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    flops = counter.get_flop_counts()
+    mem = activation_memory(model, size, batch_size)
+    prefix = type(model).__name__ + "."
+    rows = [StageProfile(n, count_params(m), sum(flops.get(prefix + n, {}).values()) // 2,
+                         mem["by_stage"].get(n, 0)) for n, m in stages(model)]
+    paper = overrides.keys() <= {"num_classes"} and overrides["num_classes"] == entry.num_classes \
+        and size == tuple(entry.input_size)
+    return Profile(name, size, batch_size, count_params(model), counter.get_total_flops() // 2,
+                   mem["total_bytes"], mem["peak_forward_bytes"], entry.paper_params if paper else None,
+                   entry.paper_gmacs if paper else None, rows)

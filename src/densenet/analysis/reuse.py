@@ -1,0 +1,112 @@
+"""Feature reuse (Figure 5 of the paper): how strongly each layer reads each earlier layer's maps.
+
+For every dense block, every layer l that reads the block's concatenated maps (its first convolution),
+and every source s (0: the block's input; s >= 1: the k maps layer s produced), the value is the L1
+norm of the weights of l that read the maps of s, divided by the number of those maps. The transition
+after the block (the classification layer after the last one) reads all sources and is the extra
+column on the right.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class BlockReuse:
+    block: int  # 1-based
+    target_names: list[str]  # "1" ... "n", then "T1" (transition) or "C" (classifier)
+    values: list[list[float]]  # [source s][target column]; NaN where the target does not read s
+
+
+def _source_slices(k0: int, k: int, n: int) -> list[slice]:
+    return [slice(0, k0)] + [slice(k0 + (s - 1) * k, k0 + s * k) for s in range(1, n + 1)]
+
+
+def _norm_per_map(weight: torch.Tensor, channels: slice) -> float:
+    w = weight[:, channels]
+    return w.abs().sum().item() / (channels.stop - channels.start)
+
+
+@torch.no_grad()
+def feature_reuse(model: nn.Module) -> list[BlockReuse]:
+    from ..models.densenet import DenseBlock, DenseNet
+
+    if not isinstance(model, DenseNet):
+        raise ValueError(f"feature reuse is defined for DenseNets, not {type(model).__name__}")
+    k = model.config.growth_rate
+    children = list(model.features.named_children())
+    out = []
+    for i, (name, block) in enumerate(children):
+        if not isinstance(block, DenseBlock):
+            continue
+        layers = list(block.values())
+        n, k0 = len(layers), layers[0].conv1.in_channels
+        sources = _source_slices(k0, k, n)
+        values = [[math.nan] * (n + 1) for _ in range(n + 1)]
+        for l, layer in enumerate(layers, start=1):  # layer l reads sources 0 .. l-1
+            for s in range(l):
+                values[s][l - 1] = _norm_per_map(layer.conv1.weight, sources[s])
+        nxt = next((c for n_, c in children[i + 1:] if n_.startswith("transition")), None)
+        last = block is [c for _, c in children if isinstance(c, DenseBlock)][-1]
+        reader = model.classifier.weight if last else nxt.conv.weight
+        for s in range(n + 1):
+            values[s][n] = _norm_per_map(reader, sources[s])
+        number = len(out) + 1
+        out.append(BlockReuse(number, [str(j) for j in range(1, n + 1)] + ["C" if last else f"T{number}"], values))
+    return out
+
+
+def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> list[Path]:
+    """The heatmap (PNG, or any format matplotlib writes) and its numbers beside it (.csv, .json)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [(b.block, s, b.target_names[t], v) for b in blocks for s, row in enumerate(b.values)
+            for t, v in enumerate(row) if not math.isnan(v)]
+    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["block", "source", "target", "l1_per_input_map"])
+        w.writerows(rows)
+    json_path.write_text(json.dumps([{"block": b.block, "targets": b.target_names, "sources": list(range(len(b.values))),
+                                      "values": [[None if math.isnan(v) else v for v in r] for r in b.values]}
+                                     for b in blocks], indent=1))
+    _plot(blocks, out, title)
+    return [out, csv_path, json_path]
+
+
+def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 4.4), squeeze=False)
+    for ax, b in zip(axes[0], blocks):
+        v = np.array(b.values, dtype=float)
+        v = v / np.nanmax(v)  # each block on its own scale, as the paper
+        im = ax.imshow(np.ma.masked_invalid(v), cmap="jet", vmin=0, vmax=1, origin="upper",
+                       interpolation="nearest", aspect="equal")
+        n = v.shape[1]
+        ax.add_patch(Rectangle((n - 1.5, -0.5), 1, v.shape[0], fill=False, edgecolor="black", linewidth=2))
+        ticks = list(range(0, n, max(1, n // 6)))
+        ax.set_xticks(ticks + [n - 1])
+        ax.set_xticklabels([b.target_names[t] for t in ticks] + [b.target_names[-1]])
+        ax.set_yticks(list(range(0, v.shape[0], max(1, n // 6))))
+        ax.set_xlabel("target layer (ℓ)")
+        ax.set_ylabel("source layer (s)")
+        ax.set_title(f"Dense block {b.block}")
+        ax.set_facecolor("white")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean |w| per input map (block max = 1)")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
