@@ -43,6 +43,14 @@ class ModelRow:
     paper_params: int | None
     paper_gmacs: float | None
     description: str
+    params_tolerance: int = 0  # 0: paper_params is exact; else the published figure's precision
+
+    @property
+    def paper_params_text(self) -> str:
+        """The published count as the paper gives it: exact (11,689,512) or as printed (0.27M)."""
+        if not self.paper_params:
+            return "-"
+        return f"{self.paper_params / 1e6:g}M" if self.params_tolerance else f"{self.paper_params:,}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,5 +66,6 @@ def model_table(names: list[str] | None = None) -> list[ModelRow]:
         with torch.device("meta"):  # counts need shapes only: no memory, no initialisation cost
             model = create_model(name, num_classes=e.num_classes)
         rows.append(ModelRow(name, e.family, e.input_size, e.num_classes, count_params(model),
-                             count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description))
+                             count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description,
+                             e.params_tolerance))
     return rows
