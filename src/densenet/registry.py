@@ -179,7 +179,8 @@ _IMAGENET = (3, 224, 224)
 for _d, _p, _g in [(18, 11_689_512, 1.814), (34, 21_797_672, 3.664), (50, 25_557_032, 4.089),
                    (101, 44_549_160, 7.801), (152, 60_192_808, 11.514)]:
     _baseline(f"resnet{_d}", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, _p, _g,
-              f"ResNet-{_d} (He 2015 Table 1), projection shortcuts (B)", depth=_d)
+              f"ResNet-{_d} (He 2015 Table 1), projection shortcuts (B)"
+              + (", stride on the 3x3 as torchvision" if _d >= 50 else ""), depth=_d)
 for _d in (18, 34):
     _baseline(f"plain{_d}", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, None, None,
               f"{_d}-layer plain net (He 2015 Fig. 4): resnet{_d}'s layers, no shortcuts", depth=_d, residual=False)

@@ -6,6 +6,7 @@ pass runs (torch.utils.flop_counter), so every implementation path is counted, f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,7 +51,10 @@ class ModelRow:
         """The published count as the paper gives it: exact (11,689,512) or as printed (0.27M)."""
         if not self.paper_params:
             return "-"
-        return f"{self.paper_params / 1e6:g}M" if self.params_tolerance else f"{self.paper_params:,}"
+        if not self.params_tolerance:
+            return f"{self.paper_params:,}"
+        decimals = max(0, 6 - round(math.log10(2 * self.params_tolerance)))  # tolerance: half a unit, or one
+        return f"{self.paper_params / 1e6:.{decimals}f}M"
 
     def as_dict(self) -> dict:
         return asdict(self)
