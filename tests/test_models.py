@@ -29,8 +29,8 @@ def test_registry_has_the_papers_tables():
 
 @pytest.mark.parametrize("name", [n for n in ALL if densenet.get_entry(n).paper_params])
 def test_parameter_count_matches_paper(name):
-    entry = densenet.get_entry(name)
-    assert count_params(meta_model(name)) == entry.paper_params
+    entry = densenet.get_entry(name)  # exact, or within the precision of a figure printed as "0.27M"
+    assert abs(count_params(meta_model(name)) - entry.paper_params) <= entry.params_tolerance
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if densenet.get_entry(n).paper_gmacs])

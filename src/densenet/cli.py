@@ -59,7 +59,7 @@ def _models(args: argparse.Namespace) -> int:
         if r.family != family:
             family = r.family
             print(f"\n{family}\n{header}")
-        paper_p = f"{r.paper_params:,}" if r.paper_params else "-"
+        paper_p = r.paper_params_text
         paper_m = f"{r.paper_gmacs:.3f}" if r.paper_gmacs else "-"
         size = "x".join(map(str, r.input_size))
         print(f"{r.name:<24}{r.params:>14,}{paper_p:>14}{r.macs / 1e9:>9.3f}{paper_m:>9}  {size:<11}{r.description}")

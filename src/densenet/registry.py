@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Callable
 
 import torch.nn as nn
 
 from .models.densenet import IMAGENET_BLOCKS, DenseNet, DenseNetConfig, cifar_block_config
+from .models.preact import preact_resnet_cifar, wide_resnet
+from .models.resnet import resnet_cifar, resnet_imagenet, resnext_cifar, resnext_imagenet
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,10 @@ class ModelEntry:
     builder: Callable[..., nn.Module]  # builder(**overrides) -> model
     input_size: tuple[int, int, int]  # (C, H, W) the paper evaluates it at
     num_classes: int  # the paper's classifier size, used for the published counts
-    paper_params: int | None = None  # exact count where the rules give one
+    paper_params: int | None = None  # the published count: exact where the rules give one, else as printed
     paper_gmacs: float | None = None  # multiply-adds per image at input_size, x10^9
     description: str = ""
+    params_tolerance: int = 0  # 0: paper_params is exact; else how far a count printed as "0.27M" may be
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -145,3 +149,86 @@ _imagenet_entry("densenet169", 169, 32, 14_149_480, 3.360)
 _imagenet_entry("densenet201", 201, 32, 20_013_928, 4.291)
 _imagenet_entry("densenet264", 264, 32, 33_337_704, 5.752)
 _imagenet_entry("densenet161", 161, 48, 28_681_000, 7.728, blocks=(6, 12, 36, 24))
+
+
+# --- Baselines the paper compares against ----------------------------------------------------------------
+
+def _printed(millions: str, truncated: bool = False) -> tuple[int, int]:
+    """A count printed as e.g. "0.27M": (270,000, tolerance). Rounded to the printed digits the rules'
+    count must lie within half a unit of the last digit; where the paper truncated, within one unit."""
+    d = Decimal(millions)
+    unit = 10 ** (6 + d.as_tuple().exponent)
+    return int(d * 10**6), unit if truncated else unit // 2
+
+
+def _baseline(name: str, family: str, builder: Callable[..., nn.Module], input_size: tuple[int, int, int],
+              num_classes: int, params: int | tuple[int, int] | None, gmacs: float | None, description: str,
+              **defaults: Any) -> None:
+    def build(**kw):
+        for k, v in defaults.items():
+            kw.setdefault(k, v)
+        return builder(**kw)
+
+    params, tol = params if isinstance(params, tuple) else (params, 0)
+    register_model(ModelEntry(name, family, build, input_size, num_classes, params, gmacs, description, tol))
+
+
+# He 2015 Table 1, with torchvision's module names and weights (which stride a bottleneck's 3x3; He 2015's
+# own models stride its first 1x1: stride_in_1x1=True). Exact counts and MACs are torchvision's.
+_IMAGENET = (3, 224, 224)
+for _d, _p, _g in [(18, 11_689_512, 1.814), (34, 21_797_672, 3.664), (50, 25_557_032, 4.089),
+                   (101, 44_549_160, 7.801), (152, 60_192_808, 11.514)]:
+    _baseline(f"resnet{_d}", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, _p, _g,
+              f"ResNet-{_d} (He 2015 Table 1), projection shortcuts (B)"
+              + (", stride on the 3x3 as torchvision" if _d >= 50 else ""), depth=_d)
+for _d in (18, 34):
+    _baseline(f"plain{_d}", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, None, None,
+              f"{_d}-layer plain net (He 2015 Fig. 4): resnet{_d}'s layers, no shortcuts", depth=_d, residual=False)
+
+# He 2015 Table 6 (CIFAR-10): 6n + 2 layers, option A shortcuts, which have no parameters; the plain
+# nets have the same layers and hence the same count (Fig. 6 shows plain-20 to -56; plain110 completes it).
+_CIFAR = (3, 32, 32)
+_CIFAR_RESNETS = [(20, "0.27", 0.041), (32, "0.46", None), (44, "0.66", None), (56, "0.85", 0.125),
+                  (110, "1.7", 0.253), (1202, "19.4", 2.829)]
+for _d, _p, _g in _CIFAR_RESNETS:
+    _baseline(f"resnet{_d}", "ResNet (CIFAR)", resnet_cifar, _CIFAR, 10, _printed(_p), _g,
+              f"ResNet-{_d} (He 2015 Table 6: {_p}M), zero-padding shortcuts (A)", depth=_d)
+for _d, _p, _g in _CIFAR_RESNETS[:-1]:
+    _baseline(f"plain{_d}", "ResNet (CIFAR)", resnet_cifar, _CIFAR, 10, _printed(_p), _g,
+              f"{_d}-layer plain net (He 2015 Fig. 6): resnet{_d} without shortcuts", depth=_d, residual=False)
+
+# Huang 2016: p_L = 0.5, linear decay. DenseNet's Table 2 prints 10.2M for ResNet-1202 with stochastic
+# depth, but a 1202-layer CIFAR ResNet has He 2015's 19.4M.
+for _d, _p, _g in [(110, "1.7", 0.253), (1202, "19.4", 2.829)]:
+    _baseline(f"resnet{_d}_stochdepth", "ResNet with stochastic depth (CIFAR)", resnet_cifar, _CIFAR, 10,
+              _printed(_p), _g, f"ResNet-{_d} with stochastic depth (Huang 2016), p_L = 0.5",
+              depth=_d, stochastic_depth=0.5)
+
+# He 2016 (Identity Mappings) Tables 2-4 and DenseNet's Table 2. ResNet-1001 built by the paper's rules
+# has 10.33M parameters (SPEC.md); the paper prints 10.2M.
+_FAMILY = "Pre-activation ResNet (CIFAR)"
+_baseline("preact_resnet110", _FAMILY, preact_resnet_cifar, _CIFAR, 10, _printed("1.7"), None,
+          "pre-activation ResNet-110 (He 2016), basic units", depth=110, bottleneck=False)
+_baseline("preact_resnet164", _FAMILY, preact_resnet_cifar, _CIFAR, 10, _printed("1.7"), 0.248,
+          "pre-activation ResNet-164 (He 2016), bottleneck units", depth=164)
+_baseline("preact_resnet1001", _FAMILY, preact_resnet_cifar, _CIFAR, 10, _printed("10.33"), 1.491,
+          "pre-activation ResNet-1001 (He 2016 prints 10.2M), bottleneck units", depth=1001)
+
+# Zagoruyko and Komodakis 2016, as DenseNet's Table 2 cites them: WRN-16-4 "with dropout" on SVHN, at the
+# rate of the authors' SVHN script (0.4); `drop_rate` sets it for any of them (0.3 in their CIFAR runs).
+_FAMILY = "Wide ResNet (CIFAR)"
+for _d, _k, _p, _g, _drop in [(16, 4, "2.7", None, 0.4), (16, 8, "11.0", 1.548, 0.0), (28, 10, "36.5", 5.243, 0.0)]:
+    _baseline(f"wrn_{_d}_{_k}", _FAMILY, wide_resnet, _CIFAR, 10, _printed(_p), _g,
+              f"WRN-{_d}-{_k} ({_p}M)" + (f", dropout {_drop} (SVHN)" if _drop else ""),
+              depth=_d, widen_factor=_k, drop_rate=_drop)
+
+# Xie 2017: ImageNet (Table 1; torchvision's resnext50_32x4d) and CIFAR-10. ResNeXt-29 16x64d has
+# 68,155,210 parameters, which the paper prints, truncated, as 68.1M.
+_baseline("resnext50_32x4d", "ResNeXt (ImageNet)", resnext_imagenet, _IMAGENET, 1000, 25_028_904, 4.230,
+          "ResNeXt-50 (32x4d), Xie 2017 Table 1: 25.0M", depth=50, cardinality=32, bottleneck_width=4)
+_baseline("resnext101_32x4d", "ResNeXt (ImageNet)", resnext_imagenet, _IMAGENET, 1000, _printed("44.2"), None,
+          "ResNeXt-101 (32x4d), Xie 2017: 44.2M", depth=101, cardinality=32, bottleneck_width=4)
+_baseline("resnext29_8x64d", "ResNeXt (CIFAR)", resnext_cifar, _CIFAR, 10, _printed("34.4"), None,
+          "ResNeXt-29 (8x64d) on CIFAR, Xie 2017: 34.4M", depth=29, cardinality=8, bottleneck_width=64)
+_baseline("resnext29_16x64d", "ResNeXt (CIFAR)", resnext_cifar, _CIFAR, 10, _printed("68.1", truncated=True),
+          None, "ResNeXt-29 (16x64d) on CIFAR, Xie 2017: 68.1M", depth=29, cardinality=16, bottleneck_width=64)

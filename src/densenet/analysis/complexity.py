@@ -6,6 +6,7 @@ pass runs (torch.utils.flop_counter), so every implementation path is counted, f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,6 +44,17 @@ class ModelRow:
     paper_params: int | None
     paper_gmacs: float | None
     description: str
+    params_tolerance: int = 0  # 0: paper_params is exact; else the published figure's precision
+
+    @property
+    def paper_params_text(self) -> str:
+        """The published count as the paper gives it: exact (11,689,512) or as printed (0.27M)."""
+        if not self.paper_params:
+            return "-"
+        if not self.params_tolerance:
+            return f"{self.paper_params:,}"
+        decimals = max(0, 6 - round(math.log10(2 * self.params_tolerance)))  # tolerance: half a unit, or one
+        return f"{self.paper_params / 1e6:.{decimals}f}M"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +70,8 @@ def model_table(names: list[str] | None = None) -> list[ModelRow]:
         with torch.device("meta"):  # counts need shapes only: no memory, no initialisation cost
             model = create_model(name, num_classes=e.num_classes)
         rows.append(ModelRow(name, e.family, e.input_size, e.num_classes, count_params(model),
-                             count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description))
+                             count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description,
+                             e.params_tolerance))
     return rows
 
 
