@@ -228,6 +228,171 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- analyses: profile, reuse, plot, reproduce -------------------------------------------------------
+
+def _size(text: str) -> tuple[int, int, int]:
+    parts = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
+    if len(parts) == 1:
+        parts = [3, parts[0], parts[0]]
+    elif len(parts) == 2:
+        parts = [3, *parts]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"input size {text!r}: give H, HxW or CxHxW (e.g. 32, 3x224x224)")
+    return tuple(parts)
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL", help="registered names (`densenet models`)")
+    p.add_argument("--input-size", type=_size, help="H, HxW or CxHxW (default: the paper's for each model)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the training step whose memory is counted")
+    p.add_argument("--stages", action="store_true", help="one row per stage (stem, blocks, transitions, head)")
+    p.add_argument("--json", action="store_true")
+
+
+@command("profile", "parameters, multiply-adds and training activation memory, per model and per stage",
+         _profile_args)
+def _profile(args: argparse.Namespace) -> int:
+    from .analysis.complexity import profile
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    results = [profile(m, args.input_size, args.batch_size) for m in args.models]
+    if args.json:
+        _print_json([r.as_dict() for r in results])
+        return 0
+    mb = 2 ** 20
+    print(f"{'model':<22}{'input':<11}{'params':>13}{'paper':>13}{'GMACs':>9}{'paper':>8}"
+          f"{'activations':>14}  (training step, batch {args.batch_size}, float32)")
+    for r in results:
+        pp = f"{r.paper_params:,}" if r.paper_params else "-"
+        pm = f"{r.paper_gmacs:.3f}" if r.paper_gmacs else "-"
+        print(f"{r.model:<22}{'x'.join(map(str, r.input_size)):<11}{r.params:>13,}{pp:>13}{r.macs / 1e9:>9.3f}"
+              f"{pm:>8}{r.activation_bytes / mb:>11.1f} MB")
+        if args.stages:
+            for st in r.stages:
+                print(f"  {st.name:<31}{st.params:>13,}{'':>13}{st.macs / 1e9:>9.3f}{'':>8}"
+                      f"{st.activation_bytes / mb:>11.1f} MB")
+    return 0
+
+
+def _reuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory or model.safetensors of a trained DenseNet")
+    p.add_argument("--out", required=True, help="figure file (.png); the numbers go beside it (.csv, .json)")
+    p.add_argument("--model", help="for a torchvision checkpoint: the registered name (e.g. densenet121)")
+
+
+@command("reuse", "the feature-reuse heatmap of the paper's Figure 5 for a trained DenseNet", _reuse_args)
+def _reuse(args: argparse.Namespace) -> int:
+    from .analysis.reuse import feature_reuse, save_reuse
+    from .registry import create_model
+    from .weights import load_model
+
+    if args.model:
+        model, title = create_model(args.model, pretrained=args.checkpoint), args.model
+    else:
+        model, info = load_model(args.checkpoint)
+        title = info["model"]
+    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {title}"):
+        print(path)
+    return 0
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `densenet train`")
+    p.add_argument("--out", required=True, help="folder for curves.png, error_vs_params.png, error_vs_flops.png")
+    p.add_argument("--setting", choices=("C10", "C10+", "C100", "C100+", "SVHN"),
+                   help="the paper's data setting to draw beside the runs, where the dataset does not say "
+                        "(e.g. C10+ for the CIFAR-10 images given as a folder)")
+
+
+@command("plot", "training curves and error against parameters and FLOPs, beside the paper's points", _plot_args)
+def _plot(args: argparse.Namespace) -> int:
+    from .analysis.plots import plot_runs
+
+    for path in plot_runs(args.runs, args.out, args.setting):
+        print(path)
+    return 0
+
+
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    from .analysis.reproduce import GRIDS
+
+    p.add_argument("grid", choices=list(GRIDS), help="; ".join(f"{k}: {v['about']}" for k, v in GRIDS.items()))
+    p.add_argument("--out", required=True, help="grid directory: one run directory per cell, results.md/.csv")
+    p.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
+                   help="where each dataset is, e.g. --data cifar10=~/data/cifar (repeat); a .tar.gz or "
+                        "train/ folder is read as an image folder")
+    p.add_argument("--epochs", type=int, help="train every cell for this many epochs (schedule scaled)")
+    p.add_argument("--budget", type=float, help="train every cell for this fraction of the paper's epochs")
+    p.add_argument("--seeds", type=int, default=1, help="runs per cell; the table reports mean ± std")
+    p.add_argument("--only", action="append", default=[], metavar="ROW[/SETTING]",
+                   help="run only these cells (repeat), e.g. densenet_40_k12/C10+")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their cost; train nothing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+
+
+@command("reproduce", "run a named grid of the paper's experiments; tables beside the published numbers",
+         _reproduce_args)
+def _reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .analysis.complexity import count_macs
+    from .analysis.reproduce import cell_config, cost, grid_cells, status, write_tables
+    from .registry import create_model
+    from .train import TrainingStopped, fit
+
+    if args.epochs is not None and args.epochs < 1 or args.budget is not None and not 0 < args.budget <= 1:
+        raise UsageError("--epochs must be >= 1 and --budget in (0, 1]")
+    if args.seeds < 1:
+        raise UsageError("--seeds must be >= 1")
+    data = {}
+    for item in args.data:
+        if "=" not in item:
+            raise UsageError(f"--data takes DATASET=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        data[k.strip()] = str(Path(v).expanduser())
+    out = Path(args.out)
+    cells = grid_cells(args.grid, args.seeds)
+    if args.only:
+        cells = [c for c in cells if any(o in (c.row, f"{c.row}/{c.setting}") for o in args.only)]
+        if not cells:
+            raise UsageError(f"--only {' '.join(args.only)} matches no cell of {args.grid}")
+    train_images = {"cifar10": 45_000, "cifar100": 45_000, "svhn": 604_388 - 6_000}
+    total = 0.0
+    extra = {"device": args.device, "amp": args.amp}
+    for c in cells:
+        cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
+        from .paper import SETTING_DATA
+
+        dataset = SETTING_DATA[c.setting][0]
+        with torch.device("meta"):
+            macs = count_macs(create_model(c.row, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
+        macs_run = cost(cfg, macs, train_images[dataset])
+        total += macs_run
+        st = status(c, out)
+        where = data.get(dataset)
+        line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
+                f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
+        print(line)
+        if args.dry_run or st == "done" or not where:
+            continue
+        try:
+            fit(cfg, resume=str(c.path(out)) if st == "partial" else None)
+        except TrainingStopped as e:
+            write_tables(args.grid, cells, out)
+            print(f"densenet reproduce: {e}; run the same command again to continue the grid", file=sys.stderr)
+            return e.exit_code
+        write_tables(args.grid, cells, out)
+    print(f"total: {len(cells)} runs, {total / 1e15:.2f} PMACs of training (forward + backward ~ 3 forward passes)")
+    if not args.dry_run:
+        for p in write_tables(args.grid, cells, out):
+            print(p)
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

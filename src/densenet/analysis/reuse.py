@@ -92,7 +92,10 @@ def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 4.4), squeeze=False)
     for ax, b in zip(axes[0], blocks):
         v = np.array(b.values, dtype=float)
-        v = v / np.nanmax(v)  # each block on its own scale, as the paper
+        # the block's layers on one scale (the block's maximum = 1); the extra column on its own, since
+        # a classifier's weights have another magnitude than convolutions' (the raw numbers are in the CSV)
+        v[:, :-1] /= np.nanmax(v[:, :-1])
+        v[:, -1] /= np.nanmax(v[:, -1])
         im = ax.imshow(np.ma.masked_invalid(v), cmap="jet", vmin=0, vmax=1, origin="upper",
                        interpolation="nearest", aspect="equal")
         n = v.shape[1]
@@ -105,7 +108,7 @@ def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
         ax.set_ylabel("source layer (s)")
         ax.set_title(f"Dense block {b.block}")
         ax.set_facecolor("white")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean |w| per input map (block max = 1)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean |w| per input map (max = 1)")
     if title:
         fig.suptitle(title)
     fig.savefig(out, dpi=130, bbox_inches="tight")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..data import DataError, ImageSet, Normalization, balanced_split, channel_stats, get_dataset_spec, load_splits
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
 from ..registry import create_model
+from ..utils.atomic import write_text_atomic
 from .checkpoint import RunDir, model_metadata, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
@@ -259,7 +260,10 @@ class Trainer:
             run.truncate_metrics(epoch)
         net = model
         if dist.world_size > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # stochastic depth leaves the dropped units' parameters without gradients in a step
+            skips = any(getattr(m, "survival_prob", 1.0) < 1.0 for m in model.modules())
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=skips)
         if cfg.compile:
             net = torch.compile(net)
         writer = _tensorboard(run, cfg) if dist.is_main else None
@@ -325,6 +329,8 @@ class Trainer:
         if writer:
             writer.close()
         if dist.is_main:
+            if run:
+                write_text_atomic(run.path / "summary.json", json.dumps(summary, indent=2) + "\n")
             print(_summary_line(summary), file=sys.stderr)
         return summary
 

@@ -1,0 +1,149 @@
+"""Training curves (Figure 4 right) and error against parameters and FLOPs (Figures 3 and 4 left and
+middle) from run directories, with the paper's published points beside the user's."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..paper import TABLE1, TABLE2
+
+
+@dataclass
+class RunResult:
+    """What a run directory says about itself."""
+
+    path: Path
+    label: str
+    model: str
+    dataset: str
+    augment: str
+    epochs: list[dict]  # metrics.jsonl rows
+    params: int
+    macs: int
+
+    @property
+    def final_error(self) -> tuple[float, str] | None:
+        """(error %, which split): the final epoch's test error where measured, else validation."""
+        summary = self.path / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            if s.get("test_top1_error") is not None:
+                return s["test_top1_error"], "test"
+        if self.epochs and "val_top1_error" in self.epochs[-1]:
+            return self.epochs[-1]["val_top1_error"], "val"
+        return None
+
+    @property
+    def setting(self) -> str | None:
+        """The paper's name for the data setting: C10, C10+, C100, C100+, SVHN (None: other)."""
+        base = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}.get(self.dataset)
+        if base is None:
+            return None
+        return base + ("+" if self.augment == "cifar" and base != "SVHN" else "")
+
+
+def read_run(path: str | Path) -> RunResult:
+    import torch
+
+    from ..registry import create_model
+    from ..weights import read_state_dict
+    from .complexity import count_macs, count_params
+
+    path = Path(path)
+    cfg_file, metrics = path / "config.json", path / "metrics.jsonl"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} is not a run directory of `densenet train` (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()] if metrics.is_file() else []
+    _, meta = read_state_dict(path)
+    args = json.loads(meta["model_args"])
+    pre = json.loads(meta["preprocessing"])
+    with torch.device("meta"):
+        model = create_model(meta["model"], **args)
+    size = (pre["channels"], *pre["image_size"])
+    return RunResult(path, path.name, meta["model"], cfg["dataset"], cfg.get("augment") or "", rows,
+                     count_params(model), count_macs(model, size))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[RunResult], out: Path) -> Path:
+    """Loss and error against epochs, training (dashed) and validation (solid), one colour per run."""
+    plt = _plt()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, r in enumerate(runs):
+        colour = f"C{i % 10}"
+        ep = [row["epoch"] for row in r.epochs]
+        ax_loss.plot(ep, [row["train_loss"] for row in r.epochs], "--", color=colour, label=f"{r.label} train")
+        ax_err.plot(ep, [row["train_error"] for row in r.epochs], "--", color=colour, label=f"{r.label} train")
+        if r.epochs and "val_loss" in r.epochs[0]:
+            ax_loss.plot(ep, [row["val_loss"] for row in r.epochs], "-", color=colour, label=f"{r.label} val")
+            ax_err.plot(ep, [row["val_top1_error"] for row in r.epochs], "-", color=colour, label=f"{r.label} val")
+    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
+    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="Error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | None = None) -> Path:
+    """Error against parameters (x="params") or multiply-adds (x="macs") for each run, with the
+    paper's published points for the runs' data setting (Table 2 on CIFAR/SVHN, Table 1 on ImageNet);
+    `setting` names it where the dataset cannot (a folder holding CIFAR-10 images: "C10+")."""
+    from ..registry import get_entry
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    settings = {setting} if setting else {r.setting for r in runs if r.setting}
+    for setting in sorted(settings):  # the paper's DenseNets in this setting
+        pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e[setting], n)
+               for n, e in TABLE2.items() if e.get(setting) is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", facecolors="none", edgecolors="gray",
+                   s=50, label=f"paper, {setting}")
+        for i, (px, py, n) in enumerate(sorted(pts)):  # alternate label sides: neighbours do not overlap
+            ax.annotate(n.replace("densenet_", "").replace("_", "-"), (px, py), fontsize=7, color="gray",
+                        xytext=(5, 4 if i % 2 else -9), textcoords="offset points")
+    if any(r.dataset == "imagenet" for r in runs):
+        pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e["top1"])
+               for n, e in TABLE1.items()]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="gray", mfc="none", label="paper, ImageNet")
+    for i, r in enumerate(runs):
+        err = r.final_error
+        if err is None:
+            continue
+        ax.scatter([r.params if x == "params" else r.macs], [err[0]], color=f"C{i % 10}", s=60, zorder=3,
+                   label=f"{r.label} ({err[1]})")
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters" if x == "params" else "multiply-adds per image",
+           ylabel="top-1 error (%)", title="Error against " + ("parameters" if x == "params" else "FLOPs"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def plot_runs(paths: list[str | Path], out_dir: str | Path, setting: str | None = None) -> list[Path]:
+    runs = [read_run(p) for p in paths]
+    labels = [r.label for r in runs]
+    for r in runs:  # distinct labels when run folders share a name
+        if labels.count(r.label) > 1:
+            r.label = f"{r.path.parent.name}/{r.path.name}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot_curves(runs, out_dir / "curves.png"),
+            plot_efficiency(runs, out_dir / "error_vs_params.png", "params", setting),
+            plot_efficiency(runs, out_dir / "error_vs_flops.png", "macs", setting)]

@@ -1,0 +1,142 @@
+"""Named experiment grids: every cell an ordinary training run with the paper's recipe, the results
+tabulated beside the published numbers.
+
+    OUT/<row>/<setting>/seed<i>/   a run directory of `densenet train` (resumable)
+    OUT/results.md, OUT/results.csv
+
+A cell whose run directory holds summary.json is done and skipped; one with a checkpoint is resumed;
+the others start. Interrupting the grid and running the same command again continues it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..paper import SETTING_DATA, TABLE2, TABLE2_SETTINGS
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str  # a registered model name
+    setting: str  # C10, C10+, C100, C100+, SVHN
+    seed: int
+
+    @property
+    def published(self) -> float | None:
+        return TABLE2.get(self.row, {}).get(self.setting)
+
+    def path(self, out: Path) -> Path:
+        return out / self.row / self.setting / f"seed{self.seed}"
+
+
+GRIDS: dict[str, dict] = {
+    "table2": {"rows": list(TABLE2), "settings": list(TABLE2_SETTINGS),
+               "about": "Table 2: the six DenseNet configurations on C10, C10+, C100, C100+ and SVHN"},
+    "resnet-vs-densenet": {"rows": ["densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
+                                    "resnet110", "preact_resnet164", "preact_resnet1001"],
+                           "settings": ["C10+"],
+                           "about": "parameter efficiency on C10+ (Figure 4 middle): DenseNet-BC against "
+                                    "(pre-activation) ResNets of similar and larger size"},
+}
+
+
+def grid_cells(name: str, seeds: int = 1, only_published: bool = True) -> list[Cell]:
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}: choose one of {', '.join(GRIDS)}")
+    g = GRIDS[name]
+    cells = []
+    for row in g["rows"]:
+        for setting in g["settings"]:
+            if only_published and row in TABLE2 and TABLE2[row].get(setting) is None:
+                continue  # the paper reports nothing to compare with (DenseNet-BC-190 on C10)
+            cells += [Cell(row, setting, s) for s in range(seeds)]
+    return cells
+
+
+def cell_config(cell: Cell, data: dict[str, str], epochs: int | None, budget: float | None, out: Path,
+                extra: dict | None = None):
+    """The TrainConfig of a cell: the paper's recipe for its setting, optionally scaled."""
+    from ..data import get_dataset_spec
+    from ..train.config import TrainConfig
+
+    dataset, augment = SETTING_DATA[cell.setting]
+    path = data.get(dataset)
+    kind = dataset
+    if path is not None and (str(path).endswith((".tar.gz", ".tgz", ".tar")) or (Path(path) / "train").is_dir()):
+        kind = "folder"  # e.g. the CIFAR-10 training images as a folder archive
+    spec = get_dataset_spec(dataset)
+    n_epochs = epochs or (max(1, round(spec.epochs * budget)) if budget else None)
+    settings = dict(model=cell.row, dataset=kind, data=path, augment=augment, epochs=n_epochs, seed=cell.seed,
+                    out=str(cell.path(out)), progress=False)
+    if kind == "folder":
+        settings["val_size"] = spec.val_size
+    settings.update(extra or {})
+    return TrainConfig(**settings).resolve()
+
+
+def cost(cell_cfg, macs_per_image: int, train_images: int) -> float:
+    """Multiply-adds of the whole run: forward and backward ~ 3 forward passes per image per epoch."""
+    return 3.0 * macs_per_image * train_images * cell_cfg.epochs
+
+
+def status(cell: Cell, out: Path) -> str:
+    d = cell.path(out)
+    if (d / "summary.json").is_file():
+        return "done"
+    if (d / "last").exists():
+        return "partial"
+    return "todo"
+
+
+def result(cell: Cell, out: Path) -> tuple[float, str] | None:
+    f = cell.path(out) / "summary.json"
+    if not f.is_file():
+        return None
+    s = json.loads(f.read_text())
+    if s.get("test_top1_error") is not None:
+        return s["test_top1_error"], "test"
+    if s.get("val_top1_error") is not None:
+        return s["val_top1_error"], "val"
+    return None
+
+
+def write_tables(name: str, cells: list[Cell], out: Path) -> tuple[Path, Path]:
+    """results.md and results.csv: each measured error (mean +- std over seeds) beside the published."""
+    settings = list(dict.fromkeys(c.setting for c in cells))
+    rows = list(dict.fromkeys(c.row for c in cells))
+    csv_rows, md = [], [f"# {name}: measured error (%) beside the paper's\n",
+                        GRIDS[name]["about"] + ". Each cell: measured (published, difference); "
+                        "'val' marks a validation error where the data has no test split.\n",
+                        "| network | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for row in rows:
+        line = [row]
+        for setting in settings:
+            group = [c for c in cells if c.row == row and c.setting == setting]
+            found = [r for r in (result(c, out) for c in group) if r is not None]
+            pub = group[0].published if group else None
+            if not found:
+                line.append("-" if not group else f"not run ({pub:.2f})" if pub is not None else "not run")
+                continue
+            errs = [e for e, _ in found]
+            mean = statistics.fmean(errs)
+            sd = statistics.stdev(errs) if len(errs) > 1 else None
+            split = found[0][1]
+            text = f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + (" val" if split == "val" else "")
+            if pub is not None:
+                text += f" ({pub:.2f}, {mean - pub:+.2f})"
+            line.append(text)
+            csv_rows.append({"network": row, "setting": setting, "measured": round(mean, 4),
+                             "std": None if sd is None else round(sd, 4), "runs": len(errs), "split": split,
+                             "published": pub, "difference": None if pub is None else round(mean - pub, 4)})
+        md.append("| " + " | ".join(line) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out / "results.md", out / "results.csv"
+    md_path.write_text("\n".join(md) + "\n")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["network", "setting", "measured", "std", "runs", "split", "published", "difference"])
+        w.writeheader()
+        w.writerows(csv_rows)
+    return md_path, csv_path
