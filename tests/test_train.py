@@ -292,3 +292,13 @@ def test_streamed_folder_with_imagenet_preprocessing(folder, tmp_path):
 def test_bf16_autocast_and_channels_last_on_cpu(folder, tmp_path):
     s = fit(small(folder, None, amp="bf16", channels_last=True, epochs=1))
     assert s["train_loss"] == s["train_loss"] and 0 <= s["val_top1_error"] <= 100  # finite
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.*")), ids=lambda p: p.name)
+def test_shipped_recipe_files_parse_and_match_the_paper(path):
+    from densenet.train.config import read_config_file
+
+    cfg = TrainConfig.from_dict(read_config_file(path)).resolve()
+    assert cfg.lr == 0.1 and cfg.momentum == 0.9 and cfg.nesterov and cfg.weight_decay == 1e-4
+    assert cfg.milestones == (cfg.epochs * 0.5, cfg.epochs * 0.75) or cfg.milestones == (30.0, 60.0)
+    assert densenet.get_entry(cfg.model)
