@@ -302,3 +302,12 @@ def test_shipped_recipe_files_parse_and_match_the_paper(path):
     assert cfg.lr == 0.1 and cfg.momentum == 0.9 and cfg.nesterov and cfg.weight_decay == 1e-4
     assert cfg.milestones == (cfg.epochs * 0.5, cfg.epochs * 0.75) or cfg.milestones == (30.0, 60.0)
     assert densenet.get_entry(cfg.model)
+
+
+def test_a_new_run_never_overwrites_an_old_one(folder, tmp_path):
+    run = tmp_path / "run"
+    fit(small(folder, run, epochs=1))
+    before = weights(run)
+    with pytest.raises(ValueError, match="already holds a run: continue it with --resume"):
+        fit(small(folder, run, epochs=1, seed=3))
+    assert all(torch.equal(before[k], v) for k, v in weights(run).items())

@@ -218,6 +218,14 @@ class Trainer:
 
     def _fit(self, cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
         device = dist.device(cfg.device)
+        if cfg.sync_bn and device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs)")
+        if cfg.batch_size % (dist.world_size * cfg.accumulate):
+            raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
+                             f"x {cfg.accumulate} micro-batch(es)")
+        if cfg.out and not self.resume and (RunDir(cfg.out).resolve("last") is not None):
+            raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
+                             f"or give another --out")
         torch.manual_seed(cfg.seed)
         in_channels = int(cfg.model_args.get("in_channels", 3))
         data = build_data(cfg, device, dist, in_channels)
@@ -225,11 +233,6 @@ class Trainer:
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        if cfg.sync_bn and device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs)")
-        if cfg.batch_size % (dist.world_size * cfg.accumulate):
-            raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
-                             f"x {cfg.accumulate} micro-batch(es)")
         if cfg.sync_bn and dist.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer, scheduler = make_optimizer(cfg, model)
