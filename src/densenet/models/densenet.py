@@ -191,7 +191,9 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
-        if self.fused and _fused.supported(layers):
+        # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
+        # the fused path's autograd Functions and shared buffer are not traceable
+        if self.fused and _fused.supported(layers) and not torch.jit.is_tracing():
             return _fused.dense_block_forward(layers, x0, self.memory_efficient)
         features = [x0]
         for layer in layers:
@@ -270,6 +272,33 @@ class DenseNet(nn.Module):
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
         self.check_input(x)
         return self.features(x)
+
+    @property
+    def stage_strides(self) -> list[int]:
+        """Downsampling of each dense block's output: the ImageNet stem's 4 (else 1), x2 per transition."""
+        first = 4 if self.config.stem == "imagenet" else 1
+        return [first * 2 ** i for i in range(len(self.config.block_config))]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
+        n = len(self.stage_channels)
+        return [{"num_chs": c, "reduction": r,
+                 "module": f"features.denseblock{i + 1}" if i < n - 1 else "features.relu5"}
+                for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides))]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A feature pyramid for detection or segmentation heads: the output of every dense block,
+        (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
+        BN-ReLU, so it equals forward_features(x)."""
+        self.check_input(x)
+        stages = []
+        for name, module in self.features.named_children():
+            x = module(x)
+            if name.startswith("denseblock"):
+                stages.append(x)
+        stages[-1] = x  # after norm5 and relu5
+        return stages
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
