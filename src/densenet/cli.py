@@ -153,6 +153,9 @@ def _train(args: argparse.Namespace) -> int:
         settings.update(read_config_file(args.config))
     given = _train_settings(args)
     if "model_args" in given and "model_args" in settings:
+        if not isinstance(settings["model_args"], dict):
+            raise UsageError(f"model_args in {args.config or args.resume} must be a table of option = value, "
+                             f"got {settings['model_args']!r}"[:300])
         given["model_args"] = {**settings["model_args"], **given["model_args"]}
     settings.update(given)
     if args.resume:

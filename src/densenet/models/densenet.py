@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..utils.validate import check_types
 from . import _fused
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
@@ -62,6 +63,7 @@ class DenseNetConfig:
             if not ok:
                 raise ValueError(f"DenseNetConfig: {msg}")
 
+        check_types(self, "DenseNetConfig")  # a list or string from a config file: a clear error
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         need(isinstance(self.growth_rate, int) and self.growth_rate >= 1,
              f"growth_rate (k) must be a positive integer, got {self.growth_rate!r}")
@@ -75,6 +77,11 @@ class DenseNetConfig:
         need(self.stem in ("cifar", "imagenet"), f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
         need(self.num_init_features is None or self.num_init_features >= 1,
              f"num_init_features must be >= 1, got {self.num_init_features}")
+        # sizes beyond any machine: an error here, not an integer overflow inside PyTorch
+        need(sum(self.block_config) <= 10_000, f"at most 10,000 layers in all, got {sum(self.block_config)}")
+        widest = max(self.in_channels, self.num_classes, self.bn_size * self.growth_rate,
+                     self.init_features + sum(self.block_config) * self.growth_rate)
+        need(widest <= 2 ** 20, f"at most 2**20 (1,048,576) channels or classes in any layer, got {widest:,}")
         c = self.init_features
         for n in self.block_config[:-1]:
             c = compressed_channels(c + n * self.growth_rate, self.compression)
