@@ -231,6 +231,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- densenet predict -----------------------------------------------------------------------------------
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for images")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (at most the number of classes)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true",
+                   help='a JSON list of {"path", "predictions": [{"class", "index", "probability"}]} '
+                        'or {"path", "error"}')
+
+
+@command("predict", "the most probable classes of images, preprocessed as the checkpoint's training did; "
+                    "exit status 1 if any image failed", _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    from .inference import find_images, load, predict
+    from .train.distributed import Distributed
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+    model, transform = load(args.checkpoint, Distributed().device(args.device))
+    paths = [p for p, _ in find_images(args.paths)]  # folders walked once, here
+    path_width, class_width = max(map(len, paths)), max(map(len, model.classes))
+    results, failed = [], 0
+    for r in predict(model, transform, paths, top_k=args.top_k, batch_size=args.batch_size):
+        if "error" in r:
+            failed += 1
+            print(f"densenet predict: error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['path']:<{path_width}}  " + "  ".join(
+                f"{p['class']:<{class_width}} {p['probability']:.4f}" for p in r["predictions"]), flush=True)
+        results.append(r)
+    if args.json:
+        _print_json(results)
+    if failed:
+        print(f"densenet predict: {failed} of {len(results)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
