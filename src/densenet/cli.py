@@ -271,6 +271,45 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- densenet export ------------------------------------------------------------------------------------
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (replaced atomically)")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="torch.export-based (needs onnxscript) or the older TorchScript-based exporter; "
+                        "auto: dynamo where onnxscript is installed")
+    p.add_argument("--json", action="store_true", help="print the report (shapes, parity) as JSON")
+
+
+@command("export", "write a checkpoint as ONNX or TorchScript with a dynamic batch size, and check it "
+                   "against PyTorch", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter)
+    parity = r["parity"]
+    if args.json:
+        _print_json(r)
+    else:
+        shape = lambda s: "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
+        fmt = {"onnx": "ONNX", "torchscript": "TorchScript"}[r["format"]]
+        print(f"wrote {r['path']}: {fmt} by {r['exporter']}; input \"{r['input']['name']}\" "
+              f"{shape(r['input']['shape'])} float32 -> \"{r['output']['name']}\" {shape(r['output']['shape'])}")
+        if parity["ok"] is None:
+            print(f"parity with PyTorch: not checked ({parity['note']})")
+        else:
+            diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in parity["max_abs_diff"].items())
+            print(f"parity with PyTorch ({parity['runtime']}): max |logit difference| {diffs} "
+                  f"(tolerance {parity['tolerance']:.0e}): {'ok' if parity['ok'] else 'FAILED'}")
+    if parity["ok"] is False:
+        print(f"densenet export: error: {r['path']} differs from PyTorch by more than {parity['tolerance']:g}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
