@@ -70,10 +70,19 @@ def test_gradients_flow_from_every_stage():
     (torch.randn(2, 1, 16, 16), "3 input channels got 1"),
     (torch.zeros(2, 3, 16, 16, dtype=torch.int64), "floating-point"),
     (torch.randn(2, 3, 3, 3), "too small.*at least 4x4"),
+    (torch.randn(2, 16, 16, 3), r"channels last\? x.permute\(0, 3, 1, 2\)"),
+    (torch.randn(2, 3, 16, 16, dtype=torch.float64), "weights are torch.float32 on cpu, the input is torch.float64"),
+    (torch.randn(2, 3, 16, 16, device="meta"), "the input is torch.float32 on meta"),
 ])
 def test_forward_stages_rejects_inputs_the_model_cannot_take(x, match):
     with pytest.raises(ValueError, match=match):
         small().eval().forward_stages(x)
+
+
+def test_inputs_of_another_dtype_are_fine_under_autocast():
+    m = small().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.forward_stages(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16))[-1].dtype == torch.bfloat16
 
 
 def test_tracing_a_fused_model_records_the_reference_path():

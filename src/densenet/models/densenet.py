@@ -262,10 +262,16 @@ class DenseNet(nn.Module):
         if x.shape[1] != cfg.in_channels:
             raise ValueError(f"DenseNet built for {cfg.in_channels} input channels got {x.shape[1]} "
                              f"(shape {tuple(x.shape)}); create the model with in_channels={x.shape[1]}"
-                             f" or convert the images")
+                             f" or convert the images" + (" (channels last? x.permute(0, 3, 1, 2) puts them "
+                                                          "second)" if x.shape[3] == cfg.in_channels else ""))
         if not x.is_floating_point():
             raise ValueError(f"DenseNet expects a floating-point tensor, got {x.dtype}; "
                              f"convert with x.float() (and normalise the pixels)")
+        w = self.features.conv0.weight
+        if x.device != w.device or (x.dtype != w.dtype and not (  # autocast casts them itself
+                torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))):
+            raise ValueError(f"DenseNet's weights are {w.dtype} on {w.device}, the input is {x.dtype} on "
+                             f"{x.device}; convert with x.to(next(model.parameters()))")
         m = cfg.min_input_size
         if x.shape[2] < m or x.shape[3] < m:
             raise ValueError(f"input of {x.shape[2]}x{x.shape[3]} pixels is too small for this network: "
