@@ -153,6 +153,9 @@ def _train(args: argparse.Namespace) -> int:
         settings.update(read_config_file(args.config))
     given = _train_settings(args)
     if "model_args" in given and "model_args" in settings:
+        if not isinstance(settings["model_args"], dict):
+            raise UsageError(f"model_args in {args.config or args.resume} must be a table of option = value, "
+                             f"got {settings['model_args']!r}"[:300])
         given["model_args"] = {**settings["model_args"], **given["model_args"]}
     settings.update(given)
     if args.resume:
@@ -390,6 +393,85 @@ def _reproduce(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for p in write_tables(args.grid, cells, out):
             print(p)
+    return 0
+
+
+# --- densenet predict -----------------------------------------------------------------------------------
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for images")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (at most the number of classes)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true",
+                   help='a JSON list of {"path", "predictions": [{"class", "index", "probability"}]} '
+                        'or {"path", "error"}')
+
+
+@command("predict", "the most probable classes of images, preprocessed as the checkpoint's training did; "
+                    "exit status 1 if any image failed", _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    from .inference import find_images, load, predict
+    from .train.distributed import Distributed
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+    model, transform = load(args.checkpoint, Distributed().device(args.device))
+    paths = [p for p, _ in find_images(args.paths)]  # folders walked once, here
+    path_width, class_width = max(map(len, paths)), max(map(len, model.classes))
+    results, failed = [], 0
+    for r in predict(model, transform, paths, top_k=args.top_k, batch_size=args.batch_size):
+        if "error" in r:
+            failed += 1
+            print(f"densenet predict: error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['path']:<{path_width}}  " + "  ".join(
+                f"{p['class']:<{class_width}} {p['probability']:.4f}" for p in r["predictions"]), flush=True)
+        results.append(r)
+    if args.json:
+        _print_json(results)
+    if failed:
+        print(f"densenet predict: {failed} of {len(results)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- densenet export ------------------------------------------------------------------------------------
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (replaced atomically)")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="torch.export-based (needs onnxscript) or the older TorchScript-based exporter; "
+                        "auto: dynamo where onnxscript is installed")
+    p.add_argument("--json", action="store_true", help="print the report (shapes, parity) as JSON")
+
+
+@command("export", "write a checkpoint as ONNX or TorchScript with a dynamic batch size, and check it "
+                   "against PyTorch", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter)
+    parity = r["parity"]
+    if args.json:
+        _print_json(r)
+    else:
+        shape = lambda s: "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
+        fmt = {"onnx": "ONNX", "torchscript": "TorchScript"}[r["format"]]
+        print(f"wrote {r['path']}: {fmt} by {r['exporter']}; input \"{r['input']['name']}\" "
+              f"{shape(r['input']['shape'])} float32 -> \"{r['output']['name']}\" {shape(r['output']['shape'])}")
+        if parity["ok"] is None:
+            print(f"parity with PyTorch: not checked ({parity['note']})")
+        else:
+            diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in parity["max_abs_diff"].items())
+            print(f"parity with PyTorch ({parity['runtime']}): max |logit difference| {diffs} "
+                  f"(tolerance {parity['tolerance']:.0e}): {'ok' if parity['ok'] else 'FAILED'}")
+    if parity["ok"] is False:
+        print(f"densenet export: error: {r['path']} differs from PyTorch by more than {parity['tolerance']:g}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

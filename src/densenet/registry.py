@@ -91,7 +91,9 @@ def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = T
     """A 3-block CIFAR/SVHN DenseNet given by its depth L: n = (L - 4) / 3, or (L - 4) / 6 with bottlenecks."""
     if "block_config" in kwargs:
         raise ValueError("give either depth or block_config, not both (depth sets the blocks)")
-    blocks = cifar_block_config(int(depth), bool(bottleneck))
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        raise ValueError(f"densenet (CIFAR): depth must be an integer, got {depth!r}")
+    blocks = cifar_block_config(depth, bool(bottleneck))
     return DenseNet(_make_config(DenseNetConfig, "densenet (CIFAR)", growth_rate=growth_rate,
                                  block_config=blocks, bottleneck=bottleneck, compression=compression,
                                  stem="cifar", **kwargs))
@@ -100,7 +102,7 @@ def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = T
 def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: Any) -> DenseNet:
     """A 4-block ImageNet DenseNet-BC (Table 1); depth picks the block sizes of 121/169/201/264."""
     if "block_config" not in kwargs:
-        if depth not in IMAGENET_BLOCKS:
+        if not isinstance(depth, int) or depth not in IMAGENET_BLOCKS:
             raise ValueError(f"depth {depth} is not one of the ImageNet DenseNets: valid depths are "
                              f"{', '.join(map(str, IMAGENET_BLOCKS))}, or give block_config")
         kwargs["block_config"] = IMAGENET_BLOCKS[depth]

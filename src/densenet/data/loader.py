@@ -102,9 +102,11 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
+        from .sources import convert_image
+
         path, label = self.data.samples[i]
         with Image.open(path) as im:
-            return self.transform(im.convert(self.mode)), label
+            return self.transform(convert_image(im, self.mode)), label
 
 
 def stream_transform(train: bool, image_size: int, resize: int, normalize: Normalization, ten: bool = False):

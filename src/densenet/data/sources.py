@@ -175,13 +175,22 @@ def _decode(data: bytes, name: str, mode: str) -> torch.Tensor:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode == "I;16" or im.mode == "I":  # 16-bit: scale to 8 bits before converting
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-            arr = np.asarray(im.convert(mode))
+            arr = np.asarray(convert_image(im, mode))
     except Exception as e:
         raise DataError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def convert_image(im, mode: str):
+    """A PIL image in `mode` ("RGB" or "L"): alpha dropped, palettes expanded, and 16-bit images scaled
+    to 8 bits first (PIL's own convert clips them to 255)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    return im.convert(mode)
 
 
 def _fast_decode(data: bytes, mode: str) -> torch.Tensor | None:

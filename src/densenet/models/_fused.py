@@ -155,7 +155,7 @@ class _BlockOutput(Function):
     def forward(ctx, st: _BlockState, *chunks):
         ctx.st = st
         ctx.lo = st.buf.shape[1] - chunks[-1].shape[1]
-        st.version = st.buf._version
+        st.version = 0 if st.buf.is_inference() else st.buf._version  # inference tensors have no version
         # A view, not the buffer itself: returning st.buf would make it the output, its grad_fn this
         # node, whose ctx holds st, which holds st.buf: a reference cycle through autograd's C++ graph
         # that Python's collector cannot free (measured: +20 MB per step, BENCHMARKS.md).

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..utils.validate import check_types
 from . import _fused
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
@@ -62,6 +63,7 @@ class DenseNetConfig:
             if not ok:
                 raise ValueError(f"DenseNetConfig: {msg}")
 
+        check_types(self, "DenseNetConfig")  # a list or string from a config file: a clear error
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         need(isinstance(self.growth_rate, int) and self.growth_rate >= 1,
              f"growth_rate (k) must be a positive integer, got {self.growth_rate!r}")
@@ -75,6 +77,11 @@ class DenseNetConfig:
         need(self.stem in ("cifar", "imagenet"), f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
         need(self.num_init_features is None or self.num_init_features >= 1,
              f"num_init_features must be >= 1, got {self.num_init_features}")
+        # sizes beyond any machine: an error here, not an integer overflow inside PyTorch
+        need(sum(self.block_config) <= 10_000, f"at most 10,000 layers in all, got {sum(self.block_config)}")
+        widest = max(self.in_channels, self.num_classes, self.bn_size * self.growth_rate,
+                     self.init_features + sum(self.block_config) * self.growth_rate)
+        need(widest <= 2 ** 20, f"at most 2**20 (1,048,576) channels or classes in any layer, got {widest:,}")
         c = self.init_features
         for n in self.block_config[:-1]:
             c = compressed_channels(c + n * self.growth_rate, self.compression)
@@ -191,7 +198,9 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
-        if self.fused and _fused.supported(layers):
+        # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
+        # the fused path's autograd Functions and shared buffer are not traceable
+        if self.fused and _fused.supported(layers) and not torch.jit.is_tracing():
             return _fused.dense_block_forward(layers, x0, self.memory_efficient)
         features = [x0]
         for layer in layers:
@@ -253,10 +262,16 @@ class DenseNet(nn.Module):
         if x.shape[1] != cfg.in_channels:
             raise ValueError(f"DenseNet built for {cfg.in_channels} input channels got {x.shape[1]} "
                              f"(shape {tuple(x.shape)}); create the model with in_channels={x.shape[1]}"
-                             f" or convert the images")
+                             f" or convert the images" + (" (channels last? x.permute(0, 3, 1, 2) puts them "
+                                                          "second)" if x.shape[3] == cfg.in_channels else ""))
         if not x.is_floating_point():
             raise ValueError(f"DenseNet expects a floating-point tensor, got {x.dtype}; "
                              f"convert with x.float() (and normalise the pixels)")
+        w = self.features.conv0.weight
+        if x.device != w.device or (x.dtype != w.dtype and not (  # autocast casts them itself
+                torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))):
+            raise ValueError(f"DenseNet's weights are {w.dtype} on {w.device}, the input is {x.dtype} on "
+                             f"{x.device}; convert with x.to(next(model.parameters()))")
         m = cfg.min_input_size
         if x.shape[2] < m or x.shape[3] < m:
             raise ValueError(f"input of {x.shape[2]}x{x.shape[3]} pixels is too small for this network: "
@@ -270,6 +285,33 @@ class DenseNet(nn.Module):
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
         self.check_input(x)
         return self.features(x)
+
+    @property
+    def stage_strides(self) -> list[int]:
+        """Downsampling of each dense block's output: the ImageNet stem's 4 (else 1), x2 per transition."""
+        first = 4 if self.config.stem == "imagenet" else 1
+        return [first * 2 ** i for i in range(len(self.config.block_config))]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
+        n = len(self.stage_channels)
+        return [{"num_chs": c, "reduction": r,
+                 "module": f"features.denseblock{i + 1}" if i < n - 1 else "features.relu5"}
+                for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides))]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A feature pyramid for detection or segmentation heads: the output of every dense block,
+        (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
+        BN-ReLU, so it equals forward_features(x)."""
+        self.check_input(x)
+        stages = []
+        for name, module in self.features.named_children():
+            x = module(x)
+            if name.startswith("denseblock"):
+                stages.append(x)
+        stages[-1] = x  # after norm5 and relu5
+        return stages
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension

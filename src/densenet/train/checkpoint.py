@@ -167,4 +167,10 @@ class RunDir:
         f = self.path / "config.json"
         if not f.is_file():
             raise CheckpointError(f"{self.path} is not a run directory: {f} is missing")
-        return json.loads(f.read_text())
+        try:
+            config = json.loads(f.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{f} is damaged: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{f} is damaged: it holds no table of settings")
+        return config

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import AUGMENTATIONS, get_dataset_spec
+from ..utils.validate import check_types
 
 ModelArg = int | float | bool | str | list
 
@@ -63,6 +64,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {msg}")
 
+        check_types(self, "config")  # YAML/TOML can put a list, a string or NaN anywhere
         get_dataset_spec(self.dataset)
         need(self.augment is None or self.augment in AUGMENTATIONS + ("auto",),
              f"augment must be one of {', '.join(AUGMENTATIONS)} or auto, got {self.augment!r}")
@@ -78,6 +80,10 @@ class TrainConfig:
         need(self.eval_batch_size >= 1 and self.workers >= 0, "eval_batch_size must be >= 1 and workers >= 0")
         need(self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}")
         need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.image_size >= 1 and self.resize >= 1,
+             f"image_size and resize must be >= 1, got {self.image_size} and {self.resize}")
+        need(0 <= self.seed < 2 ** 63 and 0 <= self.split_seed < 2 ** 63,
+             f"seed and split_seed must be in [0, 2**63), got {self.seed} and {self.split_seed}")
         if self.milestones is not None:
             self.milestones = tuple(float(m) for m in self.milestones)
             need(all(m > 0 for m in self.milestones), f"milestones must be positive, got {self.milestones}")
@@ -110,7 +116,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(str(k) for k in set(d) - names)  # YAML keys can be numbers or null
         if unknown:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; valid settings are "
                              f"{', '.join(sorted(names))}")
@@ -125,26 +131,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except ValueError:
-        raise
-    except Exception as e:  # the parsers' own error types
-        raise ValueError(f"config file {path} could not be parsed: {e}") from None
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # the parsers' own error types (TOML's and JSON's are ValueErrors without the path)
+        raise ValueError(f"config file {path} could not be read: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a table of settings, got {type(data).__name__}")
     return data

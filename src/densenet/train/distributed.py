@@ -41,7 +41,10 @@ class Distributed:
             if torch.cuda.is_available():
                 return torch.device("cuda", self.local_rank)
             return torch.device("cpu")
-        dev = torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device here; "

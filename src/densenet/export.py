@@ -1,0 +1,158 @@
+"""Export a model for serving: ONNX (onnxruntime, TensorRT, ...) or TorchScript (libtorch), with a
+dynamic batch size, checked against PyTorch.
+
+The exported graph computes the dense blocks as the paper's equation reads (concatenate, BN, ReLU,
+convolution): the fused block's shared buffer and custom autograd nodes are a training-time
+optimisation of the same function that tracers cannot record. Height and width are those of the
+checkpoint's preprocessing; the batch dimension is dynamic. The class names and the preprocessing go
+into the file (ONNX metadata_props; TorchScript extra file `densenet.json`), so a server needs nothing else.
+
+Parity: the exported model and the PyTorch model (in eval mode, its own fused path) run the same
+random batches of 2 and of 3 images, two sizes so that the batch dimension is shown to be dynamic; the
+largest absolute difference of their logits must be at most `tolerance`. ONNX files run in onnxruntime
+where it is installed (otherwise the check is skipped and says so); TorchScript files are loaded back
+with torch.jit.load.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .utils.atomic import atomic_write
+
+FORMATS = ("onnx", "torchscript")
+PARITY_BATCHES = (2, 3)
+INPUT, OUTPUT = "input", "logits"
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode whose dense blocks take the reference (traceable) path."""
+    from .models.densenet import DenseBlock
+
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, DenseBlock):
+            m.fused = False
+    return ref
+
+
+def export_model(model: nn.Module, out: str | Path, format: str, input_size: tuple[int, int, int],
+                 metadata: dict[str, Any] | None = None, *, onnx_exporter: str = "auto",
+                 tolerance: float = 1e-4) -> dict[str, Any]:
+    """Write `model` (taking (B, *input_size) float inputs) to `out` in `format`; return a report:
+    {"path", "format", "exporter", "input", "output", "parity": {"runtime", "max_abs_diff", "ok", ...}}.
+
+    `onnx_exporter`: "dynamo" (torch.export-based; needs onnxscript), "legacy" (TorchScript-based,
+    deprecated by PyTorch) or "auto" (dynamo where onnxscript is installed)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = Path(out)
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
+    ref = reference_copy(model)
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(PARITY_BATCHES[0], *input_size, generator=g)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_write(out) as tmp:
+        if format == "onnx":
+            exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta)
+        else:
+            exporter = "torch.jit.trace"
+            with warnings.catch_warnings(), torch.no_grad():
+                # deprecated in favour of torch.export, and the input checks trace as constants: expected
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(ref, example, check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={"densenet.json": json.dumps(meta)})
+    report = {"path": str(out), "format": format, "exporter": exporter,
+              "input": {"name": INPUT, "shape": ["batch", *input_size], "dtype": "float32"},
+              "output": {"name": OUTPUT, "shape": ["batch", _num_outputs(model, example)]}}
+    report["parity"] = _parity(model, out, format, input_size, g, tolerance)
+    return report
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, **kwargs: Any) -> dict[str, Any]:
+    """Export a model trained by this package, at the image size and channels of its preprocessing,
+    with its class names and preprocessing as metadata."""
+    from .weights import load_model
+
+    model, info = load_model(checkpoint)
+    pre = info.get("preprocessing")
+    if not pre:
+        raise ValueError(f"{checkpoint} holds no preprocessing (not written by `densenet train`): "
+                         f"use densenet.export.export_model with an input size")
+    size = (int(pre["channels"]), *map(int, pre["image_size"]))
+    metadata = {"densenet.model": info["model"], "densenet.model_args": info["model_args"],
+                "densenet.classes": info.get("classes"), "densenet.preprocessing": pre}
+    return export_model(model, out, format, size, metadata, **kwargs)
+
+
+def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(example[:1]).shape[1])
+
+
+def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: str, meta: dict[str, str]) -> str:
+    if importlib.util.find_spec("onnx") is None:
+        raise ValueError("ONNX export needs the onnx package: pip install 'densenet[export]'")
+    import onnx
+
+    if exporter == "auto":
+        exporter = "dynamo" if importlib.util.find_spec("onnxscript") is not None else "legacy"
+    if exporter not in ("dynamo", "legacy"):
+        raise ValueError(f"onnx_exporter must be auto, dynamo or legacy, got {exporter!r}")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ValueError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript (or use legacy)")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        if exporter == "dynamo":
+            torch.onnx.export(ref, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                              input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        else:
+            torch.onnx.export(ref, (example,), str(path), dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    proto = onnx.load(str(path))
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return f"torch.onnx ({exporter}), opset {max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))}"
+
+
+def _parity(model: nn.Module, path: Path, format: str, input_size, g: torch.Generator, tolerance: float) -> dict:
+    """Largest |logit difference| between PyTorch and the exported file, per batch size."""
+    if format == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return {"runtime": None, "ok": None, "note": "onnxruntime is not installed: parity not checked"}
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runtime = f"onnxruntime {ort.__version__}"
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {INPUT: x.numpy()})[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; still what libtorch loads
+            loaded = torch.jit.load(str(path))
+        runtime, run = f"torch.jit.load (torch {torch.__version__})", loaded
+    diffs = {}
+    for batch in PARITY_BATCHES:
+        x = torch.randn(batch, *input_size, generator=g)
+        with torch.no_grad():
+            expected, got = model(x), run(x)
+        if got.shape != expected.shape:
+            raise ValueError(f"the exported model returned shape {tuple(got.shape)} for a batch of {batch}, "
+                             f"PyTorch {tuple(expected.shape)}")
+        diffs[batch] = float((got - expected).abs().max())
+    return {"runtime": runtime, "max_abs_diff": diffs, "tolerance": tolerance,
+            "ok": all(d <= tolerance for d in diffs.values())}
+
+
+__all__ = ["FORMATS", "export_checkpoint", "export_model", "reference_copy"]

@@ -1,0 +1,154 @@
+"""Inference for people who deploy a trained model: `load` a checkpoint into the model and the exact
+preprocessing its training evaluated with, and `predict` the classes of image files.
+
+The preprocessing travels in the checkpoint (`info["preprocessing"]`, written by `densenet train`), so
+nobody repeats it by hand:
+- in-memory datasets (CIFAR, SVHN, digits, small image folders) were evaluated at their one image size,
+  unresized. An image of that size is only normalised, exactly as in training. An image of another size
+  is first resized (bilinear, antialiased) to the smallest size that covers `image_size` with its aspect
+  ratio kept, then centre-cropped to `image_size`: our choice, as training never saw another size.
+- streamed folders (ImageNet) were evaluated by resizing the shorter side to `resize`, then a centre
+  crop of `image_size`: the same transform here.
+Images are converted to the model's channels as training read them: for RGB models, RGBA loses its
+alpha, palette and grayscale images are expanded; grayscale models take colour images as luma; 16-bit
+images are scaled to 8 bits.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .data.sources import IMAGE_SUFFIXES, DataError, _decode, convert_image
+from .data.transforms import Normalization
+from .weights import CheckpointError, load_model
+
+
+class Preprocess:
+    """A path or a PIL image -> the normalised float32 (C, H, W) tensor the model expects."""
+
+    def __init__(self, preprocessing: dict[str, Any]):
+        self.source = preprocessing["source"]  # "memory" or "stream": how training read its images
+        self.normalize = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+        self.channels = int(preprocessing["channels"])
+        self.image_size = tuple(int(s) for s in preprocessing["image_size"])  # (H, W)
+        self.resize = int(preprocessing.get("resize") or round(self.image_size[0] * 256 / 224))
+        self.mode = "L" if self.channels == 1 else "RGB"
+
+    def __repr__(self) -> str:
+        extra = f", resize={self.resize}" if self.source == "stream" else ""
+        return (f"Preprocess(source={self.source!r}, channels={self.channels}, image_size={self.image_size}"
+                f"{extra}, mean={self.normalize.mean}, std={self.normalize.std})")
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(image, Image.Image):
+            return self._stream(image) if self.source == "stream" else self._memory(self._pil_tensor(image))
+        if not isinstance(image, (str, os.PathLike)):
+            raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"{path} " + ("is a directory, not an image" if path.is_dir() else "does not exist"))
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path} could not be read ({e.strerror or e})") from None
+        try:
+            # check with PIL first: a damaged file then never reaches libpng, which prints to stderr
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+            if self.source == "stream":  # as training's loader: PIL
+                with Image.open(io.BytesIO(data)) as im:
+                    return self._stream(im)
+        except Exception as e:  # damaged files raise anything from PIL's decoders, as in _decode
+            why = "not an image format Pillow knows" if isinstance(e, UnidentifiedImageError) else \
+                f"{type(e).__name__}: {e}"
+            raise DataError(f"{path} is not a readable image ({why})") from None
+        return self._memory(_decode(data, str(path), self.mode))  # as training's in-memory reader
+
+    def _pil_tensor(self, im) -> torch.Tensor:
+        import numpy as np
+
+        t = torch.from_numpy(np.array(convert_image(im, self.mode)))
+        return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)  # uint8 (C, H, W)
+
+    def _memory(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = x.shape[-2:]
+        th, tw = self.image_size
+        if (h, w) != (th, tw):
+            scale = max(th / h, tw / w)
+            x = TF.resize(x, [max(th, round(h * scale)), max(tw, round(w * scale))], antialias=True)
+            x = TF.center_crop(x, [th, tw])
+        return self.normalize(x.unsqueeze(0))[0]
+
+    def _stream(self, im) -> torch.Tensor:
+        from .data.loader import stream_transform
+
+        return stream_transform(False, self.image_size[0], self.resize, self.normalize)(convert_image(im, self.mode))
+
+
+def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocess]:
+    """A model trained by this package, from its checkpoint (a run directory or a model.safetensors
+    file): (model in eval mode on `device`, its preprocessing transform). `model.classes` holds the
+    class names, in the order of the model's outputs."""
+    model, info = load_model(checkpoint, device)
+    if "preprocessing" not in info or "classes" not in info:
+        raise CheckpointError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
+                              f"`densenet train`); build the transform by hand")
+    model.classes = list(info["classes"])
+    return model, Preprocess(info["preprocessing"])
+
+
+def find_images(paths: Iterable[str | Path]) -> list[tuple[str, str | None]]:
+    """(path, error or None) for each file given, and for each image (by suffix) under each folder
+    given, searched recursively in sorted order. A folder without images is an error."""
+    out: list[tuple[str, str | None]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out += [(str(f), None) for f in found] or [(str(p), f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) "
+                                                                f"in this folder")]
+        else:
+            out.append((str(p), None if p.is_file() else f"{p} does not exist"))
+    return out
+
+
+def predict(model: nn.Module, transform: Preprocess, paths: Iterable[str | Path], *, top_k: int = 5,
+            batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """For each image under `paths`, in order: {"path", "predictions": [{"class", "index",
+    "probability"}]} with the `top_k` most probable classes, or {"path", "error"} for a file that is not
+    a readable image (the others are still predicted). Images go through the model `batch_size` at a time."""
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+    device = next(model.parameters()).device
+    items = find_images(paths)
+    for start in range(0, len(items), batch_size):
+        results, inputs = [], []
+        for path, error in items[start:start + batch_size]:
+            if error is None:
+                try:
+                    inputs.append(transform(path))
+                except DataError as e:
+                    error = str(e)
+            results.append({"path": path, "error": error} if error else {"path": path})
+        if inputs:
+            with torch.no_grad():  # not inference_mode: the fused dense block reads tensor versions
+                probs = model(torch.stack(inputs).to(device)).float().softmax(1).cpu()
+            classes = getattr(model, "classes", None) or [str(i) for i in range(probs.shape[1])]
+            p, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            ok = iter(zip(p.tolist(), idx.tolist()))
+            for r in results:
+                if "error" not in r:
+                    ps, ix = next(ok)
+                    r["predictions"] = [{"class": classes[i], "index": i, "probability": q} for q, i in zip(ps, ix)]
+        yield from results
+
+
+__all__ = ["Preprocess", "find_images", "load", "predict"]
