@@ -20,7 +20,7 @@ def test_stage_shapes_and_strides_of_every_model(name):
         m = densenet.create_model(name).eval()
     c, h, w = densenet.get_entry(name).input_size
     stages = m.forward_stages(torch.empty(2, c, h, w, device="meta"))
-    assert len(stages) == len(m.config.block_config) == len(m.feature_info)
+    assert len(stages) == len(m.stage_channels) == len(m.feature_info)
     for x, info, ch, stride in zip(stages, m.feature_info, m.stage_channels, m.stage_strides):
         assert x.shape == (2, ch, h // stride, w // stride)
         assert (info["num_chs"], info["reduction"]) == (ch, stride)

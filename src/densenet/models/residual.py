@@ -333,21 +333,43 @@ class ResNet(nn.Module):
         check_image_batch(x, model=getattr(self, "model_name", "ResNet"), in_channels=self.config.in_channels,
                           min_size=1, reduction=self.reduction)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
+    @property
+    def stage_strides(self) -> list[int]:
+        """Downsampling of each stage's output: the ImageNet stem's 4 (else 1), x2 per later stage."""
+        first = 4 if self.config.stem == "imagenet" else 1
+        return [first * 2 ** i for i in range(len(self.config.layers))]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
+        n = len(self.stage_channels)
+        last = "relu_final" if hasattr(self, "relu_final") else f"layer{n}"
+        return [{"num_chs": c, "reduction": r, "module": f"layer{i + 1}" if i < n - 1 else last}
+                for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides))]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A feature pyramid for detection or segmentation heads: the output of every stage; the last
+        after the final activation of pre-activation networks, so it equals forward_features(x)."""
         self.check_input(x)
         x = self.conv1(x)
         if hasattr(self, "bn1"):
             x = self.relu(self.bn1(x))
         if hasattr(self, "maxpool"):
             x = self.maxpool(x)
+        stages = []
         for s in range(len(self.config.layers)):
             x = getattr(self, f"layer{s + 1}")(x)
+            stages.append(x)
         if hasattr(self, "bn_final"):
             x = self.bn_final(x)
         if hasattr(self, "relu_final"):
             x = self.relu_final(x)
-        return x
+        stages[-1] = x
+        return stages
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
+        return self.forward_stages(x)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
