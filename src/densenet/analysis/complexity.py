@@ -2,7 +2,9 @@
 
 Multiply-adds (MACs) are those of convolutions and fully connected layers, which is what torchvision's
 "GFLOPS" column and He et al.'s "FLOPs" report. They are counted from the aten operations a forward
-pass runs (torch.utils.flop_counter), so every implementation path is counted, fused or not.
+pass of the reference path runs (torch.utils.flop_counter): the fused dense blocks compute the same
+function with fewer multiply-adds (their transitions pool before the 1x1 convolution), and the papers
+count the network, not an implementation of it.
 """
 from __future__ import annotations
 
@@ -21,14 +23,19 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
     """Multiply-adds of one forward pass per image at input (C, H, W)."""
     was_training = model.training
+    fused = [m for m in model.modules() if getattr(m, "fused", False) is True]
     model.eval()
     try:
+        for m in fused:
+            m.fused = False
         p = next(model.parameters())
         x = torch.zeros((batch_size, *input_size), dtype=p.dtype, device=p.device)
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        for m in fused:
+            m.fused = True
     return counter.get_total_flops() // 2 // batch_size
 
 

@@ -122,6 +122,14 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with the mask drawn in NCHW order whatever the memory layout of x, so that a seed
+    gives the same masks to the fused (channels_last) and the reference path."""
+    if not training or p == 0 or x.is_contiguous():
+        return F.dropout(x, p, training)
+    return x * F.dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, training)
+
+
 class DenseLayer(nn.Module):
     """H_l: BN-ReLU-Conv3x3(k); with bottleneck, BN-ReLU-Conv1x1(4k) then BN-ReLU-Conv3x3(k).
 
@@ -148,9 +156,9 @@ class DenseLayer(nn.Module):
 
     def rest(self, y: torch.Tensor) -> torch.Tensor:
         """Dropout after the first convolution, then (bottleneck) BN-ReLU-Conv3x3 and dropout: (B, k, H, W)."""
-        y = F.dropout(y, self.drop_rate, self.training)
+        y = dropout(y, self.drop_rate, self.training)
         if self.bottleneck:
-            y = F.dropout(self.conv2(self.relu2(self.norm2(y))), self.drop_rate, self.training)
+            y = dropout(self.conv2(self.relu2(self.norm2(y))), self.drop_rate, self.training)
         return y
 
     def forward(self, features: list[torch.Tensor], memory_efficient: bool = False) -> torch.Tensor:
@@ -210,6 +218,13 @@ class Transition(nn.Sequential):
         if cfg.drop_rate > 0:
             self.drop = nn.Dropout(cfg.drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.memory_efficient = cfg.memory_efficient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics
+        if st is not None and _fused.transition_supported(self, st):
+            return _fused.transition_forward(self, st, x, self.memory_efficient)
+        return super().forward(x)
 
 
 class DenseNet(nn.Module):
