@@ -8,7 +8,7 @@ Networks: CIFAR DenseNet-BC (L=100, k=12), batch 64, 32x32; DenseNet-121, batch 
 Training throughput is images/s of a full step (forward, backward, SGD with momentum); every
 configuration is measured in interleaved rounds, so that load from other processes hits all of them
 alike, and the best step of all rounds is reported (the median beside it). Peak memory is measured per
-configuration in a fresh process: max RSS on the CPU (and its growth over the RSS before the first
+configuration in a fresh process: peak RSS (VmHWM) on the CPU (and its growth over the RSS before the first
 step, i.e. activations and gradients), torch.cuda.max_memory_allocated on a GPU. Every figure is
 printed with its ratio to torchvision's NCHW DenseNet of the same configuration.
 
@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -142,10 +141,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rss_mb() -> float:
+def proc_status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MB. ru_maxrss is not used:
+    Linux carries it over from the parent across fork and exec, so a worker would report its parent's."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -157,13 +158,13 @@ def memory_worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = rss_mb()
+        before = proc_status_mb("VmRSS")
     for _ in range(2):
         tr.step()
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        peak = proc_status_mb("VmHWM")
     print(json.dumps(dict(peak_mb=peak, before_mb=before, growth_mb=peak - before)))
 
 

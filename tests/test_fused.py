@@ -219,3 +219,21 @@ def test_odd_sizes_and_channels_last_input(name, kw, channels_last):
         xf = x
     for seed in (1, 2):
         assert_same(train_step(fused, xf, seed), train_step(plain, x, seed))
+
+
+@pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
+def test_two_forward_passes_then_one_backward(mode):
+    """Two graphs of the same blocks alive at once (the scratch memory a block keeps between steps
+    must not be shared by them): gradients of the summed losses equal the plain path's."""
+    x1, x2 = torch.randn(2, 3, 40, 40, dtype=torch.double), torch.randn(3, 3, 40, 40, dtype=torch.double)
+    grads = []
+    for m in (build("densenet121", dict(block_config=(2, 3, 2, 2)), fused=False),
+              build("densenet121", dict(block_config=(2, 3, 2, 2)), **mode)):
+        m.train()
+        with torch.no_grad():
+            m.eval()(x1)  # an inference pass in between leaves nothing behind
+        m.train()
+        (m(x1).square().sum() + m(x2).sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-10, msg=n)

@@ -39,6 +39,8 @@ all of this against the reference path.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,12 +57,45 @@ def _plain_bn(bn) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
 
 
+class _Pool:
+    """Scratch memory of one block kept from step to step: the workspaces and the gradient buffer.
+
+    A fresh tensor of tens of MB costs page faults on first touch on the CPU (glibc returns large
+    blocks to the system when they are freed), which measured slower than the work done in it
+    (BENCHMARKS.md). A state takes what it needs and gives it back when the block's backward pass
+    (or its forward pass, without autograd) is over; two states alive at once simply allocate."""
+
+    def __init__(self):
+        self.free: dict[tuple, torch.Tensor] = {}
+
+    def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self.free.pop((kind, dtype, device), None)
+        if t is None or t.numel() < numel:
+            t = torch.empty(numel, dtype=dtype, device=device)
+        return t
+
+    def give(self, kind: str, t: torch.Tensor) -> None:
+        key = (kind, t.dtype, t.device)
+        if key not in self.free or self.free[key].numel() < t.numel():
+            self.free[key] = t
+
+
+_POOLS: "weakref.WeakKeyDictionary[nn.Module, _Pool]" = weakref.WeakKeyDictionary()
+
+
+def _pool_of(block: nn.Module) -> _Pool:
+    pool = _POOLS.get(block)
+    if pool is None:
+        pool = _POOLS[block] = _Pool()
+    return pool
+
+
 class _BlockState:
     """What the autograd nodes of one dense block share."""
 
-    __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws")
+    __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws", "pool", "_grad_flat")
 
-    def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool):
+    def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool, pool: _Pool):
         b, _, h, w = x0.shape
         # the block's output (B, C, H, W), laid out channel-major; buf is the same memory as (C, B, H, W)
         self.out = torch.empty_strided((b, channels, h, w), (h * w, b * h * w, w, 1), dtype=x0.dtype,
@@ -72,7 +107,9 @@ class _BlockState:
         self.mean, self.var = stats(), stats()  # batch statistics per channel (biased variance)
         self.grad = self.dmean = self.dvar = None  # filled by the backward pass
         self.version = 0
-        self._ws = {}
+        self._ws = {}  # name -> flat scratch tensor taken from the pool
+        self.pool = pool
+        self._grad_flat = None
 
     def rows(self, lo: int, hi: int, t: torch.Tensor | None = None) -> torch.Tensor:
         """Channels [lo, hi) of the buffer (or of the gradient buffer) as a (hi - lo, N) matrix."""
@@ -86,8 +123,17 @@ class _BlockState:
         """A (c, N) scratch matrix, one per name and block, reused by every layer in turn."""
         ws = self._ws.get(name)
         if ws is None or ws.dtype != dtype:
-            ws = self._ws[name] = torch.empty(self.buf.shape[0] * self.n, dtype=dtype, device=self.buf.device)
+            ws = self._ws[name] = self.pool.take(name, self.buf.shape[0] * self.n, dtype, self.buf.device)
         return ws[:c * self.n].view(c, self.n)
+
+    def release(self) -> None:
+        """Give the scratch memory back to the block's pool, for the next step."""
+        for name, ws in self._ws.items():
+            self.pool.give(name, ws)
+        self._ws = {}
+        if self._grad_flat is not None:
+            self.pool.give("grad", self._grad_flat)
+            self._grad_flat = self.grad = None
 
     def write(self, lo: int, x: torch.Tensor) -> None:
         """Store x_l (B, k, H, W) in channels [lo, lo + k) and compute its batch statistics."""
@@ -105,7 +151,8 @@ class _BlockState:
                                "clone it first, or build the model with fused=False")
 
     def start_grad(self) -> None:
-        self.grad = torch.empty_like(self.buf)
+        self._grad_flat = self.pool.take("grad", self.buf.numel(), self.buf.dtype, self.buf.device)
+        self.grad = self._grad_flat[:self.buf.numel()].view(self.buf.shape)
         if self.mean is not None:
             self.dmean = torch.zeros_like(self.mean)
             self.dvar = torch.zeros_like(self.var)
@@ -329,10 +376,114 @@ class _LayerInput(Function):
             gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
             if need[-1]:  # every reader of x_{l-1} has now run backward: its gradient is complete
                 gnew = _finished_grad(st, ctx.lo, c)
+        if ctx.lo == 0:  # the first layer: the block's backward pass is over
+            st.release()
         gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
         n_chunks = len(need) - 10
         return (None, None, None, None, gw if need[4] else None, gb if need[5] else None, None,
                 gconv, None, None) + (None,) * (n_chunks - 1) + (gnew,)
+
+
+class _RecomputedLayer(Function):
+    """A whole bottleneck layer, BN-ReLU-Conv1x1-[Dropout]-BN-ReLU-Conv3x3-[Dropout], that keeps
+    nothing for the backward pass but its dropout masks (as booleans): the memory-efficient mode.
+    Its backward recomputes the 4k bottleneck maps from the block buffer (one more 1x1 matrix product
+    and BN-ReLU than the default mode, which stores them), so each layer adds only its k new maps to
+    the memory of a step. BN running statistics move once, in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, st: _BlockState, c: int, mean, var, w1, b1, eps1: float, conv1_w, bn2: nn.BatchNorm2d,
+                w2, b2, conv2_w, p: float, *chunks):
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w1, b1, eps1, True)
+        dt, bhw = ctx.dt, st.buf.shape[1:]
+        conv1_w, conv2_w = conv1_w.to(dt), conv2_w.to(dt)
+        with _no_autocast(z.device):
+            y = _conv1x1(z, conv1_w, bhw)  # (B, 4k, H, W), channels_last
+            masks = []
+            if p > 0:
+                y, m1 = _dropped(y, p)
+                masks.append(m1)
+            if bn2.training:  # batch statistics of the bottleneck maps; running ones updated once, here
+                var2, mean2 = _var_mean(_pixel_major(y).t().to(_acc_dtype(st.buf.dtype)))
+                with torch.no_grad():
+                    _update_running_stats(bn2, mean2, var2, st.n)
+            else:
+                mean2, var2 = bn2.running_mean, bn2.running_var
+            invstd2, scale2, shift2 = _affine(mean2, var2, w2, b2, bn2.eps, _acc_dtype(st.buf.dtype))
+            u = _scale_shift_relu(y, scale2, shift2)
+            out = F.conv2d(u, conv2_w, padding=1)
+            if p > 0:
+                out, m2 = _dropped(out, p)
+                masks.append(m2)
+        ctx.p, ctx.lo, ctx.conv_dtype = p, c - chunks[-1].shape[1], conv1_w.dtype
+        ctx.bn2 = (bn2.training, mean2, var2, invstd2, scale2, shift2, bn2.eps)
+        ctx.save_for_backward(w1, conv1_w, w2, conv2_w, *masks)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        st, c, dt = ctx.st, ctx.c, ctx.dt
+        st.check_unmodified()
+        w1, conv1_w, w2, conv2_w, *masks = ctx.saved_tensors
+        training2, mean2, var2, invstd2, scale2, shift2, eps2 = ctx.bn2
+        need = ctx.needs_input_grad
+        need_x = any(need[13:]) or need[4] or need[5]
+        g = g.to(dt)
+        if ctx.p > 0:
+            g = _undrop(g, masks[1], ctx.p)
+        z = _BNReLUInput.z(ctx, None)
+        y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
+        if ctx.p > 0:
+            y = _undrop(y, masks[0], ctx.p)
+        u = _scale_shift_relu(y, scale2, shift2)
+        gu, gconv2, _ = torch.ops.aten.convolution_backward(
+            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need[11], False])
+        del g
+        torch.ops.aten.threshold_backward.grad_input(gu, u, 0, grad_input=gu)
+        del u
+        gy, gw2, gb2 = torch.ops.aten.native_batch_norm_backward(
+            gu, y, w2, mean2, var2, mean2 if training2 else None, invstd2 if training2 else None, training2, eps2,
+            [True, need[9], need[10]])
+        del gu, y
+        if ctx.p > 0:
+            gy = _undrop(gy, masks[0], ctx.p)
+        gy2 = _pixel_major(gy)  # (N, 4k)
+        gconv1 = torch.mm(gy2.t(), z.t()).view_as(conv1_w) if need[7] else None
+        gw1 = gb1 = gnew = None
+        if need_x:
+            gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
+            gw1, gb1 = _BNReLUInput.backward(ctx, gz, z, w1)
+            if need[-1]:
+                gnew = _finished_grad(st, ctx.lo, c)
+        if ctx.lo == 0:
+            st.release()
+        cast = (lambda t, ref: None if t is None else t.to(ref.dtype))
+        n_chunks = len(need) - 13
+        return ((None, None, None, None, cast(gw1, w1) if need[4] else None, cast(gb1, w1) if need[5] else None, None,
+                 cast(gconv1, conv1_w) if need[7] else None, None, cast(gw2, w2), cast(gb2, w2),
+                 cast(gconv2, conv2_w), None) + (None,) * (n_chunks - 1) + (gnew,))
+
+
+def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(y * scale + shift) per channel of a channels_last y: the same operations forward and in
+    the recomputation, so the recomputed maps are bitwise those of the forward pass."""
+    y2 = _pixel_major(y)  # (N, C): the channel is the contiguous dimension
+    u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
+    return u.view(y.shape[0], y.shape[2], y.shape[3], -1).permute(0, 3, 1, 2)
+
+
+def _dropped(x: torch.Tensor, p: float):
+    """Dropout as the reference path draws it (NCHW order), returning the kept positions as booleans."""
+    from .densenet import dropout
+
+    noise = dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, True)
+    return x * noise, noise != 0
+
+
+def _undrop(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x * noise for the dropout noise that `keep` records: 0, or 1 / (1 - p) as F.dropout computes it."""
+    scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)
+    return x * (keep * scale)
 
 
 class _BlockOutput(Function):
@@ -441,7 +592,7 @@ def _stats_for(bn: nn.BatchNorm2d, st: _BlockState, c: int):
     return mean, var
 
 
-def dense_block_forward(layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
     """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] for the DenseLayers of one block, fused."""
     batch, c, h, w = x0.shape
     k = _growth(layers[0])
@@ -449,20 +600,27 @@ def dense_block_forward(layers, x0: torch.Tensor, memory_efficient: bool) -> tor
     if training and batch * h * w == 1:
         raise ValueError("BatchNorm in training mode needs more than one value per channel: "
                          f"got a batch of {batch} with {h}x{w} maps; use a larger batch or model.eval()")
-    st = _BlockState(x0, c + len(layers) * k, batch_stats=training)
+    st = _BlockState(x0, c + len(layers) * k, batch_stats=training, pool=_pool_of(block))
     st.write(0, x0)
     chunks = [x0]
     for layer in layers:
         bn = layer.norm1
         mean, var = _stats_for(bn, st, c)
-        y = _LayerInput.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
-                              layer.conv1.padding, True, *chunks)
-        new = layer.rest(y)  # (B, k, H, W)
+        if memory_efficient and layer.bottleneck and _plain_bn(layer.norm2) and torch.is_grad_enabled():
+            new = _RecomputedLayer.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
+                                         layer.norm2, layer.norm2.weight, layer.norm2.bias, layer.conv2.weight,
+                                         layer.drop_rate if layer.training else 0.0, *chunks)
+        else:
+            y = _LayerInput.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
+                                  layer.conv1.padding, True, *chunks)
+            new = layer.rest(y)  # (B, k, H, W)
         st.write(c, new)
         chunks.append(new)
         c += k
     out = _BlockOutput.apply(st, *chunks)
     out._fused_block_state = st  # lets a fused transition read the buffer and statistics
+    if not out.requires_grad:
+        st.release()
     return out
 
 
@@ -486,6 +644,8 @@ def transition_forward(transition, st: _BlockState, x: torch.Tensor, memory_effi
     drop = getattr(transition, "drop", None)
     pool_first = drop is None  # dropout sits between the convolution and the pooling
     y = _TransitionInput.apply(st, mean, var, bn.weight, bn.bias, bn.eps, conv.weight, pool_first, True, x)
+    if not y.requires_grad:
+        st.release()
     if pool_first:
         return y
     from .densenet import dropout  # the masks of the reference path, whatever the layout

@@ -200,7 +200,7 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
         if self.fused and _fused.supported(layers):
-            return _fused.dense_block_forward(layers, x0, self.memory_efficient)
+            return _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
         features = [x0]
         for layer in layers:
             features.append(layer(features, self.memory_efficient))
