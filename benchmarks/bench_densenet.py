@@ -152,15 +152,14 @@ def proc_status_mb(field: str) -> float:
 
 
 def memory_worker(args) -> None:
-    """In a fresh process: peak memory of two training steps of one configuration, as JSON on stdout."""
+    """In a fresh process: peak memory of a training step of one configuration, as JSON on stdout."""
     tr = Trainer(args.net, args.impl, args, args.depth)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = proc_status_mb("VmRSS")
-    for _ in range(2):
-        tr.step()
+    tr.step()
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -168,14 +167,35 @@ def memory_worker(args) -> None:
     print(json.dumps(dict(peak_mb=peak, before_mb=before, growth_mb=peak - before)))
 
 
-def measure_memory(net, impl, args, depth=None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--net", net, "--impl", impl,
-           "--device", args.device, "--threads", str(args.threads)]
+def in_fresh_process(job: str, net: str, args, impl: str = "ours", depth=None):
+    """Run one job of this script in a new process and return its JSON answer. Throughput runs there
+    too: a process that has trained eight networks keeps gigabytes of freed-but-mapped memory."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", job, "--net", net, "--impl", impl,
+           "--device", args.device, "--threads", str(args.threads), "--warmup", str(args.warmup)]
     cmd += ["--depth", str(depth)] if depth else []
     cmd += ["--amp", args.amp] if args.amp else []
     cmd += ["--compile"] if args.compile else []
+    cmd += ["--quick"] if args.quick else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(net, impl, args, depth=None) -> dict:
+    return in_fresh_process("memory", net, args, impl, depth)
+
+
+ROUNDS = {"cifar": 4, "imagenet": 2}
+
+
+def worker(args) -> None:
+    if args.worker == "memory":
+        return memory_worker(args)
+    rounds = 2 if args.quick else ROUNDS[args.net]
+    if args.worker == "throughput":
+        res = throughput(args.net, list(IMPLS), args, rounds, steps=1)
+    else:
+        res = inference(args.net, ["ours", "ours-nchw", "tv", "tv-cl"], args, rounds)
+    print(json.dumps(res))
 
 
 def throughput(net, impls, args, rounds, steps) -> dict:
@@ -224,7 +244,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", help="write all results here too")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["memory", "throughput", "inference"], help=argparse.SUPPRESS)
     p.add_argument("--net", default="cifar", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, help=argparse.SUPPRESS)
@@ -232,12 +252,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     if args.worker:
-        return memory_worker(args)
+        return worker(args)
 
     import torchvision
 
     nets = ["cifar"] if args.quick else ["cifar", "imagenet"]
-    rounds = {"cifar": 2 if args.quick else 4, "imagenet": 2}
     results = dict(date=datetime.date.today().isoformat(), command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                    machine=cpu_name(), threads=args.threads, torch=torch.__version__,
                    torchvision=torchvision.__version__, python=platform.python_version(), device=args.device,
@@ -246,7 +265,7 @@ def main() -> None:
           f"device {args.device}, amp {args.amp}, compile {args.compile}")
     for net in nets:
         print(f"\n## Training: {NETS[net]['title']}  (ratios: to torchvision NCHW '{BASELINE}', and to 'tv-cl')")
-        tp = throughput(net, list(IMPLS), args, rounds[net], steps=1)
+        tp = in_fresh_process("throughput", net, args)
         mem = {impl: measure_memory(net, impl, args) for impl in IMPLS}
         results[f"train_{net}"] = {impl: dict(best_img_s=tp[impl][0], median_img_s=tp[impl][1], **mem[impl])
                                    for impl in IMPLS}
@@ -259,21 +278,28 @@ def main() -> None:
                   f"{ratio(m[impl]['peak_mb'], m[BASELINE]['peak_mb'], True):>6s} | {r['growth_mb']:9.0f} "
                   f"{ratio(m[impl]['growth_mb'], m[BASELINE]['growth_mb'], True):>6s} "
                   f"{ratio(m[impl]['growth_mb'], m['tv-memeff']['growth_mb'], True):>12s}", flush=True)
+        save(results, args)
     print("\n## Peak memory against depth: DenseNet-BC (k=12), batch 64, 32x32 (ratios: torchvision / ours)")
     depths = [100, 190] if args.quick else [100, 190, 250]
     impls = ["ours", "ours-memeff", "tv", "tv-memeff"]
-    results["depth"] = {d: {impl: measure_memory("cifar", impl, args, d) for impl in impls} for d in depths}
+    results["depth"] = {}
     print(f"{'L':>4s} " + " ".join(f"{i + ' MB':>16s}" for i in impls) + "   (growth over the RSS before the first step)")
     for d in depths:
-        row = results["depth"][d]
-        print(f"{d:4d} " + " ".join(f"{row[i]['growth_mb']:16.0f}" for i in impls))
+        row = results["depth"][d] = {impl: measure_memory("cifar", impl, args, d) for impl in impls}
+        print(f"{d:4d} " + " ".join(f"{row[i]['growth_mb']:16.0f}" for i in impls)
+              + "   peak " + " ".join(f"{row[i]['peak_mb']:.0f}" for i in impls), flush=True)
+    save(results, args)
     print("\n## Inference (eval, no_grad), images/s")
     for net in nets:
-        inf = inference(net, ["ours", "ours-nchw", "tv", "tv-cl"], args, rounds[net])
+        inf = {impl: {int(b): v for b, v in r.items()} for impl, r in in_fresh_process("inference", net, args).items()}
         results[f"infer_{net}"] = inf
         for batch in (1, NETS[net]["batch"]):
             print(f"{net:9s} batch {batch:3d}: " + "  ".join(
                 f"{impl} {inf[impl][batch]:.1f} ({ratio(inf[impl][batch], inf[BASELINE][batch])})" for impl in inf))
+    save(results, args)
+
+
+def save(results: dict, args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -25,14 +25,17 @@ How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time wen
   CPU it runs at memory speed, several times faster than oneDNN's convolution on the same data in NCHW
   and about 2x faster in its backward in NHWC. Its output is written pixel-major, i.e. channels_last,
   the layout in which oneDNN's 3x3 convolution and batch norm of the rest of the layer are fastest.
-- The normalised input z = relu(x * scale + shift) of each layer is kept in one workspace per block
-  and recomputed in the backward pass (one cheap elementwise pass) by default: storing it needs a
-  fresh allocation per layer, and large fresh allocations cost page faults that are slower than the
-  recomputation. The memory-efficient mode additionally recomputes the bottleneck (see below).
+- The normalised input z = relu(x * scale + shift) of each layer is written into one workspace per
+  block and recomputed in the backward pass (one elementwise pass), in both modes: storing it needs
+  a fresh allocation per layer, and large fresh allocations cost page faults on the CPU that are
+  slower than the recomputation. So activation memory is linear in depth by default too.
 
-Each layer's BN-ReLU-Conv input part is one autograd node (`_LayerInput`) that reads the buffer;
-running statistics are updated once per step, in the forward pass; dropout and the rest of each layer
-are ordinary autograd. The transition after a block is another reader of the whole buffer
+By default each layer's BN-ReLU-Conv input part is one autograd node (`_LayerInput`) that reads the
+buffer; dropout and the rest of the layer (BN-ReLU-Conv3x3 of the 4k bottleneck maps) are ordinary
+autograd, which stores the bottleneck maps. With memory_efficient, a whole bottleneck layer is one
+node (`_RecomputedLayer`) that stores nothing but dropout masks and recomputes its bottleneck in the
+backward pass. Running statistics are updated once per step, in the forward pass, in every mode.
+The transition after a block is another reader of the whole buffer
 (`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
@@ -637,7 +640,7 @@ def transition_supported(transition, st: _BlockState) -> bool:
     return _plain_bn(bn) and bn.training == (st.mean is not None)
 
 
-def transition_forward(transition, st: _BlockState, x: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+def transition_forward(transition, st: _BlockState, x: torch.Tensor) -> torch.Tensor:
     """BN-ReLU-Conv1x1 [-Dropout] -AvgPool2x2 of a fused block's output, from its buffer and statistics."""
     bn, conv = transition.norm, transition.conv
     mean, var = _stats_for(bn, st, st.buf.shape[0])

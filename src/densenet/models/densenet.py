@@ -8,9 +8,10 @@ Module names follow torchvision (`features.denseblock1.denselayer1.norm1`, `tran
 
 Two implementations of a dense block compute the same function:
 - the fused path (default, `fused=True`, see `_fused.py`): one feature buffer per block that every
-  layer writes its k maps into, and batch statistics computed once per feature map and shared by
-  every layer that reads it. Exact, faster and leaner; `memory_efficient=True` additionally
-  recomputes each layer's BN-ReLU-Conv input in the backward pass (linear memory in depth).
+  layer writes its k maps into, batch statistics computed once per feature map and shared by every
+  layer (and the transition) that reads it, 1x1 convolutions as matrix products. Exact, faster and
+  leaner (BENCHMARKS.md); activation memory is linear in depth, and `memory_efficient=True`
+  additionally recomputes each layer's bottleneck in the backward pass instead of storing it.
 - the reference path (`fused=False`): concatenation per layer, as the paper's equation reads and as
   torchvision computes it; `memory_efficient=True` checkpoints the concat-BN-ReLU-Conv1x1 part.
 """
@@ -218,12 +219,11 @@ class Transition(nn.Sequential):
         if cfg.drop_rate > 0:
             self.drop = nn.Dropout(cfg.drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.memory_efficient = cfg.memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics
         if st is not None and _fused.transition_supported(self, st):
-            return _fused.transition_forward(self, st, x, self.memory_efficient)
+            return _fused.transition_forward(self, st, x)
         return super().forward(x)
 
 
