@@ -139,13 +139,15 @@ def test_memory_efficient_saves_linear_activation_memory():
             y = m(torch.randn(2, 3, 16, 16))
         return sum(storages.values())
 
-    for mode in (dict(fused=False), dict(fused=True)):
-        ratios = {}
+    ratios = {}
+    for fused in (False, True):
         for me in (False, True):
-            s = [saved_bytes(n, memory_efficient=me, **mode) for n in (8, 16, 32)]
-            ratios[me] = s[2] / s[1]
-        assert ratios[False] > 2.5  # quadratic: concatenations (or normalised inputs) of every layer
-        assert ratios[True] < 2.1  # doubling the depth (at most) doubles what is stored
+            s = [saved_bytes(n, memory_efficient=me, fused=fused) for n in (8, 16, 32)]
+            ratios[fused, me] = s[2] / s[1]
+    assert ratios[False, False] > 2.5  # quadratic: the concatenation and its normalisation, every layer
+    assert ratios[False, True] < 2.1  # doubling the depth (at most) doubles what is stored
+    # the fused path recomputes each layer's normalised input from the block buffer in both modes
+    assert ratios[True, False] < 2.1 and ratios[True, True] < 2.1
 
 
 def test_in_place_modification_of_output_is_caught():
@@ -232,3 +234,54 @@ def test_inference_mode():
         a = m(x)
     with torch.no_grad():
         torch.testing.assert_close(a, m(x))
+
+
+@pytest.mark.parametrize("name, kw", NETS[1:])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_odd_sizes_and_channels_last_input(name, kw, channels_last):
+    """Odd map sizes (the transition's pooling drops the last row and column) and channels_last input,
+    through the fused transition that pools before its convolution: same as the plain path."""
+    x = torch.randn(3, 3, 45, 37, dtype=torch.double)
+    plain = build(name, kw, fused=False)
+    fused = build(name, kw)
+    fused.load_state_dict(plain.state_dict())
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+        xf = x.contiguous(memory_format=torch.channels_last)
+    else:
+        xf = x
+    for seed in (1, 2):
+        assert_same(train_step(fused, xf, seed), train_step(plain, x, seed))
+
+
+@pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
+def test_two_forward_passes_then_one_backward(mode):
+    """Two graphs of the same blocks alive at once (the scratch memory a block keeps between steps
+    must not be shared by them): gradients of the summed losses equal the plain path's."""
+    x1, x2 = torch.randn(2, 3, 40, 40, dtype=torch.double), torch.randn(3, 3, 40, 40, dtype=torch.double)
+    grads = []
+    for m in (build("densenet121", dict(block_config=(2, 3, 2, 2)), fused=False),
+              build("densenet121", dict(block_config=(2, 3, 2, 2)), **mode)):
+        m.train()
+        with torch.no_grad():
+            m.eval()(x1)  # an inference pass in between leaves nothing behind
+        m.train()
+        (m(x1).square().sum() + m(x2).sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
+def test_bfloat16_autocast_matches_the_plain_path(mode):
+    """Under CPU autocast (bf16 maps, float32 weights and statistics) the fused path computes what
+    the plain path does, to bf16 precision, in training and in evaluation."""
+    x = torch.randn(4, 3, 32, 32)
+    plain = densenet.create_model("densenet_bc_100_k12", depth=16, fused=False)
+    fused = densenet.create_model("densenet_bc_100_k12", depth=16, **mode)
+    fused.load_state_dict(plain.state_dict())
+    for train in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = fused.train(train)(x), plain.train(train)(x)
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)

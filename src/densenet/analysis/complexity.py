@@ -2,7 +2,9 @@
 
 Multiply-adds (MACs) are those of convolutions and fully connected layers, which is what torchvision's
 "GFLOPS" column and He et al.'s "FLOPs" report. They are counted from the aten operations a forward
-pass runs (torch.utils.flop_counter), so every implementation path is counted, fused or not.
+pass of the reference path runs (torch.utils.flop_counter): the fused dense blocks compute the same
+function with fewer multiply-adds (their transitions pool before the 1x1 convolution), and the papers
+count the network, not an implementation of it.
 """
 from __future__ import annotations
 
@@ -19,18 +21,28 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
-    """Multiply-adds of one forward pass per image at input (C, H, W)."""
+def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> FlopCounterMode:
+    """A flop counter that has seen one forward pass of the reference path, in evaluation mode."""
     was_training = model.training
+    fused = [m for m in model.modules() if getattr(m, "fused", False) is True]
     model.eval()
     try:
+        for m in fused:
+            m.fused = False
         p = next(model.parameters())
         x = torch.zeros((batch_size, *input_size), dtype=p.dtype, device=p.device)
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2 // batch_size
+        for m in fused:
+            m.fused = True
+    return counter
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
+    """Multiply-adds of one forward pass per image at input (C, H, W)."""
+    return _count_flops(model, input_size, batch_size).get_total_flops() // 2 // batch_size
 
 
 @dataclass
@@ -114,10 +126,7 @@ def profile(name: str, input_size: tuple[int, int, int] | None = None, batch_siz
         overrides["in_channels"] = size[0]
     with torch.device("meta"):
         model = create_model(name, **overrides)
-        x = torch.empty((1, *size))
-        model.eval()
-        with FlopCounterMode(display=False) as counter:
-            model(x)
+    counter = _count_flops(model, size)
     flops = counter.get_flop_counts()
     mem = activation_memory(model, size, batch_size)
     prefix = type(model).__name__ + "."

@@ -16,13 +16,33 @@ x_s from each of the L - s layers that read it. Three observations remove most o
        dL/dx_s += dL/dmean / N + dL/dvar * 2 (x_s - mean) / N,     N = B * H * W.
    Each layer adds dL/dx through its own normalisation into one gradient buffer, in place.
 
-Each layer's BN-ReLU-Conv input part is one autograd node (`_LayerInput`) that reads the buffer and
-saves only the ReLU output for the convolution's backward; with `memory_efficient` it saves nothing
-and recomputes that output from the buffer in the backward pass, so activation memory grows linearly
-with depth. Running statistics are updated once per step, in the forward pass; dropout and the rest of
-each layer are ordinary autograd. tests/test_fused.py checks all of this against the reference path.
+How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time went"):
+
+- Channel-major, (C, B, H, W): the prefix [x_0, ..., x_{l-1}] that layer l reads is then one
+  contiguous (c_l, N) matrix. In NCHW the prefix is strided per image, in NHWC per pixel, and
+  PyTorch's CPU batch-norm backward falls back to a slow generic kernel on such views (about 10x).
+- The bottleneck's 1x1 convolution is a matrix product, (N, c) = z^T W^T, done with torch.mm: on the
+  CPU it runs at memory speed, several times faster than oneDNN's convolution on the same data in NCHW
+  and about 2x faster in its backward in NHWC. Its output is written pixel-major, i.e. channels_last,
+  the layout in which oneDNN's 3x3 convolution and batch norm of the rest of the layer are fastest.
+- The normalised input z = relu(x * scale + shift) of each layer is written into one workspace per
+  block and recomputed in the backward pass (one elementwise pass), in both modes: storing it needs
+  a fresh allocation per layer, and large fresh allocations cost page faults on the CPU that are
+  slower than the recomputation. So activation memory is linear in depth by default too.
+
+By default each layer's BN-ReLU-Conv input part is one autograd node (`_LayerInput`) that reads the
+buffer; dropout and the rest of the layer (BN-ReLU-Conv3x3 of the 4k bottleneck maps) are ordinary
+autograd, which stores the bottleneck maps. With memory_efficient, a whole bottleneck layer is one
+node (`_RecomputedLayer`) that stores nothing but dropout masks and recomputes its bottleneck in the
+backward pass. Running statistics are updated once per step, in the forward pass, in every mode.
+The transition after a block is another reader of the whole buffer
+(`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
+(average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
+all of this against the reference path.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -33,32 +53,125 @@ from torch.autograd import Function
 def supported(layers) -> bool:
     """The fused path covers plain affine BatchNorm2d with running statistics (SyncBatchNorm and
     other replacements take the reference path, which calls the modules)."""
-    return all(type(layer.norm1) is nn.BatchNorm2d and layer.norm1.affine
-               and layer.norm1.track_running_stats for layer in layers)
+    return all(_plain_bn(layer.norm1) for layer in layers)
+
+
+def _plain_bn(bn) -> bool:
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+
+
+class _Pool:
+    """Scratch memory of one block kept from step to step: the workspaces and the gradient buffer.
+
+    A fresh tensor of tens of MB costs page faults on first touch on the CPU (glibc returns large
+    blocks to the system when they are freed), which measured slower than the work done in it
+    (BENCHMARKS.md). A state takes what it needs and gives it back when the block's backward pass
+    (or its forward pass, without autograd) is over; two states alive at once simply allocate."""
+
+    def __init__(self):
+        self.free: dict[tuple, torch.Tensor] = {}
+
+    def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self.free.pop((kind, dtype, device), None)
+        if t is None or t.numel() < numel:
+            t = torch.empty(numel, dtype=dtype, device=device)
+        return t
+
+    def give(self, kind: str, t: torch.Tensor) -> None:
+        if t.is_inference():  # made under torch.inference_mode: unusable by a later training step
+            return
+        key = (kind, t.dtype, t.device)
+        if key not in self.free or self.free[key].numel() < t.numel():
+            self.free[key] = t
+
+
+_POOLS: "weakref.WeakKeyDictionary[nn.Module, _Pool]" = weakref.WeakKeyDictionary()
+
+
+def _pool_of(block: nn.Module) -> _Pool:
+    pool = _POOLS.get(block)
+    if pool is None:
+        pool = _POOLS[block] = _Pool()
+    return pool
 
 
 class _BlockState:
     """What the autograd nodes of one dense block share."""
 
-    __slots__ = ("buf", "mean", "var", "n", "grad", "dmean", "dvar", "version")
+    __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws", "pool", "_grad_flat")
 
-    def __init__(self, buf: torch.Tensor, batch_stats: bool):
-        self.buf = buf  # (B, k0 + L*k, H, W): x_0, x_1, ..., x_L side by side
-        c = buf.shape[1]
-        self.n = buf.shape[0] * buf.shape[2] * buf.shape[3]
-        acc = _acc_dtype(buf.dtype)
-        stats = (lambda: torch.empty(c, device=buf.device, dtype=acc)) if batch_stats else (lambda: None)
+    def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool, pool: _Pool):
+        b, _, h, w = x0.shape
+        # the block's output (B, C, H, W), laid out channel-major; buf is the same memory as (C, B, H, W)
+        self.out = torch.empty_strided((b, channels, h, w), (h * w, b * h * w, w, 1), dtype=x0.dtype,
+                                       device=x0.device)
+        self.buf = self.out.permute(1, 0, 2, 3)  # x_0 ... x_L, one contiguous (k, B, H, W) slab each
+        self.n = b * h * w
+        acc = _acc_dtype(x0.dtype)
+        stats = (lambda: torch.empty(channels, device=x0.device, dtype=acc)) if batch_stats else (lambda: None)
         self.mean, self.var = stats(), stats()  # batch statistics per channel (biased variance)
         self.grad = self.dmean = self.dvar = None  # filled by the backward pass
         self.version = 0
+        self._ws = {}  # name -> flat scratch tensor taken from the pool
+        self.pool = pool
+        self._grad_flat = None
+
+    def rows(self, lo: int, hi: int, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Channels [lo, hi) of the buffer (or of the gradient buffer) as a (hi - lo, N) matrix."""
+        return (self.buf if t is None else t)[lo:hi].view(hi - lo, self.n)
+
+    def features(self, c: int) -> torch.Tensor:
+        """[x_0, ..., x_{l-1}] as a (B, c, H, W) tensor: a view, no copy."""
+        return self.buf[:c].permute(1, 0, 2, 3)
+
+    def workspace(self, name: str, c: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (c, N) scratch matrix, one per name and block, reused by every layer in turn."""
+        ws = self._ws.get(name)
+        if ws is None or ws.dtype != dtype:
+            ws = self._ws[name] = self.pool.take(name, self.buf.shape[0] * self.n, dtype, self.buf.device)
+        return ws[:c * self.n].view(c, self.n)
+
+    def release(self) -> None:
+        """Give the scratch memory back to the block's pool, for the next step."""
+        for name, ws in self._ws.items():
+            self.pool.give(name, ws)
+        self._ws = {}
+        if self._grad_flat is not None:
+            self.pool.give("grad", self._grad_flat)
+            self._grad_flat = self.grad = None
 
     def write(self, lo: int, x: torch.Tensor) -> None:
+        """Store x_l (B, k, H, W) in channels [lo, lo + k) and compute its batch statistics."""
+        k = x.shape[1]
         with torch.no_grad():
-            self.buf[:, lo:lo + x.shape[1]].copy_(x)
+            self.buf[lo:lo + k].copy_(x.permute(1, 0, 2, 3))
             if self.mean is not None:
-                var, mean = torch.var_mean(x.to(self.mean.dtype), dim=(0, 2, 3), correction=0)
-                self.mean[lo:lo + x.shape[1]] = mean
-                self.var[lo:lo + x.shape[1]] = var
+                var, mean = _var_mean(self.rows(lo, lo + k).to(self.mean.dtype))
+                self.mean[lo:lo + k] = mean
+                self.var[lo:lo + k] = var
+
+    def check_unmodified(self) -> None:
+        if self.buf._version != self.version:
+            raise RuntimeError("the output of a fused dense block was modified in place before backward; "
+                               "clone it first, or build the model with fused=False")
+
+    def start_grad(self) -> None:
+        self._grad_flat = self.pool.take("grad", self.buf.numel(), self.buf.dtype, self.buf.device)
+        self.grad = self._grad_flat[:self.buf.numel()].view(self.buf.shape)
+        if self.mean is not None:
+            self.dmean = torch.zeros_like(self.mean)
+            self.dvar = torch.zeros_like(self.var)
+
+    def add_grad(self, g: torch.Tensor | None) -> None:
+        """Add the gradient of the block output (C, N), or start the gradient buffer from it."""
+        if self.grad is None:
+            self.start_grad()
+            if g is None:
+                self.grad.zero_()
+            else:
+                self.rows(0, self.buf.shape[0], self.grad).copy_(g)
+        elif g is not None:
+            self.rows(0, self.buf.shape[0], self.grad).add_(g)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,10 +186,156 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """relu(x * scale + shift), per channel: BN with fixed statistics, then ReLU."""
-    view = (1, -1, 1, 1)
-    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view)).relu_()
+def _no_autocast(device: torch.device):
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    import contextlib  # e.g. the meta device, used to count parameters and multiply-adds
+
+    return contextlib.nullcontext()
+
+
+def _affine(mean, var, w, b, eps, acc):
+    """BN with fixed statistics as y = x * scale + shift, per channel."""
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = w.to(acc) * invstd
+    shift = b.to(acc) - mean.to(acc) * scale
+    return invstd, scale, shift
+
+
+def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """relu(BN(x)) with fixed statistics for x (c, N), into out (c, N) of the compute dtype.
+
+    PyTorch's inference batch-norm kernel on the contiguous (1, c, N, 1) view is the fastest single
+    pass for x * scale + shift per channel: 2.7x faster than torch.addcmul with broadcast
+    per-channel operands (BENCHMARKS.md)."""
+    c = x.shape[0]
+    dst = out if out.dtype == x.dtype else torch.empty_like(x)
+    if w.dtype != x.dtype or mean.dtype != x.dtype:  # e.g. bfloat16 maps of float32 weights under autocast
+        _, scale, shift = _affine(mean, var, w, b, eps, _acc_dtype(x.dtype))
+        torch.addcmul(shift.to(x.dtype)[:, None], x, scale.to(x.dtype)[:, None], out=dst)
+    else:
+        torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
+                                             out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0),
+                                             save_invstd=x.new_empty(0))
+    if dst is not out:
+        out.copy_(dst)
+    return out.relu_()
+
+
+
+def _var_mean(x: torch.Tensor):
+    """Biased variance and mean of each row of x (k, N), in two passes: torch.var_mean is 4x slower
+    on such rows on the CPU (BENCHMARKS.md)."""
+    mean = x.mean(1)
+    return torch.sub(x, mean[:, None]).square_().mean(1), mean
+
+
+def _avg_pool2(z: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling, stride 2, of z (..., H, W): sums of rows, then of columns. 3x faster
+    than F.avg_pool2d on the CPU for this layout (BENCHMARKS.md); the same floor for odd sizes."""
+    h, w = z.shape[-2] // 2 * 2, z.shape[-1] // 2 * 2
+    z = z[..., :h, :w]
+    rows = z[..., 0::2, :] + z[..., 1::2, :]
+    return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
+
+
+def _avg_pool2_backward(gp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient of _avg_pool2: each pooled gradient / 4 over its 2x2 window, into out (..., H, W)."""
+    h, w = gp.shape[-2] * 2, gp.shape[-1] * 2
+    if (h, w) != out.shape[-2:]:
+        out.zero_()  # odd sizes: the last row or column is not pooled
+    lead = gp.shape[:-2]
+    cols = (gp * 0.25).unsqueeze(-1).expand(*lead, h // 2, w // 2, 2).reshape(*lead, h // 2, w)
+    out[..., :h, :w].view(*lead, h // 2, 2, w).copy_(cols.unsqueeze(-2).expand(*lead, h // 2, 2, w))
+    return out
+
+
+class _BNReLUInput:
+    """One reader of a block's buffer: relu(BN(buffer[:, :c])), forward and backward, on (c, N) matrices.
+
+    Shared by the dense layers and the transition (`_LayerInput`, `_TransitionInput`)."""
+
+    @staticmethod
+    def setup(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, recompute: bool):
+        x = st.rows(0, c)  # (k0 + (l-1)k, N): [x_0, ..., x_{l-1}] without a copy
+        acc = _acc_dtype(x.dtype)
+        invstd, scale, shift = _affine(mean, var, w, b, eps, acc)
+        dt = _compute_dtype(x)
+        z = st.workspace("z", c, dt) if recompute else torch.empty((c, st.n), dtype=dt, device=x.device)
+        _bn_relu(x, mean, var, w, b, eps, z)
+        ctx.st, ctx.c, ctx.eps, ctx.dt = st, c, eps, dt
+        ctx.batch_stats = st.mean is not None
+        ctx.recompute = recompute
+        # mean and var may be views of the block's statistics, which later layers extend in place:
+        # kept on ctx, not in save_for_backward, whose version check would reject them.
+        ctx.stats = (mean, var, invstd, scale, shift)
+        ctx.bn = (w, b)
+        return z
+
+    @staticmethod
+    def saved_z(ctx, z):
+        return None if ctx.recompute else z
+
+    @staticmethod
+    def z(ctx, z):
+        """The normalised input again: saved, or recomputed into the block's workspace."""
+        if z is None:
+            st, c = ctx.st, ctx.c
+            mean, var = ctx.stats[:2]
+            z = _bn_relu(st.rows(0, c), mean, var, *ctx.bn, ctx.eps, st.workspace("z", c, ctx.dt))
+        return z
+
+    @staticmethod
+    def backward(ctx, gz: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
+        """gz = dL/dz (c, N) -> dL/dx into the block's gradient buffer, and dL/dgamma, dL/dbeta."""
+        st, c = ctx.st, ctx.c
+        mean, var, invstd, scale, shift = ctx.stats
+        x = st.rows(0, c)
+        torch.ops.aten.threshold_backward.grad_input(gz, z, 0, grad_input=gz)  # through the ReLU, in place
+        # dL/dgamma and dL/dbeta: per-channel sums over N; (1, c, N, 1) is a contiguous NCHW view
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gz.view(1, c, -1, 1), x.view(1, c, -1, 1), w, mean, var, None, None, False, ctx.eps,
+            [False, True, True])
+        # dL/dx through this layer's normalisation with the statistics held fixed, into the buffer
+        if st.grad is None:  # the first reader in backward order (the transition) starts the buffer
+            st.start_grad()
+            torch.mul(gz, scale.to(gz.dtype)[:, None], out=st.rows(0, c, st.grad))
+        else:
+            st.rows(0, c, st.grad).addcmul_(gz, scale.to(gz.dtype)[:, None])
+        if ctx.batch_stats:  # and through the shared statistics: accumulated, applied once per map
+            st.dmean[:c].sub_(gb * scale)
+            st.dvar[:c].sub_(0.5 * gw * scale * invstd)
+        return gw.to(w.dtype), gb.to(w.dtype)
+
+
+def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
+    """dL/dx for channels [lo, hi), once every reader has added to it: (B, hi - lo, H, W), channels_last
+    like the convolution output it is the gradient of."""
+    g = st.rows(lo, hi, st.grad)
+    b, h, w = st.buf.shape[1:]
+    out = torch.empty((b, hi - lo, h, w), dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
+    out_rows = out.permute(1, 0, 2, 3).view(hi - lo, st.n)  # the same memory as a (k, N) matrix
+    if st.mean is not None:
+        a = (2.0 / st.n) * st.dvar[lo:hi]
+        b0 = st.dmean[lo:hi] / st.n - a * st.mean[lo:hi]
+        torch.addcmul(b0.to(g.dtype)[:, None], st.rows(lo, hi), a.to(g.dtype)[:, None], out=out_rows)
+        out_rows.add_(g)
+    else:
+        out_rows.copy_(g)
+    return out
+
+
+def _conv1x1(z: torch.Tensor, conv_w: torch.Tensor, shape) -> torch.Tensor:
+    """1x1 convolution of z (c, N) as a matrix product, written channels_last: (B, o, H, W)."""
+    b, h, w = shape
+    o = conv_w.shape[0]
+    y = torch.mm(z.t(), conv_w.view(o, -1).t())  # (N, o): pixel-major
+    return y.view(b, h, w, o).permute(0, 3, 1, 2)
+
+
+def _pixel_major(g: torch.Tensor) -> torch.Tensor:
+    """(B, o, H, W) -> (N, o), a view when g is channels_last."""
+    return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
 
 
 class _LayerInput(Function):
@@ -85,67 +344,156 @@ class _LayerInput(Function):
     @staticmethod
     def forward(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, conv_w, padding, recompute: bool,
                 *chunks):
-        x = st.buf[:, :c]  # (B, k0 + (l-1)k, H, W), a view: [x_0, ..., x_{l-1}] without a copy
-        acc = _acc_dtype(x.dtype)
-        invstd = torch.rsqrt(var.to(acc) + eps)
-        scale = w.to(acc) * invstd
-        shift = b.to(acc) - mean.to(acc) * scale
-        dt = _compute_dtype(x)
-        z = _bn_relu(x, scale, shift).to(dt)
-        conv_w_dt = conv_w.to(dt)
-        if torch.amp.is_autocast_available(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                out = F.conv2d(z, conv_w_dt, padding=padding)
-        else:  # e.g. the meta device, used to count parameters and multiply-adds without memory
-            out = F.conv2d(z, conv_w_dt, padding=padding)
-        ctx.st, ctx.c, ctx.eps, ctx.padding, ctx.dt, ctx.conv_dtype = st, c, eps, padding, dt, conv_w.dtype
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps, recompute)
+        conv_w_dt = conv_w.to(ctx.dt)
+        bhw = st.buf.shape[1:]
+        ctx.one_by_one = conv_w.shape[-2:] == (1, 1)
+        with _no_autocast(z.device):
+            if ctx.one_by_one:
+                out = _conv1x1(z, conv_w_dt, bhw)
+            else:  # a 3x3 convolution on the prefix: DenseNet without bottleneck
+                out = F.conv2d(z.view(c, *bhw).permute(1, 0, 2, 3), conv_w_dt, padding=padding)
+        ctx.padding, ctx.conv_dtype = padding, conv_w.dtype
         ctx.lo = c - chunks[-1].shape[1]  # the newest input, x_{l-1}, occupies channels [lo, c)
-        ctx.batch_stats = st.mean is not None
-        # mean and var may be views of the block's statistics, which later layers extend in place:
-        # kept on ctx, not in save_for_backward, whose version check would reject them.
-        ctx.stats = (mean, var, invstd, scale, shift)
-        ctx.save_for_backward(w, conv_w_dt, None if recompute else z)
+        ctx.save_for_backward(w, conv_w_dt, _BNReLUInput.saved_z(ctx, z))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        st, c, lo = ctx.st, ctx.c, ctx.lo
-        if st.buf._version != st.version:
-            raise RuntimeError("the output of a fused dense block was modified in place before backward; "
-                               "clone it first, or build the model with fused=False")
+        st, c = ctx.st, ctx.c
+        st.check_unmodified()
         w, conv_w, z = ctx.saved_tensors
-        mean, var, invstd, scale, shift = ctx.stats
-        x = st.buf[:, :c]
-        if z is None:  # memory-efficient mode: recompute the normalised input instead of storing it
-            z = _bn_relu(x, scale, shift).to(ctx.dt)
+        z = _BNReLUInput.z(ctx, z)
         need = ctx.needs_input_grad
         need_x = any(need[10:]) or need[4] or need[5]
-        gz, gconv, _ = torch.ops.aten.convolution_backward(
-            g.to(ctx.dt), z, conv_w, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
-            [need_x, need[7], False])
-        gw = gb = gnew = None
+        g = g.to(ctx.dt)
+        gw = gb = gconv = gnew = None
+        if ctx.one_by_one:
+            g2 = _pixel_major(g)  # (N, o)
+            if need[7]:
+                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
+            if need_x:
+                gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
+        else:
+            bhw = st.buf.shape[1:]
+            gz4, gconv, _ = torch.ops.aten.convolution_backward(
+                g, z.view(c, *bhw).permute(1, 0, 2, 3), conv_w, None, [1, 1], list(ctx.padding), [1, 1], False,
+                [0, 0], 1, [need_x, need[7], False])
+            if need_x:
+                gz = st.workspace("gz", c, ctx.dt)
+                gz.view(c, *bhw).copy_(gz4.permute(1, 0, 2, 3))
         if need_x:
-            gz = torch.ops.aten.threshold_backward(gz, z, 0)
-            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gz, x, w, mean, var, None, None, False, ctx.eps, [False, True, True])
-            # dL/dx through this layer's normalisation with the statistics held fixed, into the buffer
-            st.grad[:, :c].addcmul_(gz, scale.to(gz.dtype).view(1, -1, 1, 1))
-            if ctx.batch_stats:  # and through the shared statistics: accumulated, applied once below
-                st.dmean[:c].sub_(gb * scale)
-                st.dvar[:c].sub_(0.5 * gw * scale * invstd)
+            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
             if need[-1]:  # every reader of x_{l-1} has now run backward: its gradient is complete
-                gnew = st.grad[:, lo:c]
-                if ctx.batch_stats:
-                    a = (2.0 / st.n) * st.dvar[lo:c]
-                    b0 = st.dmean[lo:c] / st.n - a * st.mean[lo:c]
-                    gnew = torch.addcmul(b0.to(gnew.dtype).view(1, -1, 1, 1), x[:, lo:c],
-                                         a.to(gnew.dtype).view(1, -1, 1, 1)).add_(gnew)
-        if gw is not None:
-            gw, gb = gw.to(w.dtype), gb.to(w.dtype)
+                gnew = _finished_grad(st, ctx.lo, c)
+        if ctx.lo == 0:  # the first layer: the block's backward pass is over
+            st.release()
         gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
         n_chunks = len(need) - 10
         return (None, None, None, None, gw if need[4] else None, gb if need[5] else None, None,
                 gconv, None, None) + (None,) * (n_chunks - 1) + (gnew,)
+
+
+class _RecomputedLayer(Function):
+    """A whole bottleneck layer, BN-ReLU-Conv1x1-[Dropout]-BN-ReLU-Conv3x3-[Dropout], that keeps
+    nothing for the backward pass but its dropout masks (as booleans): the memory-efficient mode.
+    Its backward recomputes the 4k bottleneck maps from the block buffer (one more 1x1 matrix product
+    and BN-ReLU than the default mode, which stores them), so each layer adds only its k new maps to
+    the memory of a step. BN running statistics move once, in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, st: _BlockState, c: int, mean, var, w1, b1, eps1: float, conv1_w, bn2: nn.BatchNorm2d,
+                w2, b2, conv2_w, p: float, *chunks):
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w1, b1, eps1, True)
+        dt, bhw = ctx.dt, st.buf.shape[1:]
+        conv1_w, conv2_w = conv1_w.to(dt), conv2_w.to(dt)
+        with _no_autocast(z.device):
+            y = _conv1x1(z, conv1_w, bhw)  # (B, 4k, H, W), channels_last
+            masks = []
+            if p > 0:
+                y, m1 = _dropped(y, p)
+                masks.append(m1)
+            if bn2.training:  # batch statistics of the bottleneck maps; running ones updated once, here
+                var2, mean2 = _var_mean(_pixel_major(y).t().to(_acc_dtype(st.buf.dtype)))
+                with torch.no_grad():
+                    _update_running_stats(bn2, mean2, var2, st.n)
+            else:
+                mean2, var2 = bn2.running_mean, bn2.running_var
+            invstd2, scale2, shift2 = _affine(mean2, var2, w2, b2, bn2.eps, _acc_dtype(st.buf.dtype))
+            u = _scale_shift_relu(y, scale2, shift2)
+            out = F.conv2d(u, conv2_w, padding=1)
+            if p > 0:
+                out, m2 = _dropped(out, p)
+                masks.append(m2)
+        ctx.p, ctx.lo, ctx.conv_dtype = p, c - chunks[-1].shape[1], conv1_w.dtype
+        ctx.bn2 = (bn2.training, mean2, var2, invstd2, scale2, shift2, bn2.eps)
+        ctx.save_for_backward(w1, conv1_w, w2, conv2_w, *masks)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        st, c, dt = ctx.st, ctx.c, ctx.dt
+        st.check_unmodified()
+        w1, conv1_w, w2, conv2_w, *masks = ctx.saved_tensors
+        training2, mean2, var2, invstd2, scale2, shift2, eps2 = ctx.bn2
+        need = ctx.needs_input_grad
+        need_x = any(need[13:]) or need[4] or need[5]
+        g = g.to(dt)
+        if ctx.p > 0:
+            g = _undrop(g, masks[1], ctx.p)
+        z = _BNReLUInput.z(ctx, None)
+        y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
+        if ctx.p > 0:
+            y = _undrop(y, masks[0], ctx.p)
+        u = _scale_shift_relu(y, scale2, shift2)
+        gu, gconv2, _ = torch.ops.aten.convolution_backward(
+            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need[11], False])
+        del g
+        torch.ops.aten.threshold_backward.grad_input(gu, u, 0, grad_input=gu)
+        del u
+        gy, gw2, gb2 = torch.ops.aten.native_batch_norm_backward(
+            gu, y, w2, mean2, var2, mean2 if training2 else None, invstd2 if training2 else None, training2, eps2,
+            [True, need[9], need[10]])
+        del gu, y
+        if ctx.p > 0:
+            gy = _undrop(gy, masks[0], ctx.p)
+        gy2 = _pixel_major(gy)  # (N, 4k)
+        gconv1 = torch.mm(gy2.t(), z.t()).view_as(conv1_w) if need[7] else None
+        gw1 = gb1 = gnew = None
+        if need_x:
+            gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
+            gw1, gb1 = _BNReLUInput.backward(ctx, gz, z, w1)
+            if need[-1]:
+                gnew = _finished_grad(st, ctx.lo, c)
+        if ctx.lo == 0:
+            st.release()
+        cast = (lambda t, ref: None if t is None else t.to(ref.dtype))
+        n_chunks = len(need) - 13
+        return ((None, None, None, None, cast(gw1, w1) if need[4] else None, cast(gb1, w1) if need[5] else None, None,
+                 cast(gconv1, conv1_w) if need[7] else None, None, cast(gw2, w2), cast(gb2, w2),
+                 cast(gconv2, conv2_w), None) + (None,) * (n_chunks - 1) + (gnew,))
+
+
+def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(y * scale + shift) per channel of a channels_last y: the same operations forward and in
+    the recomputation, so the recomputed maps are bitwise those of the forward pass."""
+    y2 = _pixel_major(y)  # (N, C): the channel is the contiguous dimension
+    u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
+    return u.view(y.shape[0], y.shape[2], y.shape[3], -1).permute(0, 3, 1, 2)
+
+
+def _dropped(x: torch.Tensor, p: float):
+    """Dropout as the reference path draws it (NCHW order), returning the kept positions as booleans."""
+    from .densenet import dropout
+
+    noise = dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, True)
+    return x * noise, noise != 0
+
+
+def _undrop(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x * noise for the dropout noise that `keep` records: 0, or 1 / (1 - p) as F.dropout computes it."""
+    scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)
+    return x * (keep * scale)
 
 
 class _BlockOutput(Function):
@@ -153,24 +501,90 @@ class _BlockOutput(Function):
 
     @staticmethod
     def forward(ctx, st: _BlockState, *chunks):
+        ctx.set_materialize_grads(False)  # a fused transition sends its gradient through the state
         ctx.st = st
-        ctx.lo = st.buf.shape[1] - chunks[-1].shape[1]
-        st.version = 0 if st.buf.is_inference() else st.buf._version  # inference tensors have no version
-        # A view, not the buffer itself: returning st.buf would make it the output, its grad_fn this
-        # node, whose ctx holds st, which holds st.buf: a reference cycle through autograd's C++ graph
-        # that Python's collector cannot free (measured: +20 MB per step, BENCHMARKS.md).
-        return st.buf.view_as(st.buf)
+        ctx.lo = st.buf.shape[0] - chunks[-1].shape[1]
+        st.version = _version(st.buf)
+        # A view, not st.out itself: returning st.out would make it the output, its grad_fn this node,
+        # whose ctx holds st, which holds st.out: a reference cycle through autograd's C++ graph that
+        # Python's collector cannot free (it leaked every step's buffers: +20 MB per step).
+        return st.out.view_as(st.out)
 
     @staticmethod
     def backward(ctx, g):
         st = ctx.st
-        st.grad = torch.empty_like(st.buf)
-        st.grad.copy_(g)
-        if st.mean is not None:
-            st.dmean = torch.zeros_like(st.mean)
-            st.dvar = torch.zeros_like(st.var)
+        st.check_unmodified()
+        c = st.buf.shape[0]
+        st.add_grad(None if g is None else g.permute(1, 0, 2, 3).reshape(c, st.n))
         n_chunks = len(ctx.needs_input_grad) - 1
-        return (None,) + (None,) * (n_chunks - 1) + (st.grad[:, ctx.lo:],)
+        gnew = _finished_grad(st, ctx.lo, c) if ctx.needs_input_grad[-1] else None
+        return (None,) + (None,) * (n_chunks - 1) + (gnew,)
+
+
+class _TransitionInput(Function):
+    """The transition's Conv1x1(ReLU(BN(block output))), reading the block's buffer and statistics.
+
+    With pool_first, returns AvgPool2x2 of it, computed as Conv1x1(AvgPool2x2(ReLU(BN(x)))): average
+    pooling and a 1x1 convolution commute (both are linear, one over space, one over channels), so the
+    matrix product runs on a quarter of the pixels."""
+
+    @staticmethod
+    def forward(ctx, st: _BlockState, mean, var, w, b, eps: float, conv_w, pool_first: bool, recompute: bool,
+                block_out):
+        c = st.buf.shape[0]
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps, recompute)
+        conv_w_dt = conv_w.to(ctx.dt)
+        o = conv_w.shape[0]
+        bhw = st.buf.shape[1:]
+        ctx.pool_first, ctx.conv_dtype, ctx.bhw = pool_first, conv_w.dtype, bhw
+        with _no_autocast(z.device):
+            if pool_first:
+                zp = _avg_pool2(z.view(c, *bhw))  # (c, B, H/2, W/2)
+                ctx.pooled_shape = zp.shape
+                out = torch.mm(conv_w_dt.view(o, c), zp.view(c, -1)).view(o, *zp.shape[1:]).permute(1, 0, 2, 3)
+                z_keep = None if recompute else zp
+            else:
+                out = _conv1x1(z, conv_w_dt, bhw)
+                z_keep = _BNReLUInput.saved_z(ctx, z)
+        ctx.save_for_backward(w, conv_w_dt, z_keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        st = ctx.st
+        st.check_unmodified()
+        c = st.buf.shape[0]
+        w, conv_w, z_keep = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x = need[3] or need[4] or need[9]
+        g = g.to(ctx.dt)
+        o = conv_w.shape[0]
+        gw = gb = gconv = None
+        if ctx.pool_first:
+            zp = z_keep
+            if zp is None or need_x:
+                z = _BNReLUInput.z(ctx, None)  # the mask of the ReLU needs z at full resolution
+                if zp is None:
+                    zp = _avg_pool2(z.view(c, *ctx.bhw))
+            g2 = g.permute(1, 0, 2, 3).reshape(o, -1)  # (o, N/4)
+            if need[6]:
+                gconv = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
+            if need_x:
+                gzp = torch.mm(conv_w.view(o, c).t(), g2).view(ctx.pooled_shape)
+                gz = st.workspace("gz", c, ctx.dt)
+                _avg_pool2_backward(gzp, gz.view(c, *ctx.bhw))
+        else:
+            z = _BNReLUInput.z(ctx, z_keep)
+            g2 = _pixel_major(g)
+            if need[6]:
+                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)
+            if need_x:
+                gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
+        if need_x:
+            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
+        gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
+        return (None, None, None, gw if need[3] else None, gb if need[4] else None, None, gconv, None, None,
+                None)
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -181,35 +595,80 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     bn.running_var.mul_(1 - m).add_((var * (n / (n - 1))).to(bn.running_var.dtype), alpha=m)
 
 
-def dense_block_forward(layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+def _stats_for(bn: nn.BatchNorm2d, st: _BlockState, c: int):
+    """The statistics a BN reading the first c channels normalises with; updates its running ones."""
+    if st.mean is None:
+        return bn.running_mean, bn.running_var
+    mean, var = st.mean[:c], st.var[:c]
+    with torch.no_grad():
+        _update_running_stats(bn, mean, var, st.n)
+    return mean, var
+
+
+def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
     """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] for the DenseLayers of one block, fused."""
     batch, c, h, w = x0.shape
     k = _growth(layers[0])
-    fmt = (torch.channels_last if x0.is_contiguous(memory_format=torch.channels_last)
-           and not x0.is_contiguous() else torch.contiguous_format)
     training = layers[0].norm1.training
     if training and batch * h * w == 1:
         raise ValueError("BatchNorm in training mode needs more than one value per channel: "
                          f"got a batch of {batch} with {h}x{w} maps; use a larger batch or model.eval()")
-    buf = torch.empty((batch, c + len(layers) * k, h, w), dtype=x0.dtype, device=x0.device, memory_format=fmt)
-    st = _BlockState(buf, batch_stats=training)
+    st = _BlockState(x0, c + len(layers) * k, batch_stats=training, pool=_pool_of(block))
     st.write(0, x0)
     chunks = [x0]
     for layer in layers:
         bn = layer.norm1
-        if training:
-            mean, var = st.mean[:c], st.var[:c]
-            with torch.no_grad():
-                _update_running_stats(bn, mean, var, st.n)
+        mean, var = _stats_for(bn, st, c)
+        if memory_efficient and layer.bottleneck and _plain_bn(layer.norm2) and torch.is_grad_enabled():
+            new = _RecomputedLayer.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
+                                         layer.norm2, layer.norm2.weight, layer.norm2.bias, layer.conv2.weight,
+                                         layer.drop_rate if layer.training else 0.0, *chunks)
         else:
-            mean, var = bn.running_mean, bn.running_var
-        y = _LayerInput.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
-                              layer.conv1.padding, memory_efficient, *chunks)
-        new = layer.rest(y)  # (B, k, H, W)
+            y = _LayerInput.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
+                                  layer.conv1.padding, True, *chunks)
+            new = layer.rest(y)  # (B, k, H, W)
         st.write(c, new)
         chunks.append(new)
         c += k
-    return _BlockOutput.apply(st, *chunks)
+    out = _BlockOutput.apply(st, *chunks)
+    out._fused_block_state = st  # lets a fused transition read the buffer and statistics
+    if not out.requires_grad:
+        st.release()
+    return out
+
+
+def _version(t: torch.Tensor) -> int:
+    """How often t was modified in place (inference tensors, which cannot be, have no counter)."""
+    return 0 if t.is_inference() else t._version
+
+
+def block_state(x: torch.Tensor) -> _BlockState | None:
+    """The state of the fused block that returned x, if x is that output, untouched."""
+    st = getattr(x, "_fused_block_state", None)
+    if st is None or _version(st.buf) != st.version:
+        return None
+    return st
+
+
+def transition_supported(transition, st: _BlockState) -> bool:
+    bn = transition.norm
+    return _plain_bn(bn) and bn.training == (st.mean is not None)
+
+
+def transition_forward(transition, st: _BlockState, x: torch.Tensor) -> torch.Tensor:
+    """BN-ReLU-Conv1x1 [-Dropout] -AvgPool2x2 of a fused block's output, from its buffer and statistics."""
+    bn, conv = transition.norm, transition.conv
+    mean, var = _stats_for(bn, st, st.buf.shape[0])
+    drop = getattr(transition, "drop", None)
+    pool_first = drop is None  # dropout sits between the convolution and the pooling
+    y = _TransitionInput.apply(st, mean, var, bn.weight, bn.bias, bn.eps, conv.weight, pool_first, True, x)
+    if not y.requires_grad:
+        st.release()
+    if pool_first:
+        return y
+    from .densenet import dropout  # the masks of the reference path, whatever the layout
+
+    return transition.pool(dropout(y, drop.p, transition.training))
 
 
 def _growth(layer) -> int:

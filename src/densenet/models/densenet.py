@@ -8,9 +8,10 @@ Module names follow torchvision (`features.denseblock1.denselayer1.norm1`, `tran
 
 Two implementations of a dense block compute the same function:
 - the fused path (default, `fused=True`, see `_fused.py`): one feature buffer per block that every
-  layer writes its k maps into, and batch statistics computed once per feature map and shared by
-  every layer that reads it. Exact, faster and leaner; `memory_efficient=True` additionally
-  recomputes each layer's BN-ReLU-Conv input in the backward pass (linear memory in depth).
+  layer writes its k maps into, batch statistics computed once per feature map and shared by every
+  layer (and the transition) that reads it, 1x1 convolutions as matrix products. Exact, faster and
+  leaner (BENCHMARKS.md); activation memory is linear in depth, and `memory_efficient=True`
+  additionally recomputes each layer's bottleneck in the backward pass instead of storing it.
 - the reference path (`fused=False`): concatenation per layer, as the paper's equation reads and as
   torchvision computes it; `memory_efficient=True` checkpoints the concat-BN-ReLU-Conv1x1 part.
 """
@@ -129,6 +130,14 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with the mask drawn in NCHW order whatever the memory layout of x, so that a seed
+    gives the same masks to the fused (channels_last) and the reference path."""
+    if not training or p == 0 or x.is_contiguous():
+        return F.dropout(x, p, training)
+    return x * F.dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, training)
+
+
 class DenseLayer(nn.Module):
     """H_l: BN-ReLU-Conv3x3(k); with bottleneck, BN-ReLU-Conv1x1(4k) then BN-ReLU-Conv3x3(k).
 
@@ -155,9 +164,9 @@ class DenseLayer(nn.Module):
 
     def rest(self, y: torch.Tensor) -> torch.Tensor:
         """Dropout after the first convolution, then (bottleneck) BN-ReLU-Conv3x3 and dropout: (B, k, H, W)."""
-        y = F.dropout(y, self.drop_rate, self.training)
+        y = dropout(y, self.drop_rate, self.training)
         if self.bottleneck:
-            y = F.dropout(self.conv2(self.relu2(self.norm2(y))), self.drop_rate, self.training)
+            y = dropout(self.conv2(self.relu2(self.norm2(y))), self.drop_rate, self.training)
         return y
 
     def forward(self, features: list[torch.Tensor], memory_efficient: bool = False) -> torch.Tensor:
@@ -201,7 +210,7 @@ class DenseBlock(nn.ModuleDict):
         # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
         # the fused path's autograd Functions and shared buffer are not traceable
         if self.fused and _fused.supported(layers) and not torch.jit.is_tracing():
-            return _fused.dense_block_forward(layers, x0, self.memory_efficient)
+            return _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
         features = [x0]
         for layer in layers:
             features.append(layer(features, self.memory_efficient))
@@ -219,6 +228,12 @@ class Transition(nn.Sequential):
         if cfg.drop_rate > 0:
             self.drop = nn.Dropout(cfg.drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics
+        if st is not None and _fused.transition_supported(self, st):
+            return _fused.transition_forward(self, st, x)
+        return super().forward(x)
 
 
 class DenseNet(nn.Module):
