@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types
 from . import _fused
+from .common import check_image_batch
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
 IMAGENET_BLOCKS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32), 264: (6, 12, 64, 48)}
@@ -268,29 +269,9 @@ class DenseNet(nn.Module):
         init_weights(self)
 
     def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"DenseNet expects a 4-D batch (B, {cfg.in_channels}, H, W), got shape "
-                             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"DenseNet built for {cfg.in_channels} input channels got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)}); create the model with in_channels={x.shape[1]}"
-                             f" or convert the images" + (" (channels last? x.permute(0, 3, 1, 2) puts them "
-                                                          "second)" if x.shape[3] == cfg.in_channels else ""))
-        if not x.is_floating_point():
-            raise ValueError(f"DenseNet expects a floating-point tensor, got {x.dtype}; "
-                             f"convert with x.float() (and normalise the pixels)")
-        w = self.features.conv0.weight
-        if x.device != w.device or (x.dtype != w.dtype and not (  # autocast casts them itself
-                torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))):
-            raise ValueError(f"DenseNet's weights are {w.dtype} on {w.device}, the input is {x.dtype} on "
-                             f"{x.device}; convert with x.to(next(model.parameters()))")
-        m = cfg.min_input_size
-        if x.shape[2] < m or x.shape[3] < m:
-            raise ValueError(f"input of {x.shape[2]}x{x.shape[3]} pixels is too small for this network: "
-                             f"it downsamples by {self.reduction}, so inputs need at least {m}x{m}")
+        check_image_batch(x, model="DenseNet", in_channels=self.config.in_channels,
+                          min_size=self.config.min_input_size, reduction=self.reduction,
+                          weight=self.features.conv0.weight)
 
     @property
     def reduction(self) -> int:

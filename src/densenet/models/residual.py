@@ -331,7 +331,7 @@ class ResNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         # every downsampling convolution is padded, so any image of at least one pixel goes through
         check_image_batch(x, model=getattr(self, "model_name", "ResNet"), in_channels=self.config.in_channels,
-                          min_size=1, reduction=self.reduction)
+                          min_size=1, reduction=self.reduction, weight=self.conv1.weight)
 
     @property
     def stage_strides(self) -> list[int]:
