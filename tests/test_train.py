@@ -314,3 +314,34 @@ def test_a_new_run_never_overwrites_an_old_one(folder, tmp_path):
     with pytest.raises(ValueError, match="already holds a run: continue it with --resume"):
         fit(small(folder, run, epochs=1, seed=3))
     assert all(torch.equal(before[k], v) for k, v in weights(run).items())
+
+
+def test_best_validation_model_is_tested_where_the_paper_does(folder, tmp_path, monkeypatch):
+    """SVHN: the paper tests the model of lowest validation error, not the final one."""
+    import dataclasses
+
+    from densenet import data as data_module
+
+    monkeypatch.setitem(data_module.DATASETS, "folder",
+                        dataclasses.replace(data_module.DATASETS["folder"], test_on="best"))
+    assert data_module.get_dataset_spec("svhn").test_on == "best"
+    run = tmp_path / "run"
+    s = fit(small(folder, run, epochs=3, lr=0.5))
+    assert s["test_weights"] == f"best validation error (epoch {s['best']['epoch']})"
+    r = run_cli("eval", "--checkpoint", str(run / "best"), "--split", "test", "--json")
+    assert json.loads(r.stdout)["top1_error"] == pytest.approx(s["test_top1_error"])
+
+
+def test_reproduce_cells_follow_the_papers_protocol(tmp_path):
+    """CIFAR with its test set: the reported run trains on all 50,000 images (no hold-out);
+    SVHN: 6,000 held out, the best model tested; CIFAR-10 as a folder without test/: validation."""
+    from densenet.analysis.reproduce import Cell, cell_config
+
+    data = {"cifar10": str(tmp_path / "cifar"), "svhn": str(tmp_path / "svhn")}
+    c10 = cell_config(Cell("densenet_40_k12", "C10+", 0), data, None, None, tmp_path)
+    assert (c10.dataset, c10.val_size, c10.augment, c10.epochs, c10.milestones) == ("cifar10", 0, "cifar", 300, (150, 225))
+    svhn = cell_config(Cell("densenet_40_k12", "SVHN", 0), data, None, 0.1, tmp_path)
+    assert (svhn.val_size, svhn.drop_rate, svhn.epochs) == (6000, 0.2, 4)
+    folder = make_folder(tmp_path / "c10folder", per_class=1, test_per_class=0)
+    f = cell_config(Cell("densenet_40_k12", "C10", 0), {"cifar10": str(folder)}, 2, None, tmp_path)
+    assert (f.dataset, f.val_size, f.drop_rate) == ("folder", 5000, 0.2)

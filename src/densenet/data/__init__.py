@@ -20,6 +20,7 @@ class DatasetSpec:
     normalize: str  # "stats": per-channel mean/std of the training set; "div255"; "imagenet"
     needs_path: bool = True
     description: str = ""
+    test_on: str = "final"  # the weights whose test error is reported: the final epoch's, or the best validation's
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
@@ -27,8 +28,9 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 description="CIFAR-10, official python format (torchvision); C10+ by default, --augment none for C10"),
     DatasetSpec("cifar100", 300, 64, (0.5, 0.75), 5000, "cifar", "stats",
                 description="CIFAR-100, official python format; C100+ by default"),
-    DatasetSpec("svhn", 40, 64, (0.5, 0.75), 6000, "none", "div255",
-                description="SVHN train + extra (604,388 images), official .mat files; no augmentation"),
+    DatasetSpec("svhn", 40, 64, (0.5, 0.75), 6000, "none", "div255", test_on="best",
+                description="SVHN train + extra (604,388 images), official .mat files; no augmentation; "
+                            "the model of lowest validation error is tested"),
     DatasetSpec("imagenet", 90, 256, (30, 60), 0, "imagenet", "imagenet",
                 description="ImageNet-layout folder (train/, val/), streamed; 224 crops"),
     DatasetSpec("folder", 300, 64, (0.5, 0.75), 5000, "auto", "stats",

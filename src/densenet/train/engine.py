@@ -25,6 +25,7 @@ from ..data import DataError, ImageSet, Normalization, balanced_split, channel_s
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
 from ..registry import create_model
 from ..utils.atomic import write_text_atomic
+from ..weights import MODEL_FILE, read_state_dict
 from .checkpoint import RunDir, model_metadata, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
@@ -281,6 +282,8 @@ class Trainer:
             run.save(epoch_ * steps + step_, model, optimizer, meta, state, best=is_best)
 
         summary: dict[str, Any] = {}
+        test_on_best = get_dataset_spec(cfg.dataset).test_on == "best"  # SVHN: the paper tests the best model
+        best_state = None
         with _StopFlag() as stop:
             while epoch < cfg.epochs:
                 lr = optimizer.param_groups[0]["lr"]
@@ -311,6 +314,8 @@ class Trainer:
                     is_best = best is None or v["top1_error"] < best["val_top1_error"]
                     if is_best:
                         best = {"epoch": epoch, "val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"]}
+                        if test_on_best:
+                            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
                 else:
                     is_best = True
                 sums, start_step = None, 0
@@ -323,6 +328,13 @@ class Trainer:
                                           + (f"continue with `densenet train --resume {run.path}`" if run else
                                              "no --out given: nothing saved"), 128 + stop.signal)
         if data.test is not None and len(data.test):
+            if test_on_best and best is not None and data.val is not None:
+                if best_state is None and run is not None:  # resumed after the best epoch: from its checkpoint
+                    best_state = read_state_dict(run.path / "best" / MODEL_FILE)[0]
+                if best_state is not None:
+                    model.load_state_dict(best_state)
+                    summary["test_weights"] = f"best validation error (epoch {best['epoch']})"
+            summary.setdefault("test_weights", "final epoch")
             t = evaluate(model, evaluation_batches(data.test, data.preprocessing, cfg.eval_batch_size, device,
                                                    channels_last=cfg.channels_last, workers=cfg.workers), autocast)
             summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
@@ -432,7 +444,7 @@ def _summary_line(s: dict) -> str:
     if s.get("best") and "val_top1_error" in s["best"]:
         parts.append(f"best val error {s['best']['val_top1_error']:.2f}% (epoch {s['best']['epoch']})")
     if "test_top1_error" in s:
-        parts.append(f"test error {s['test_top1_error']:.2f}% (final epoch, {s['test_images']} images)")
+        parts.append(f"test error {s['test_top1_error']:.2f}% ({s['test_weights']}, {s['test_images']} images)")
     if s.get("out"):
         parts.append(f"checkpoints in {s['out']}")
     return "; ".join(parts)
