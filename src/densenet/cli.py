@@ -344,6 +344,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     from .analysis.complexity import count_macs
     from .analysis.reproduce import cell_config, cost, grid_cells, status, write_tables
+    from .paper import SETTING_DATA
     from .registry import create_model
     from .train import TrainingStopped, fit
 
@@ -368,8 +369,6 @@ def _reproduce(args: argparse.Namespace) -> int:
     extra = {"device": args.device, "amp": args.amp}
     for c in cells:
         cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
-        from .paper import SETTING_DATA
-
         dataset = SETTING_DATA[c.setting][0]
         with torch.device("meta"):
             macs = count_macs(create_model(c.row, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))

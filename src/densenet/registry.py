@@ -6,13 +6,13 @@ multiply-adds). Overrides use the paper's names: `depth`, `growth_rate`, `bottle
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
 import torch.nn as nn
 
+from .models.common import config_from_options
 from .models.densenet import IMAGENET_BLOCKS, DenseNet, DenseNetConfig, cifar_block_config
 from .models.preact import preact_resnet_cifar, wide_resnet
 from .models.resnet import resnet_cifar, resnet_imagenet, resnext_cifar, resnext_imagenet
@@ -75,15 +75,6 @@ def create_model(name: str, *, pretrained: str | None = None, reset_classifier: 
     return model
 
 
-def _make_config(cls, where: str, **kwargs: Any):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options are "
-                         f"{', '.join(sorted(names | {'depth'}))}")
-    return cls(**kwargs)
-
-
 # --- DenseNet on CIFAR/SVHN (Table 2) ---------------------------------------------------------------
 
 def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
@@ -94,9 +85,9 @@ def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = T
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise ValueError(f"densenet (CIFAR): depth must be an integer, got {depth!r}")
     blocks = cifar_block_config(depth, bool(bottleneck))
-    return DenseNet(_make_config(DenseNetConfig, "densenet (CIFAR)", growth_rate=growth_rate,
-                                 block_config=blocks, bottleneck=bottleneck, compression=compression,
-                                 stem="cifar", **kwargs))
+    return DenseNet(config_from_options(DenseNetConfig, "densenet (CIFAR)", ("depth",), growth_rate=growth_rate,
+                                        block_config=blocks, bottleneck=bottleneck, compression=compression,
+                                        stem="cifar", **kwargs))
 
 
 def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: Any) -> DenseNet:
@@ -108,8 +99,8 @@ def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: 
         kwargs["block_config"] = IMAGENET_BLOCKS[depth]
     kwargs.setdefault("bottleneck", True)
     kwargs.setdefault("compression", 0.5)
-    return DenseNet(_make_config(DenseNetConfig, "densenet (ImageNet)", growth_rate=growth_rate,
-                                 stem="imagenet", **kwargs))
+    return DenseNet(config_from_options(DenseNetConfig, "densenet (ImageNet)", ("depth",),
+                                        growth_rate=growth_rate, stem="imagenet", **kwargs))
 
 
 def _cifar_entry(name, depth, k, bc, params, gmacs, label):

@@ -123,10 +123,9 @@ def load_pretrained(model: nn.Module, path: str | Path, *, reset_classifier: boo
             lines.append(f"{len(missing)} model keys missing from the checkpoint, e.g. {', '.join(missing[:4])}")
         if unexpected:
             lines.append(f"{len(unexpected)} checkpoint keys the model lacks, e.g. {', '.join(unexpected[:4])}")
-        hint = ""
         if mismatched and all(k.split(":")[0].startswith(head + ".") for k in mismatched) and not missing:
-            hint = (" Only the classifier differs: pass reset_classifier=True (command line: "
-                    "--reset-classifier) to load everything else and train a new classifier.")
+            hint = (" Only the classifier differs: pass reset_classifier=True to load everything else "
+                    "and train a new classifier.")
         else:
             hint = " Is this checkpoint for the same network? `densenet models` lists the variants."
         raise CheckpointError(f"checkpoint {path} does not fit model "

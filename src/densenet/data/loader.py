@@ -24,6 +24,10 @@ def _generator(*seeds: int) -> torch.Generator:
     return g.manual_seed(value)
 
 
+def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 @dataclass
 class Batches:
     """Training or evaluation batches of an in-memory ImageSet.
@@ -44,8 +48,7 @@ class Batches:
     channels_last: bool = False
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return _num_batches(len(self.data), self.batch_size, self.drop_last)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -141,8 +144,7 @@ class StreamBatches:
     channels_last: bool = False
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return _num_batches(len(self.data), self.batch_size, self.drop_last)
 
     def iterate(self, epoch: int = 0, start: int = 0):
         order = (torch.randperm(len(self.data), generator=_generator(self.seed, epoch)) if self.shuffle

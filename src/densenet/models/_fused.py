@@ -256,16 +256,15 @@ class _BNReLUInput:
     Shared by the dense layers and the transition (`_LayerInput`, `_TransitionInput`)."""
 
     @staticmethod
-    def setup(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, recompute: bool):
+    def setup(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float):
         x = st.rows(0, c)  # (k0 + (l-1)k, N): [x_0, ..., x_{l-1}] without a copy
         acc = _acc_dtype(x.dtype)
         invstd, scale, shift = _affine(mean, var, w, b, eps, acc)
         dt = _compute_dtype(x)
-        z = st.workspace("z", c, dt) if recompute else torch.empty((c, st.n), dtype=dt, device=x.device)
+        z = st.workspace("z", c, dt)  # not kept: the backward pass recomputes it (_BNReLUInput.z)
         _bn_relu(x, mean, var, w, b, eps, z)
         ctx.st, ctx.c, ctx.eps, ctx.dt = st, c, eps, dt
         ctx.batch_stats = st.mean is not None
-        ctx.recompute = recompute
         # mean and var may be views of the block's statistics, which later layers extend in place:
         # kept on ctx, not in save_for_backward, whose version check would reject them.
         ctx.stats = (mean, var, invstd, scale, shift)
@@ -273,17 +272,11 @@ class _BNReLUInput:
         return z
 
     @staticmethod
-    def saved_z(ctx, z):
-        return None if ctx.recompute else z
-
-    @staticmethod
-    def z(ctx, z):
-        """The normalised input again: saved, or recomputed into the block's workspace."""
-        if z is None:
-            st, c = ctx.st, ctx.c
-            mean, var = ctx.stats[:2]
-            z = _bn_relu(st.rows(0, c), mean, var, *ctx.bn, ctx.eps, st.workspace("z", c, ctx.dt))
-        return z
+    def z(ctx):
+        """The normalised input again, recomputed into the block's workspace."""
+        st, c = ctx.st, ctx.c
+        mean, var = ctx.stats[:2]
+        return _bn_relu(st.rows(0, c), mean, var, *ctx.bn, ctx.eps, st.workspace("z", c, ctx.dt))
 
     @staticmethod
     def backward(ctx, gz: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
@@ -342,9 +335,8 @@ class _LayerInput(Function):
     """Conv(ReLU(BN(buffer[:, :c]))) with the block's shared statistics: one dense layer's input part."""
 
     @staticmethod
-    def forward(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, conv_w, padding, recompute: bool,
-                *chunks):
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps, recompute)
+    def forward(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, conv_w, padding, *chunks):
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps)
         conv_w_dt = conv_w.to(ctx.dt)
         bhw = st.buf.shape[1:]
         ctx.one_by_one = conv_w.shape[-2:] == (1, 1)
@@ -355,17 +347,17 @@ class _LayerInput(Function):
                 out = F.conv2d(z.view(c, *bhw).permute(1, 0, 2, 3), conv_w_dt, padding=padding)
         ctx.padding, ctx.conv_dtype = padding, conv_w.dtype
         ctx.lo = c - chunks[-1].shape[1]  # the newest input, x_{l-1}, occupies channels [lo, c)
-        ctx.save_for_backward(w, conv_w_dt, _BNReLUInput.saved_z(ctx, z))
+        ctx.save_for_backward(w, conv_w_dt)
         return out
 
     @staticmethod
     def backward(ctx, g):
         st, c = ctx.st, ctx.c
         st.check_unmodified()
-        w, conv_w, z = ctx.saved_tensors
-        z = _BNReLUInput.z(ctx, z)
+        w, conv_w = ctx.saved_tensors
+        z = _BNReLUInput.z(ctx)
         need = ctx.needs_input_grad
-        need_x = any(need[10:]) or need[4] or need[5]
+        need_x = any(need[9:]) or need[4] or need[5]
         g = g.to(ctx.dt)
         gw = gb = gconv = gnew = None
         if ctx.one_by_one:
@@ -389,9 +381,9 @@ class _LayerInput(Function):
         if ctx.lo == 0:  # the first layer: the block's backward pass is over
             st.release()
         gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        n_chunks = len(need) - 10
+        n_chunks = len(need) - 9
         return (None, None, None, None, gw if need[4] else None, gb if need[5] else None, None,
-                gconv, None, None) + (None,) * (n_chunks - 1) + (gnew,)
+                gconv, None) + (None,) * (n_chunks - 1) + (gnew,)
 
 
 class _RecomputedLayer(Function):
@@ -404,7 +396,7 @@ class _RecomputedLayer(Function):
     @staticmethod
     def forward(ctx, st: _BlockState, c: int, mean, var, w1, b1, eps1: float, conv1_w, bn2: nn.BatchNorm2d,
                 w2, b2, conv2_w, p: float, *chunks):
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w1, b1, eps1, True)
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w1, b1, eps1)
         dt, bhw = ctx.dt, st.buf.shape[1:]
         conv1_w, conv2_w = conv1_w.to(dt), conv2_w.to(dt)
         with _no_autocast(z.device):
@@ -441,7 +433,7 @@ class _RecomputedLayer(Function):
         g = g.to(dt)
         if ctx.p > 0:
             g = _undrop(g, masks[1], ctx.p)
-        z = _BNReLUInput.z(ctx, None)
+        z = _BNReLUInput.z(ctx)
         y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
         if ctx.p > 0:
             y = _undrop(y, masks[0], ctx.p)
@@ -529,10 +521,9 @@ class _TransitionInput(Function):
     matrix product runs on a quarter of the pixels."""
 
     @staticmethod
-    def forward(ctx, st: _BlockState, mean, var, w, b, eps: float, conv_w, pool_first: bool, recompute: bool,
-                block_out):
+    def forward(ctx, st: _BlockState, mean, var, w, b, eps: float, conv_w, pool_first: bool, block_out):
         c = st.buf.shape[0]
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps, recompute)
+        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps)
         conv_w_dt = conv_w.to(ctx.dt)
         o = conv_w.shape[0]
         bhw = st.buf.shape[1:]
@@ -542,11 +533,9 @@ class _TransitionInput(Function):
                 zp = _avg_pool2(z.view(c, *bhw))  # (c, B, H/2, W/2)
                 ctx.pooled_shape = zp.shape
                 out = torch.mm(conv_w_dt.view(o, c), zp.view(c, -1)).view(o, *zp.shape[1:]).permute(1, 0, 2, 3)
-                z_keep = None if recompute else zp
             else:
                 out = _conv1x1(z, conv_w_dt, bhw)
-                z_keep = _BNReLUInput.saved_z(ctx, z)
-        ctx.save_for_backward(w, conv_w_dt, z_keep)
+        ctx.save_for_backward(w, conv_w_dt)
         return out
 
     @staticmethod
@@ -554,18 +543,15 @@ class _TransitionInput(Function):
         st = ctx.st
         st.check_unmodified()
         c = st.buf.shape[0]
-        w, conv_w, z_keep = ctx.saved_tensors
+        w, conv_w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        need_x = need[3] or need[4] or need[9]
+        need_x = need[3] or need[4] or need[8]
         g = g.to(ctx.dt)
         o = conv_w.shape[0]
         gw = gb = gconv = None
+        z = _BNReLUInput.z(ctx)
         if ctx.pool_first:
-            zp = z_keep
-            if zp is None or need_x:
-                z = _BNReLUInput.z(ctx, None)  # the mask of the ReLU needs z at full resolution
-                if zp is None:
-                    zp = _avg_pool2(z.view(c, *ctx.bhw))
+            zp = _avg_pool2(z.view(c, *ctx.bhw))
             g2 = g.permute(1, 0, 2, 3).reshape(o, -1)  # (o, N/4)
             if need[6]:
                 gconv = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
@@ -574,7 +560,6 @@ class _TransitionInput(Function):
                 gz = st.workspace("gz", c, ctx.dt)
                 _avg_pool2_backward(gzp, gz.view(c, *ctx.bhw))
         else:
-            z = _BNReLUInput.z(ctx, z_keep)
             g2 = _pixel_major(g)
             if need[6]:
                 gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)
@@ -583,8 +568,7 @@ class _TransitionInput(Function):
         if need_x:
             gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
         gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        return (None, None, None, gw if need[3] else None, gb if need[4] else None, None, gconv, None, None,
-                None)
+        return (None, None, None, gw if need[3] else None, gb if need[4] else None, None, gconv, None, None)
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -625,7 +609,7 @@ def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool)
                                          layer.drop_rate if layer.training else 0.0, *chunks)
         else:
             y = _LayerInput.apply(st, c, mean, var, bn.weight, bn.bias, bn.eps, layer.conv1.weight,
-                                  layer.conv1.padding, True, *chunks)
+                                  layer.conv1.padding, *chunks)
             new = layer.rest(y)  # (B, k, H, W)
         st.write(c, new)
         chunks.append(new)
@@ -661,7 +645,7 @@ def transition_forward(transition, st: _BlockState, x: torch.Tensor) -> torch.Te
     mean, var = _stats_for(bn, st, st.buf.shape[0])
     drop = getattr(transition, "drop", None)
     pool_first = drop is None  # dropout sits between the convolution and the pooling
-    y = _TransitionInput.apply(st, mean, var, bn.weight, bn.bias, bn.eps, conv.weight, pool_first, True, x)
+    y = _TransitionInput.apply(st, mean, var, bn.weight, bn.bias, bn.eps, conv.weight, pool_first, x)
     if not y.requires_grad:
         st.release()
     if pool_first:

@@ -1,7 +1,23 @@
-"""Small pieces every model family shares: the input check with its one-line errors."""
+"""Small pieces every model family shares: building a config from options, the input check."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 import torch
+
+C = TypeVar("C")
+
+
+def config_from_options(cls: type[C], where: str, paper_names: tuple[str, ...] = (), **kwargs: Any) -> C:
+    """A config dataclass from a builder's keyword options, naming the valid ones (the fields and the
+    builder's own `paper_names`, such as depth) when one is unknown."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options are "
+                         f"{', '.join(sorted(names | set(paper_names)))}")
+    return cls(**kwargs)
 
 
 def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size: int, reduction: int,
@@ -31,4 +47,4 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
                          f"it downsamples by {reduction}, so inputs need at least {min_size}x{min_size}")
 
 
-__all__ = ["check_image_batch"]
+__all__ = ["check_image_batch", "config_from_options"]

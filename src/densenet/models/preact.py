@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import config_from_options
 from .residual import ResNet, ResNetConfig, blocks_per_stage, no_dropout
 
 
@@ -36,7 +37,7 @@ def preact_resnet_cifar(depth: int = 164, bottleneck: bool = True, **kwargs: Any
     kwargs.setdefault("stem_width", 16)
     kwargs.setdefault("unit", "full_preact")
     kwargs.setdefault("shortcut", "B" if bottleneck else "A")
-    return ResNet(ResNetConfig.from_options(where, ("depth",), bottleneck=bottleneck, **kwargs))
+    return ResNet(config_from_options(ResNetConfig, where, ("depth",), bottleneck=bottleneck, **kwargs))
 
 
 def wide_resnet(depth: int = 28, widen_factor: int = 10, **kwargs: Any) -> ResNet:
@@ -53,7 +54,7 @@ def wide_resnet(depth: int = 28, widen_factor: int = 10, **kwargs: Any) -> ResNe
     kwargs.setdefault("stem_width", 16)
     kwargs.setdefault("unit", "full_preact")
     kwargs.setdefault("shortcut", "B")
-    return ResNet(ResNetConfig.from_options(where, ("depth", "widen_factor"), **kwargs))
+    return ResNet(config_from_options(ResNetConfig, where, ("depth", "widen_factor"), **kwargs))
 
 
 __all__ = ["preact_resnet_cifar", "wide_resnet"]

@@ -22,7 +22,6 @@ ResNet and ResNeXt checkpoints load unchanged.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -145,16 +144,6 @@ class ResNetConfig:
             return [1.0] * self.num_units
         n = self.num_units
         return [1.0 - l / n * (1.0 - self.stochastic_depth) for l in range(1, n + 1)]
-
-    @classmethod
-    def from_options(cls, where: str, paper_names: tuple[str, ...] = (), **kwargs: Any) -> "ResNetConfig":
-        """A config from a builder's keyword options, naming the valid ones when one is unknown."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options are "
-                             f"{', '.join(sorted(names | set(paper_names)))}")
-        return cls(**kwargs)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:

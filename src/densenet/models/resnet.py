@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import config_from_options
 from .residual import ResNet, ResNetConfig, blocks_per_stage, no_dropout
 
 # He 2015 Table 1: (bottleneck units?, units per stage) of the ImageNet networks
@@ -38,7 +39,7 @@ def _imagenet(where: str, **kwargs: Any) -> ResNet:
     kwargs.setdefault("stem", "imagenet")
     kwargs.setdefault("stem_width", 64)
     kwargs.setdefault("shortcut", "B")
-    return ResNet(ResNetConfig.from_options(where, _PAPER_NAMES, **kwargs))
+    return ResNet(config_from_options(ResNetConfig, where, _PAPER_NAMES, **kwargs))
 
 
 def resnet_imagenet(depth: int = 50, **kwargs: Any) -> ResNet:
@@ -77,7 +78,7 @@ def resnet_cifar(depth: int = 20, **kwargs: Any) -> ResNet:
     kwargs.setdefault("planes", (16, 32, 64))
     kwargs.setdefault("stem_width", 16)
     kwargs.setdefault("shortcut", "A")
-    return ResNet(ResNetConfig.from_options(where, _PAPER_NAMES, **kwargs))
+    return ResNet(config_from_options(ResNetConfig, where, _PAPER_NAMES, **kwargs))
 
 
 def resnext_cifar(depth: int = 29, cardinality: int = 8, bottleneck_width: int = 64, **kwargs: Any) -> ResNet:
@@ -92,7 +93,7 @@ def resnext_cifar(depth: int = 29, cardinality: int = 8, bottleneck_width: int =
     kwargs.setdefault("planes", (64, 128, 256))
     kwargs.setdefault("stem_width", 64)
     kwargs.setdefault("shortcut", "B")
-    return ResNet(ResNetConfig.from_options(where, _PAPER_NAMES, bottleneck=True, groups=cardinality,
+    return ResNet(config_from_options(ResNetConfig, where, _PAPER_NAMES, bottleneck=True, groups=cardinality,
                                             width_per_group=bottleneck_width, **kwargs))
 
 

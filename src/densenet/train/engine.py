@@ -52,10 +52,10 @@ class RunData:
 
 
 def _normalization(kind: str, train) -> Normalization:
-    if kind == "div255" or not isinstance(train, ImageSet):
+    if kind == "div255":  # SVHN: pixels / 255 only
         c = train.images.shape[1] if isinstance(train, ImageSet) else 3
-        return Normalization((0.0,) * c, (1.0,) * c) if kind == "div255" else IMAGENET_MEAN_STD
-    if kind == "imagenet":
+        return Normalization((0.0,) * c, (1.0,) * c)
+    if kind == "imagenet" or not isinstance(train, ImageSet):  # streamed folders: no pass over the data
         return IMAGENET_MEAN_STD
     return channel_stats(train.images)  # the training images' own per-channel mean and std
 
@@ -288,7 +288,7 @@ class Trainer:
             while epoch < cfg.epochs:
                 lr = optimizer.param_groups[0]["lr"]
                 t0 = time.perf_counter()
-                sums, stopped_at = self._train_epoch(net, model, data.train, optimizer, scaler, autocast, epoch,
+                sums, stopped_at = self._train_epoch(net, data.train, optimizer, scaler, autocast, epoch,
                                                      start_step, sums, stop, dist)
                 if stopped_at is not None:
                     dist.barrier()
@@ -349,7 +349,7 @@ class Trainer:
             print(_summary_line(summary), file=sys.stderr)
         return summary
 
-    def _train_epoch(self, net, model, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist):
+    def _train_epoch(self, net, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist):
         """One epoch from step `start`; returns (running sums, step it stopped at or None)."""
         from tqdm import tqdm
 
