@@ -320,8 +320,13 @@ def _plot(args: argparse.Namespace) -> int:
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
     from .analysis.reproduce import GRIDS
 
-    p.add_argument("grid", choices=list(GRIDS), help="; ".join(f"{k}: {v['about']}" for k, v in GRIDS.items()))
-    p.add_argument("--out", required=True, help="grid directory: one run directory per cell, results.md/.csv")
+    from .analysis.launchers import add_launcher_args
+
+    p.add_argument("grid", choices=[*GRIDS, "status"], help="; ".join(f"{k}: {v['about']}" for k, v in GRIDS.items())
+                   + "; status: the state of each cell of a grid directory (then rebuilds results.md)")
+    p.add_argument("target", nargs="?", metavar="GRID_DIR",
+                   help="for status: the grid directory (the --out of the run), or a grid name with --out")
+    p.add_argument("--out", help="grid directory: one run directory per cell, results.md/.csv")
     p.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
                    help="where each dataset is, e.g. --data cifar10=~/data/cifar (repeat); a .tar.gz or "
                         "train/ folder is read as an image folder")
@@ -333,25 +338,36 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the runs and their cost; train nothing")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--json", action="store_true", help="status: print the cells' states as JSON")
+    add_launcher_args(p)
 
 
-@command("reproduce", "run a named grid of the paper's experiments; tables beside the published numbers",
-         _reproduce_args)
+@command("reproduce", "run a named grid of the paper's experiments (here, on SLURM or on Ray); tables beside "
+                      "the published numbers; `reproduce status DIR`: each cell's state", _reproduce_args)
 def _reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
 
     from .analysis.complexity import count_macs
-    from .analysis.reproduce import cell_config, cost, grid_cells, status, write_tables
+    from .analysis.gridstatus import cell_state, write_grid
+    from .analysis.launchers import CellJob, launch, options_from_args, run_cell
+    from .analysis.reproduce import cell_config, cost, grid_cells, write_tables
     from .paper import SETTING_DATA
     from .registry import create_model
-    from .train import TrainingStopped, fit
+    from .train import TrainingStopped
 
+    if args.grid == "status":
+        return _reproduce_status(args)
+    if args.target is not None:
+        raise UsageError(f"unexpected argument {args.target!r}: the grid directory is given with --out")
+    if not args.out:
+        raise UsageError("--out DIR is required: the grid directory (one run directory per cell)")
     if args.epochs is not None and args.epochs < 1 or args.budget is not None and not 0 < args.budget <= 1:
         raise UsageError("--epochs must be >= 1 and --budget in (0, 1]")
     if args.seeds < 1:
         raise UsageError("--seeds must be >= 1")
+    opts = options_from_args(args)
     data = {}
     for item in args.data:
         if "=" not in item:
@@ -359,14 +375,13 @@ def _reproduce(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         data[k.strip()] = str(Path(v).expanduser())
     out = Path(args.out)
-    cells = grid_cells(args.grid, args.seeds)
-    if args.only:
-        cells = [c for c in cells if any(o in (c.row, f"{c.row}/{c.setting}") for o in args.only)]
-        if not cells:
-            raise UsageError(f"--only {' '.join(args.only)} matches no cell of {args.grid}")
+    cells = _grid_cells_of(args, grid_cells)
     train_images = {"cifar10": 45_000, "cifar100": 45_000, "svhn": 604_388 - 6_000}
     total = 0.0
     extra = {"device": args.device, "amp": args.amp}
+    if not args.dry_run:
+        write_grid(out, args.grid, cells)
+    jobs = []
     for c in cells:
         cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
         dataset = SETTING_DATA[c.setting][0]
@@ -374,24 +389,87 @@ def _reproduce(args: argparse.Namespace) -> int:
             macs = count_macs(create_model(c.row, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
         macs_run = cost(cfg, macs, train_images[dataset])
         total += macs_run
-        st = status(c, out)
+        st = cell_state(c.path(out)).state
         where = data.get(dataset)
         line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
                 f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
         print(line)
-        if args.dry_run or st == "done" or not where:
+        if args.dry_run or st in ("done", "running") or not where:
+            continue
+        job = CellJob(f"{c.row}/{c.setting}/seed{c.seed}", str(c.path(out)), cfg.to_dict())
+        if opts.launcher != "local":
+            jobs.append(job)
             continue
         try:
-            fit(cfg, resume=str(c.path(out)) if st == "partial" else None)
+            r = run_cell(job, "local")  # today's behaviour: one cell after another, here
         except TrainingStopped as e:
             write_tables(args.grid, cells, out)
             print(f"densenet reproduce: {e}; run the same command again to continue the grid", file=sys.stderr)
             return e.exit_code
+        if r["outcome"] == "busy":
+            print(f"  skipped: {r['error']}", file=sys.stderr)
         write_tables(args.grid, cells, out)
     print(f"total: {len(cells)} runs, {total / 1e15:.2f} PMACs of training (forward + backward ~ 3 forward passes)")
+    if jobs and not args.dry_run:
+        def report(r: dict) -> None:
+            extra_text = f": {r['error']}" if r.get("error") else ""
+            print(f"{r['key']}: {r['outcome']}{extra_text}", file=sys.stderr)
+            write_tables(args.grid, cells, out)
+
+        outcomes = launch(jobs, opts, out, report)
+        if any(r["outcome"] == "submitted" for r in outcomes):
+            print(f"submitted {len(outcomes)} cells; follow them with `densenet reproduce status {out}`")
     if not args.dry_run:
         for p in write_tables(args.grid, cells, out):
             print(p)
+    return 0
+
+
+def _grid_cells_of(args: argparse.Namespace, grid_cells) -> list:
+    cells = grid_cells(args.grid, args.seeds)
+    if args.only:
+        cells = [c for c in cells if any(o in (c.row, f"{c.row}/{c.setting}") for o in args.only)]
+        if not cells:
+            raise UsageError(f"--only {' '.join(args.only)} matches no cell of {args.grid}")
+    return cells
+
+
+def _reproduce_status(args: argparse.Namespace) -> int:
+    """Each cell's state from its run directory alone; results.md rebuilt from the finished cells."""
+    from pathlib import Path
+
+    from .analysis.gridstatus import cell_state, format_table, read_grid
+    from .analysis.reproduce import GRIDS, Cell, grid_cells, write_tables
+
+    if args.target in GRIDS:
+        if not args.out:
+            raise UsageError(f"status {args.target} needs --out DIR, the grid directory")
+        args.grid, out = args.target, Path(args.out)
+        name, cells = args.target, _grid_cells_of(args, grid_cells)
+    else:
+        if not (args.target or args.out):
+            raise UsageError("status needs the grid directory: densenet reproduce status DIR")
+        out = Path(args.target or args.out)
+        if not out.is_dir():
+            raise UsageError(f"{out} is not a directory: give the --out of a `densenet reproduce` run")
+        grid = read_grid(out)
+        if not grid or grid.get("grid") not in GRIDS:
+            raise UsageError(f"{out}/grid.json is missing or damaged: name the grid, "
+                             f"e.g. densenet reproduce status table2 --out {out}")
+        name = grid["grid"]
+        try:
+            cells = [Cell(str(r), str(s), int(i)) for r, s, i in grid["cells"]]
+        except (TypeError, ValueError):
+            raise UsageError(f"{out}/grid.json is damaged: name the grid, e.g. "
+                             f"densenet reproduce status {name} --out {out}") from None
+    states = [cell_state(c.path(out), f"{c.row}/{c.setting}/seed{c.seed}") for c in cells]
+    if args.json:
+        _print_json([s.as_dict() for s in states])
+    else:
+        print(format_table(states))
+    if out.is_dir():
+        for p in write_tables(name, cells, out):
+            print(p, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
