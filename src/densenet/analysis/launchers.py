@@ -444,7 +444,7 @@ class SlurmLauncher:
         gpus = 1 if o.gpus_per_cell is None else o.gpus_per_cell
         params: dict[str, Any] = {"name": "densenet", "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
                                   "cpus_per_task": o.cpus_per_cell or 4 * max(1, gpus),
-                                  "slurm_max_num_timeout": o.max_requeues, "stderr_to_stdout": True}
+                                  "stderr_to_stdout": True}
         if o.time is not None:
             params["timeout_min"] = timeout_minutes(o.time)
         if o.mem_gb is not None:
@@ -462,7 +462,13 @@ class SlurmLauncher:
 
     def executor(self):
         submitit = _require("submitit")
-        ex = submitit.AutoExecutor(folder=str(self.folder / ".submitit" / "%j"), cluster=self.opts.cluster)
+        try:
+            cluster = self.opts.cluster
+            requeues = {f"{cluster}_max_num_timeout": self.opts.max_requeues} if cluster != "debug" else {}
+            ex = submitit.AutoExecutor(folder=str(self.folder / ".submitit" / "%j"), cluster=cluster, **requeues)
+        except RuntimeError as e:  # e.g. no srun: not on a SLURM login node
+            raise LauncherError(f"{str(e).strip().splitlines()[0]} (--cluster local runs the jobs on this "
+                                f"machine instead)") from None
         params = self.parameters()
         if self.opts.cluster != "slurm":  # submitit's local executors take only the generic options
             params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}

@@ -1,0 +1,236 @@
+"""Launchers of reproduction grids: the run-directory lock, cells that skip, resume and record their
+failures, `reproduce status` from run directories alone, and real grids of tiny digits cells run by
+submitit's local executor and by a local Ray instance, with a killed cell that resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from densenet.analysis.gridstatus import cell_state
+from densenet.analysis.launchers import (CellJob, LaunchOptions, LauncherError, RunLocked, SlurmLauncher, acquire,
+                                         holder, launch, run_cell, timeout_minutes, write_launch)
+from densenet.cli import main
+
+
+def tiny_job(root: Path, name: str, epochs: int = 1) -> CellJob:
+    """A cell of a few seconds: a 7-layer DenseNet (k=4) on 128 of scikit-learn's digits. (Explicit
+    milestones: the recipe's fractions round to a drop at epoch 0 for 1 epoch, which resolve() rejects.)"""
+    from densenet.train import TrainConfig
+
+    cfg = TrainConfig(model="densenet_40_k12", model_args={"depth": 7, "growth_rate": 4}, dataset="digits",
+                      epochs=epochs, milestones=(100.0,), train_subset=128, batch_size=32, val_size=100, out=str(root / name),
+                      progress=False, tensorboard=False).resolve()
+    return CellJob(f"{name}/digits/seed0", str(root / name), cfg.to_dict())
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def lock_info(run: str) -> dict:
+    return json.loads((Path(run) / ".lock").read_text())
+
+
+# --- the lock and one cell, in this process -----------------------------------------------------------
+
+def test_lock_is_exclusive_and_says_who_holds_it(tmp_path):
+    with acquire(tmp_path, {"job_id": "42"}) as held:
+        assert held["attempt"] == 1 and holder(tmp_path)["job_id"] == "42"
+        with pytest.raises(RunLocked, match=r"pid \d+ on .*\(job 42\)"):
+            with acquire(tmp_path, wait_s=0.2):
+                pass
+    assert holder(tmp_path) is None  # released: and the next attempt counts on
+    with acquire(tmp_path) as held:
+        assert held["attempt"] == 2
+
+
+def test_a_cell_runs_once_then_is_skipped_and_a_busy_cell_gives_way(tmp_path):
+    job = tiny_job(tmp_path, "a")
+    r = run_cell(job)
+    assert r["outcome"] == "done" and r["summary"]["epochs"] == 1
+    st = cell_state(job.run_dir)
+    assert (st.state, st.epoch, st.epochs, st.attempts) == ("done", 1, 1, 1) and "test error" in st.detail
+    assert run_cell(job)["outcome"] == "skipped"
+    other = tiny_job(tmp_path, "b")
+    with acquire(other.run_dir, {"job_id": "7", "launcher": "slurm"}):
+        assert cell_state(other.run_dir).state == "running"
+        assert "slurm job 7" in cell_state(other.run_dir).detail
+        r = run_cell(other)
+    assert r["outcome"] == "busy" and "job 7" in r["error"] and not (Path(other.run_dir) / "summary.json").exists()
+
+
+def test_a_failed_cell_says_why_and_pending_cells_say_where(tmp_path):
+    job = tiny_job(tmp_path, "bad")
+    job = CellJob(job.key, job.run_dir, {**job.config, "dataset": "folder", "data": str(tmp_path / "nowhere")})
+    with pytest.raises(Exception):
+        run_cell(job)
+    st = cell_state(job.run_dir)
+    assert st.state == "failed" and "nowhere" in st.detail
+    write_launch(job, "slurm", "123_4")  # resubmitted after it failed: pending again
+    st = cell_state(job.run_dir)
+    assert st.state == "pending" and "slurm job 123_4" in st.detail
+    assert cell_state(tmp_path / "never").state == "pending"
+    killed = tmp_path / "killed"  # a checkpoint and a finished attempt without a word: killed
+    (killed / "last").mkdir(parents=True)
+    (killed / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    st = cell_state(killed)
+    assert (st.state, st.epoch) == ("failed", 2) and "resume" in st.detail
+
+
+# --- options -----------------------------------------------------------------------------------------
+
+def test_time_limits_in_slurm_formats():
+    assert [timeout_minutes(t) for t in ("90", "2:00:00", "1-12", "1-00:30:00", "0:30:01", 45)] == \
+        [90, 120, 2160, 1470, 31, 45]
+    for bad in ("", "soon", "0", "1:2:3:4"):
+        with pytest.raises(LauncherError, match="time"):
+            timeout_minutes(bad)
+    with pytest.raises(LauncherError, match="unknown launcher"):
+        LaunchOptions(launcher="kubernetes")
+    with pytest.raises(LauncherError, match="gpus-per-cell"):
+        LaunchOptions(launcher="slurm", gpus_per_cell=-1)
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """The options a cluster user sets, in the sbatch script submitit writes (a fake srun on PATH:
+    submitit only looks for it)."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    opts = LaunchOptions(launcher="slurm", gpus_per_cell=4, partition="gpu", time="1-00:00:00", account="proj7",
+                         qos="high", constraint="a100", mem_gb=64, setup=["module load cuda/12"],
+                         slurm_args={"exclude": "node7"}, max_parallel=8)
+    monkeypatch.setenv("PATH", str(bin_dir), prepend=os.pathsep)
+    text = SlurmLauncher(opts, tmp_path).executor()._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--time=1440", "--account=proj7", "--qos=high", "--constraint=a100",
+                 "--gpus-per-node=4", "--cpus-per-task=16", "--mem=64GB", "--exclude=node7", "--ntasks-per-node=1",
+                 "--nodes=1", "module load cuda/12"):
+        assert line in text, line
+    assert opts.procs == 4  # the cell trains under torchrun inside the job, one process per GPU
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(LauncherError, match="srun.*--cluster local"):
+        SlurmLauncher(opts, tmp_path).executor()
+
+
+def test_reproduce_on_submitit_debug_then_status(tmp_path, monkeypatch, capsys):
+    """The CLI path: cells handed to submitit (its in-process debug executor), then `reproduce status`."""
+    pytest.importorskip("submitit")
+    import densenet.train as train
+
+    calls = []
+
+    def fake_fit(cfg, resume=None):
+        calls.append((cfg.model, resume))
+        out = Path(cfg.out)
+        (out / "metrics.jsonl").write_text(json.dumps({"epoch": cfg.epochs}) + "\n")
+        (out / "summary.json").write_text(json.dumps({"val_top1_error": 9.5, "epochs": cfg.epochs}))
+        return {}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    folder = tmp_path / "c10"
+    (folder / "train").mkdir(parents=True)
+    grid = tmp_path / "grid"
+    args = ["reproduce", "table2", "--out", str(grid), "--epochs", "2", "--data", f"cifar10={folder}",
+            "--only", "densenet_40_k12/C10+", "--only", "densenet_40_k12/C10", "--launcher", "slurm",
+            "--cluster", "debug", "--partition", "ignored-here"]
+    assert main(args) == 0
+    assert len(calls) == 2 and json.loads((grid / "grid.json").read_text())["grid"] == "table2"
+    capsys.readouterr()
+    assert main(["reproduce", "status", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "densenet_40_k12/C10+/seed0" in out and "2 done, 0 running, 0 pending, 0 failed of 2 cells" in out
+    assert "9.50 val (5.24, +4.26)" in (grid / "results.md").read_text()
+    assert main(["reproduce", "status", "table2", "--out", str(grid), "--only", "densenet_40_k12", "--json"]) == 0
+    states = json.loads(capsys.readouterr().out)
+    assert len(states) == 5 and sum(s["state"] == "done" for s in states) == 2
+    assert main(args) == 0 and len(calls) == 2  # done cells are not submitted again
+    assert main(["reproduce", "status", str(tmp_path)]) == 2
+    assert "grid.json is missing" in capsys.readouterr().err
+
+
+def test_missing_launcher_package_is_one_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("no ray here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(LauncherError, match=r'pip install "densenet\[cluster\]"'):
+        launch([tiny_job(tmp_path, "x")], LaunchOptions(launcher="ray"), tmp_path)
+
+
+# --- real grids on real schedulers (this machine) -----------------------------------------------------
+
+@pytest.mark.slow
+def test_submitit_local_grid_with_a_killed_and_a_preempted_cell(tmp_path):
+    """submitit's local executor runs each cell as its own process: a cell killed by SIGKILL shows as
+    failed and resumes from its checkpoint when the grid is launched again; a cell pre-empted (SIGUSR2,
+    submitit's timeout signal) saves at the current step, requeues itself and resumes."""
+    pytest.importorskip("submitit")
+    quick, long = tiny_job(tmp_path, "quick", 1), tiny_job(tmp_path, "long", 4)
+    opts = LaunchOptions(launcher="slurm", cluster="local", gpus_per_cell=0, cpus_per_cell=1)
+    launch([quick, long], opts, tmp_path)
+    wait_for(lambda: cell_state(long.run_dir).epoch >= 1 and holder(long.run_dir), 120, "the long cell's epoch 1")
+    os.kill(holder(long.run_dir)["pid"], signal.SIGKILL)
+    wait_for(lambda: cell_state(long.run_dir).state == "failed", 30, "the killed cell to show as failed")
+    wait_for(lambda: cell_state(quick.run_dir).state == "done", 120, "the quick cell")
+    killed_at = cell_state(long.run_dir).epoch
+    assert 1 <= killed_at < 4
+
+    outcomes = {}
+    t = threading.Thread(target=lambda: outcomes.update(
+        {r["key"]: r for r in launch([quick, long], LaunchOptions(**{**opts.__dict__, "wait": True}), tmp_path)}))
+    t.start()
+    wait_for(lambda: (holder(long.run_dir) or {}).get("attempt") == 2, 120, "the resubmitted attempt")
+    os.kill(holder(long.run_dir)["pid"], signal.SIGUSR2)
+    t.join(240)
+    assert not t.is_alive()
+    assert outcomes[quick.key]["outcome"] == "skipped" and outcomes[long.key]["outcome"] == "done"
+    st = cell_state(long.run_dir)
+    assert (st.state, st.epoch, st.attempts) == ("done", 4, 3)
+    assert lock_info(long.run_dir)["resumed_at_epoch"] >= killed_at
+    epochs = [json.loads(r)["epoch"] for r in Path(long.run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]  # each epoch once: resumed, never restarted
+
+
+@pytest.mark.slow
+def test_ray_grid_with_a_killed_cell(tmp_path):
+    """A local Ray instance (2 CPUs): a cell whose worker is killed is retried by Ray and resumes."""
+    ray = pytest.importorskip("ray")
+    quick, long = tiny_job(tmp_path, "quick", 1), tiny_job(tmp_path, "long", 4)
+    opts = LaunchOptions(launcher="ray", ray_num_cpus=2, cpus_per_cell=1, gpus_per_cell=0, ray_retries=2)
+    outcomes = {}
+    t = threading.Thread(target=lambda: outcomes.update(
+        {r["key"]: r for r in launch([quick, long], opts, tmp_path)}))
+    t.start()
+    try:
+        wait_for(lambda: cell_state(long.run_dir).epoch >= 1 and holder(long.run_dir), 180, "the long cell's epoch 1")
+        killed_at = cell_state(long.run_dir).epoch
+        os.kill(holder(long.run_dir)["pid"], signal.SIGKILL)
+        t.join(300)
+    finally:
+        if t.is_alive() and ray.is_initialized():
+            ray.shutdown()
+    assert not t.is_alive()
+    assert outcomes[quick.key]["outcome"] == "done" and outcomes[long.key]["outcome"] == "done"
+    st = cell_state(long.run_dir)
+    assert (st.state, st.epoch, st.attempts) == ("done", 4, 2)
+    assert lock_info(long.run_dir)["resumed_at_epoch"] >= killed_at
