@@ -14,7 +14,7 @@ import pytest
 
 from densenet.analysis.gridstatus import cell_state
 from densenet.analysis.launchers import (CellJob, LaunchOptions, LauncherError, RunLocked, SlurmLauncher, acquire,
-                                         holder, launch, run_cell, timeout_minutes, write_launch)
+                                         checkpoint_epoch, holder, launch, run_cell, timeout_minutes, write_launch)
 from densenet.cli import main
 
 
@@ -179,36 +179,48 @@ def test_missing_launcher_package_is_one_line(tmp_path, monkeypatch, capsys):
 
 # --- real grids on real schedulers (this machine) -----------------------------------------------------
 
+def checkpointed(job: CellJob, after: int = 0) -> int:
+    """Epochs of the cell's last checkpoint, if more than `after` while an attempt runs; else 0."""
+    e = checkpoint_epoch(Path(job.run_dir))
+    return e if e > after and holder(job.run_dir) else 0
+
+
 @pytest.mark.slow
 def test_submitit_local_grid_with_a_killed_and_a_preempted_cell(tmp_path):
     """submitit's local executor runs each cell as its own process: a cell killed by SIGKILL shows as
     failed and resumes from its checkpoint when the grid is launched again; a cell pre-empted (SIGUSR2,
     submitit's timeout signal) saves at the current step, requeues itself and resumes."""
     pytest.importorskip("submitit")
-    quick, long = tiny_job(tmp_path, "quick", 1), tiny_job(tmp_path, "long", 4)
+    quick, long = tiny_job(tmp_path, "quick", 1), tiny_job(tmp_path, "long", 6)
     opts = LaunchOptions(launcher="slurm", cluster="local", gpus_per_cell=0, cpus_per_cell=1)
     launch([quick, long], opts, tmp_path)
-    wait_for(lambda: cell_state(long.run_dir).epoch >= 1 and holder(long.run_dir), 120, "the long cell's epoch 1")
+    wait_for(lambda: checkpointed(long), 120, "the long cell's first checkpoint")
     os.kill(holder(long.run_dir)["pid"], signal.SIGKILL)
     wait_for(lambda: cell_state(long.run_dir).state == "failed", 30, "the killed cell to show as failed")
     wait_for(lambda: cell_state(quick.run_dir).state == "done", 120, "the quick cell")
-    killed_at = cell_state(long.run_dir).epoch
-    assert 1 <= killed_at < 4
+    st = cell_state(long.run_dir)
+    killed_at = checkpoint_epoch(Path(long.run_dir))
+    assert 1 <= killed_at < 6 and "resume it after epoch" in st.detail
 
     outcomes = {}
     t = threading.Thread(target=lambda: outcomes.update(
         {r["key"]: r for r in launch([quick, long], LaunchOptions(**{**opts.__dict__, "wait": True}), tmp_path)}))
     t.start()
-    wait_for(lambda: (holder(long.run_dir) or {}).get("attempt") == 2, 120, "the resubmitted attempt")
-    os.kill(holder(long.run_dir)["pid"], signal.SIGUSR2)
+    second = wait_for(lambda: (h := holder(long.run_dir) or {}).get("attempt") == 2 and "resumed_at_epoch" in h and h,
+                      120, "the resubmitted attempt")
+    assert second["resumed_at_epoch"] == killed_at
+    preempted_at = wait_for(lambda: checkpointed(long, killed_at), 120, "an epoch of the resumed attempt")
+    os.kill(holder(long.run_dir)["pid"], signal.SIGUSR2)  # what SLURM sends before the time limit
     t.join(240)
     assert not t.is_alive()
     assert outcomes[quick.key]["outcome"] == "skipped" and outcomes[long.key]["outcome"] == "done"
     st = cell_state(long.run_dir)
-    assert (st.state, st.epoch, st.attempts) == ("done", 4, 3)
-    assert lock_info(long.run_dir)["resumed_at_epoch"] >= killed_at
+    assert (st.state, st.epoch, st.attempts) == ("done", 6, 3)
+    assert lock_info(long.run_dir)["resumed_at_epoch"] >= preempted_at
     epochs = [json.loads(r)["epoch"] for r in Path(long.run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]  # each epoch once: resumed, never restarted
+    assert epochs == [1, 2, 3, 4, 5, 6]  # each epoch once: resumed, never restarted
+    log = "".join(p.read_text() for p in (tmp_path / ".submitit").glob("*/*_log.out"))
+    assert "SIGTERM: saving a resumable checkpoint" in log and "Requeued job" in log
 
 
 @pytest.mark.slow
@@ -222,8 +234,7 @@ def test_ray_grid_with_a_killed_cell(tmp_path):
         {r["key"]: r for r in launch([quick, long], opts, tmp_path)}))
     t.start()
     try:
-        wait_for(lambda: cell_state(long.run_dir).epoch >= 1 and holder(long.run_dir), 180, "the long cell's epoch 1")
-        killed_at = cell_state(long.run_dir).epoch
+        killed_at = wait_for(lambda: checkpointed(long), 180, "the long cell's first checkpoint")
         os.kill(holder(long.run_dir)["pid"], signal.SIGKILL)
         t.join(300)
     finally:

@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .launchers import ERROR_FILE, LAUNCH_FILE, LOCK_FILE, SUMMARY_FILE, _epochs_done, _read_json, holder
+from .launchers import (ERROR_FILE, LAUNCH_FILE, LOCK_FILE, SUMMARY_FILE, _epochs_done, _read_json, checkpoint_epoch,
+                        holder)
 
 GRID_FILE = "grid.json"  # OUT/grid.json: the grid's name and cells, written by `densenet reproduce`
 
@@ -61,13 +62,14 @@ def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
     if launch is not None and launch.get("submitted", 0) > started:
         job = f" as {launch.get('launcher')} job {launch['job_id']}" if launch.get("job_id") else ""
         note = f" ({launch['note']})" if launch.get("note") else ""
-        return state("pending", f"submitted{job}{note}" + (f"; resumes at epoch {epoch}" if epoch else ""))
+        resumes = checkpoint_epoch(run)
+        return state("pending", f"submitted{job}{note}" + (f"; resumes after epoch {resumes}" if resumes else ""))
     error = _read_json(run / ERROR_FILE)
     if error is not None:
         return state("failed", str(error.get("error", "failed"))[:300])
     if last_try is not None or (run / "last").exists():
-        return state("failed", f"stopped at epoch {epoch} without finishing (killed, pre-empted or out of "
-                               f"memory); run the same command again to resume it")
+        return state("failed", f"stopped without finishing (killed, pre-empted or out of memory); run the same "
+                               f"command again to resume it after epoch {checkpoint_epoch(run)}")
     return state("pending", "not started")
 
 

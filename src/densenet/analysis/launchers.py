@@ -149,7 +149,7 @@ def run_cell(job: CellJob, launcher: str = "local", job_id: str | None = None) -
         with contextlib.suppress(FileNotFoundError):
             (run / ERROR_FILE).unlink()
         resume = (run / "last").exists()
-        held["resumed_at_epoch"] = _epochs_done(run) if resume else 0
+        held["resumed_at_epoch"] = checkpoint_epoch(run) if resume else 0
         _rewrite_lock(run, held)
         try:
             if job.procs > 1:
@@ -191,6 +191,17 @@ def _epochs_done(run: Path) -> int:
         lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         return int(json.loads(lines[-1])["epoch"]) if lines else 0
     except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 0
+
+
+def checkpoint_epoch(run: Path) -> int:
+    """Epochs finished by the run's last checkpoint (read from its header; nothing is unpickled)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(run / "last" / "state.safetensors"), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})["train"])["epoch"])
+    except Exception:  # noqa: BLE001 -- no or an unreadable checkpoint: nothing to resume from
         return 0
 
 
