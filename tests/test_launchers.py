@@ -107,14 +107,10 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     """The options a cluster user sets, in the sbatch script submitit writes (a fake srun on PATH:
     submitit only looks for it)."""
     pytest.importorskip("submitit")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "srun").chmod(0o755)
     opts = LaunchOptions(launcher="slurm", gpus_per_cell=4, partition="gpu", time="1-00:00:00", account="proj7",
                          qos="high", constraint="a100", mem_gb=64, setup=["module load cuda/12"],
                          slurm_args={"exclude": "node7"}, max_parallel=8)
-    monkeypatch.setenv("PATH", str(bin_dir), prepend=os.pathsep)
+    fake_srun(tmp_path, monkeypatch)
     text = SlurmLauncher(opts, tmp_path).executor()._executor._make_submission_file_text("python -m x", "uid")
     for line in ("--partition=gpu", "--time=1440", "--account=proj7", "--qos=high", "--constraint=a100",
                  "--gpus-per-node=4", "--cpus-per-task=16", "--mem=64GB", "--exclude=node7", "--ntasks-per-node=1",
@@ -124,6 +120,45 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(LauncherError, match="srun.*--cluster local"):
         SlurmLauncher(opts, tmp_path).executor()
+
+
+def fake_srun(tmp_path: Path, monkeypatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir), prepend=os.pathsep)
+
+
+def test_cells_still_queued_are_not_submitted_again(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    import densenet.analysis.launchers as launchers
+
+    fake_srun(tmp_path, monkeypatch)
+    job = tiny_job(tmp_path, "q")
+    write_launch(job, "slurm", "991_3")
+    asked = []
+    monkeypatch.setattr(launchers, "slurm_job_state", lambda folder, job_id: asked.append(job_id) or "PENDING")
+    r = launch([job], LaunchOptions(launcher="slurm"), tmp_path)
+    assert r == [{"key": job.key, "outcome": "queued", "job_id": "991_3"}] and asked == ["991_3"]
+
+
+def test_launcher_options_from_a_file_and_the_command_line(tmp_path):
+    from densenet.analysis.launchers import options_from_args
+    from densenet.cli import build_parser
+
+    f = tmp_path / "cluster.toml"
+    f.write_text('launcher = "slurm"\npartition = "gpu"\ntime = "12:00:00"\ngpus_per_cell = 2\n'
+                 'setup = ["module load cuda"]\n[slurm_args]\nexclude = "node7"\n')
+    args = build_parser().parse_args(["reproduce", "table2", "--out", "x", "--launcher-config", str(f),
+                                      "--partition", "long", "--slurm-arg", "mail-type=END"])
+    o = options_from_args(args)
+    assert (o.launcher, o.partition, o.time, o.gpus_per_cell, o.setup) == ("slurm", "long", "12:00:00", 2,
+                                                                            ["module load cuda"])
+    assert o.slurm_args == {"exclude": "node7", "mail_type": "END"} and o.procs == 2
+    f.write_text('partion = "gpu"\n')
+    with pytest.raises(LauncherError, match="unknown setting.*partion"):
+        options_from_args(build_parser().parse_args(["reproduce", "table2", "--launcher-config", str(f)]))
 
 
 def test_reproduce_on_submitit_debug_then_status(tmp_path, monkeypatch, capsys):
@@ -245,3 +280,12 @@ def test_ray_grid_with_a_killed_cell(tmp_path):
     st = cell_state(long.run_dir)
     assert (st.state, st.epoch, st.attempts) == ("done", 4, 2)
     assert lock_info(long.run_dir)["resumed_at_epoch"] >= killed_at
+
+
+@pytest.mark.slow
+def test_a_multi_process_cell_trains_under_torchrun(tmp_path):
+    """--gpus-per-cell N > 1: the job runs `densenet train` under torchrun (here 2 CPU processes, gloo)."""
+    job = tiny_job(tmp_path, "ddp", 1)
+    r = run_cell(CellJob(job.key, job.run_dir, job.config, procs=2))
+    assert r["outcome"] == "done" and r["summary"]["epochs"] == 1
+    assert cell_state(job.run_dir).state == "done"

@@ -438,6 +438,8 @@ class SubmititCell:
                 write_launch(self.job, "slurm", env.job_id, "requeued after a timeout or pre-emption")
                 requeue(asked[0], None)  # checkpoint() below, requeue, exit
             raise
+        finally:
+            signal.signal(env._usr_sig(), signal.SIG_DFL if requeue is None else requeue)  # the debug executor runs the job in the caller's process
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -494,6 +496,19 @@ class SlurmLauncher:
     def launch(self, jobs: list[CellJob], report: Report) -> list[dict]:
         submitit = _require("submitit")
         ex = self.executor()
+        waiting = []
+        if self.opts.cluster == "slurm":  # a cell still queued or running from an earlier submission: leave it
+            for j in jobs:
+                launched = _read_json(Path(j.run_dir) / LAUNCH_FILE) or {}
+                if launched.get("launcher") == "slurm" and launched.get("job_id"):
+                    state = slurm_job_state(self.folder, str(launched["job_id"]))
+                    if state in SLURM_ACTIVE:
+                        print(f"{j.key}: still {state.lower()} as job {launched['job_id']}; not submitted again",
+                              file=sys.stderr)
+                        waiting.append({"key": j.key, "outcome": "queued", "job_id": str(launched["job_id"])})
+            jobs = [j for j in jobs if j.key not in {w["key"] for w in waiting}]
+            if not jobs:
+                return waiting
         cells = [SubmititCell(CellJob(j.key, j.run_dir, j.config, self.opts.procs)) for j in jobs]
         if self.opts.cluster == "slurm" and len(cells) > 1:
             with ex.batch():  # one job array: a single sbatch for the whole grid
@@ -505,7 +520,8 @@ class SlurmLauncher:
             write_launch(c.job, "slurm", str(h.job_id))
             print(f"submitted {c.job.key} as job {h.job_id}", file=sys.stderr)
         if not (self.opts.wait or self.opts.cluster == "debug"):
-            return [{"key": c.job.key, "outcome": "submitted", "job_id": str(h.job_id)} for c, h in zip(cells, handles)]
+            return waiting + [{"key": c.job.key, "outcome": "submitted", "job_id": str(h.job_id)}
+                              for c, h in zip(cells, handles)]
         for c, h in zip(cells, handles):
             try:
                 r = h.result()
@@ -515,7 +531,21 @@ class SlurmLauncher:
                      "error": (first[-1] if first else type(e).__name__)[:300]}
             outcomes.append(r)
             report(r)
-        return outcomes
+        return waiting + outcomes
+
+
+SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+def slurm_job_state(folder: Path, job_id: str) -> str:
+    """SLURM's state of a job (sacct, through submitit); UNKNOWN when it cannot be asked."""
+    try:
+        from submitit.slurm.slurm import SlurmJob
+
+        return str(SlurmJob(folder / ".submitit" / job_id, job_id).watcher.get_state(job_id, mode="force")).upper()
+    except Exception:  # noqa: BLE001 -- no sacct, no answer: the lock still keeps a cell from running twice
+        return "UNKNOWN"
 
 
 def _cuda_count() -> int:
