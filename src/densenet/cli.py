@@ -419,6 +419,13 @@ def _reproduce(args: argparse.Namespace) -> int:
         outcomes = launch(jobs, opts, out, report)
         if any(r["outcome"] == "submitted" for r in outcomes):
             print(f"submitted {len(outcomes)} cells; follow them with `densenet reproduce status {out}`")
+        failed = [r["key"] for r in outcomes if r["outcome"] == "failed"]
+        if failed:
+            write_tables(args.grid, cells, out)
+            print(f"densenet reproduce: {len(failed)} cell(s) failed ({', '.join(failed[:3])}"
+                  f"{', ...' if len(failed) > 3 else ''}); `densenet reproduce status {out}` says why; run the "
+                  f"same command again to resubmit them", file=sys.stderr)
+            return 1
     if not args.dry_run:
         for p in write_tables(args.grid, cells, out):
             print(p)

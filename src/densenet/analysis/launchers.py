@@ -64,8 +64,8 @@ def _read_json(path: Path) -> dict | None:
 
 @contextlib.contextmanager
 def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) -> Iterator[dict]:
-    """Hold RUN/.lock for the body; raise RunLocked at once if another process holds it (after a
-    short wait, so that a `status` looking at the lock never makes an attempt give up)."""
+    """Hold RUN/.lock for the body; raise RunLocked if another process holds it for longer than
+    `wait_s` (the wait: a `status` glancing at the lock never makes an attempt give up)."""
     path = Path(run_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,7 +75,11 @@ def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) 
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):
+                    raise OSError(f"the file system of {run_dir} cannot lock files ({e.strerror}): a cell could "
+                                  f"run twice there; put --out on a file system with locks (e.g. Lustre mounted "
+                                  f"with -o flock)") from None
                 if time.monotonic() > deadline:
                     who = _read_json(path) or {}
                     raise RunLocked(f"{run_dir} is being trained by pid {who.get('pid', '?')} on "
@@ -83,12 +87,12 @@ def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) 
                                     + " since " + _when(who.get("started"))) from None
                 time.sleep(0.1)
         previous = _read_json(path) or {}
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                  "attempt": int(previous.get("attempt", 0)) + 1, **(info or {})}
+        held = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                "attempt": int(previous.get("attempt", 0)) + 1, **(info or {})}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(held) + "\n").encode(), 0)
         os.fsync(fd)
-        yield holder
+        yield held
     finally:
         os.close(fd)  # releases the lock
 
@@ -108,6 +112,8 @@ def holder(run_dir: str | Path) -> dict | None:
         return None
     except BlockingIOError:
         return _read_json(path) or {}
+    except OSError:  # no locks on this file system: nobody can be known to hold it
+        return None
     finally:
         os.close(fd)
 
@@ -344,7 +350,8 @@ def add_launcher_args(p) -> None:
     g.add_argument("--max-parallel", type=int, default=S, help="at most this many cells at once (slurm)")
     g.add_argument("--max-requeues", type=int, default=S, help="slurm: requeues of a timed-out cell (default 10)")
     g.add_argument("--cluster", choices=("slurm", "local", "debug"), default=S,
-                   help="slurm: a SLURM cluster (default); local/debug: submitit's executors on this machine")
+                   help="slurm: a SLURM cluster (default); local: submitit's jobs as processes of this machine; "
+                        "debug: in this process, opening pdb on an error (submitit's debug executor)")
     g.add_argument("--wait", action=argparse.BooleanOptionalAction, default=S,
                    help="slurm: wait for the jobs, then write results.md (default: submit and return)")
     g.add_argument("--ray-address", default=S, help="an existing Ray cluster (default: RAY_ADDRESS, or start one)")
