@@ -62,8 +62,24 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+class Held(dict):
+    """What the lock's file says about the attempt holding it; `save()` rewrites it."""
+
+    def __init__(self, fd: int, info: dict):
+        super().__init__(info)
+        self._fd = fd
+
+    def save(self) -> None:
+        # through the locking descriptor only: on NFS, flock is a POSIX lock, which closing any other
+        # descriptor of the file would drop
+        data = (json.dumps(self) + "\n").encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+
 @contextlib.contextmanager
-def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) -> Iterator[dict]:
+def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) -> Iterator[Held]:
     """Hold RUN/.lock for the body; raise RunLocked if another process holds it for longer than
     `wait_s` (the wait: a `status` glancing at the lock never makes an attempt give up)."""
     path = Path(run_dir) / LOCK_FILE
@@ -86,12 +102,14 @@ def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) 
                                     f"{who.get('host', '?')}" + (f" (job {who['job_id']})" if who.get("job_id") else "")
                                     + " since " + _when(who.get("started"))) from None
                 time.sleep(0.1)
-        previous = _read_json(path) or {}
-        held = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                "attempt": int(previous.get("attempt", 0)) + 1, **(info or {})}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(held) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            previous = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        except ValueError:
+            previous = {}
+        attempt = previous.get("attempt", 0) if isinstance(previous, dict) else 0
+        held = Held(fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                         "attempt": (attempt if isinstance(attempt, int) else 0) + 1, **(info or {})})
+        held.save()
         yield held
     finally:
         os.close(fd)  # releases the lock
@@ -139,50 +157,41 @@ def run_cell(job: CellJob, launcher: str = "local", job_id: str | None = None) -
 
     Returns {"key", "outcome": "done"|"skipped"|"busy", "summary"}. A failure is written to
     RUN/error.json and raised again (TrainingStopped keeps its exit code)."""
+    run = Path(job.run_dir)
+    with contextlib.ExitStack() as stack:
+        if not (run / SUMMARY_FILE).is_file():
+            try:
+                held = stack.enter_context(acquire(run, {"launcher": launcher, "job_id": job_id, "key": job.key}))
+            except RunLocked as e:
+                return {"key": job.key, "outcome": "busy", "error": str(e)}
+        if (run / SUMMARY_FILE).is_file():  # done, perhaps by another attempt while this one waited
+            return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
+        return {"key": job.key, "outcome": "done", "summary": _attempt(job, run, held)}
+
+
+def _attempt(job: CellJob, run: Path, held: Held) -> dict:
     from ..train import TrainConfig, TrainingStopped, fit
 
-    run = Path(job.run_dir)
-    if (run / SUMMARY_FILE).is_file():
-        return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
+    with contextlib.suppress(FileNotFoundError):
+        (run / ERROR_FILE).unlink()
+    resume = (run / "last").exists()
+    held["resumed_at_epoch"] = checkpoint_epoch(run) if resume else 0
+    held.save()
     try:
-        lock = acquire(run, {"launcher": launcher, "job_id": job_id, "key": job.key})
-        held = lock.__enter__()
-    except RunLocked as e:
-        return {"key": job.key, "outcome": "busy", "error": str(e)}
-    try:
-        if (run / SUMMARY_FILE).is_file():  # finished by another attempt while this one waited
-            return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
-        with contextlib.suppress(FileNotFoundError):
-            (run / ERROR_FILE).unlink()
-        resume = (run / "last").exists()
-        held["resumed_at_epoch"] = checkpoint_epoch(run) if resume else 0
-        _rewrite_lock(run, held)
-        try:
-            if job.procs > 1:
-                summary = _torchrun(job, resume)
-            else:
-                summary = fit(TrainConfig.from_dict(job.config), resume=str(run) if resume else None)
-        except TrainingStopped as e:
-            _record_error(run, str(e), e.exit_code, held)
-            raise
-        except BaseException as e:
-            text = str(e) or type(e).__name__
-            if isinstance(e, SystemExit):
-                text = f"the job exited (status {e.code}) before the cell finished"
-            elif isinstance(e, KeyboardInterrupt):
-                text = "interrupted"
-            _record_error(run, text, getattr(e, "exit_code", 1), held)
-            raise
-        return {"key": job.key, "outcome": "done", "summary": summary}
-    finally:
-        lock.__exit__(None, None, None)
-
-
-def _rewrite_lock(run: Path, held: dict) -> None:
-    # the lock's file is ours while we hold it; rewrite it in place (never replace: the lock is on the inode)
-    with open(run / LOCK_FILE, "r+") as f:
-        f.truncate(0)
-        f.write(json.dumps(held) + "\n")
+        if job.procs > 1:
+            return _torchrun(job, resume)
+        return fit(TrainConfig.from_dict(job.config), resume=str(run) if resume else None)
+    except TrainingStopped as e:
+        _record_error(run, str(e), e.exit_code, held)
+        raise
+    except BaseException as e:
+        text = str(e) or type(e).__name__
+        if isinstance(e, SystemExit):
+            text = f"the job exited (status {e.code}) before the cell finished"
+        elif isinstance(e, KeyboardInterrupt):
+            text = "interrupted"
+        _record_error(run, text, getattr(e, "exit_code", 1), held)
+        raise
 
 
 def _record_error(run: Path, message: str, exit_code: int, held: dict) -> None:
@@ -279,7 +288,8 @@ class LaunchOptions:
 
     @property
     def procs(self) -> int:
-        """Processes per cell: one per GPU (torchrun), one on CPU."""
+        """Processes per cell on SLURM: one per GPU (torchrun), one on CPU. (Ray: the same, once it
+        knows whether its cluster has GPUs.)"""
         return max(1, self.gpus_per_cell or 1) if self.launcher == "slurm" else 1
 
 
@@ -602,6 +612,7 @@ class RayLauncher:
                                                  max_retries=self.opts.ray_retries, retry_exceptions=False)
             pending = {}
             for j in jobs:
+                j = CellJob(j.key, j.run_dir, j.config, max(1, gpus))  # several GPUs: torchrun inside the task
                 ref = task.remote(j)
                 pending[ref] = j
                 write_launch(j, "ray", ref.hex()[:16])
