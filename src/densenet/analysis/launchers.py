@@ -240,9 +240,12 @@ def _torchrun(job: CellJob, resume: bool) -> dict:
     return _read_json(run / SUMMARY_FILE) or {}
 
 
-def write_launch(job: CellJob, launcher: str, job_id: str | None, note: str = "") -> None:
+def write_launch(job: CellJob, launcher: str, job_id: str | None, note: str = "",
+                 submitted: float | None = None) -> None:
+    """Record the hand-over; `submitted` is taken before the submission, so that it never postdates
+    the start of the attempt (which would make a started cell look queued)."""
     write_text_atomic(Path(job.run_dir) / LAUNCH_FILE, json.dumps(
-        {"launcher": launcher, "job_id": job_id, "submitted": time.time(), "key": job.key, "note": note,
+        {"launcher": launcher, "job_id": job_id, "submitted": submitted or time.time(), "key": job.key, "note": note,
          "epochs": job.config.get("epochs"), "procs": job.procs}, indent=2) + "\n")
 
 
@@ -527,6 +530,7 @@ class SlurmLauncher:
             if not jobs:
                 return waiting
         cells = [SubmititCell(CellJob(j.key, j.run_dir, j.config, self.opts.procs)) for j in jobs]
+        t0 = time.time()
         if self.opts.cluster == "slurm" and len(cells) > 1:
             with ex.batch():  # one job array: a single sbatch for the whole grid
                 handles = [ex.submit(c) for c in cells]
@@ -534,7 +538,7 @@ class SlurmLauncher:
             handles = [ex.submit(c) for c in cells]
         outcomes = []
         for c, h in zip(cells, handles):
-            write_launch(c.job, "slurm", str(h.job_id))
+            write_launch(c.job, "slurm", str(h.job_id), submitted=t0)
             print(f"submitted {c.job.key} as job {h.job_id}", file=sys.stderr)
         if not (self.opts.wait or self.opts.cluster == "debug"):
             return waiting + [{"key": c.job.key, "outcome": "submitted", "job_id": str(h.job_id)}
@@ -613,9 +617,10 @@ class RayLauncher:
             pending = {}
             for j in jobs:
                 j = CellJob(j.key, j.run_dir, j.config, max(1, gpus))  # several GPUs: torchrun inside the task
+                t0 = time.time()
                 ref = task.remote(j)
                 pending[ref] = j
-                write_launch(j, "ray", ref.hex()[:16])
+                write_launch(j, "ray", ref.hex()[:16], submitted=t0)
             outcomes = []
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
