@@ -24,8 +24,8 @@ def tiny_job(root: Path, name: str, epochs: int = 1) -> CellJob:
     from densenet.train import TrainConfig
 
     cfg = TrainConfig(model="densenet_40_k12", model_args={"depth": 7, "growth_rate": 4}, dataset="digits",
-                      epochs=epochs, milestones=(100.0,), train_subset=128, batch_size=32, val_size=100, out=str(root / name),
-                      progress=False, tensorboard=False).resolve()
+                      epochs=epochs, milestones=(100.0,), train_subset=128, batch_size=32, val_size=100,
+                      out=str(root / name), progress=False, tensorboard=False).resolve()
     return CellJob(f"{name}/digits/seed0", str(root / name), cfg.to_dict())
 
 

@@ -458,8 +458,8 @@ class SubmititCell:
                 write_launch(self.job, "slurm", env.job_id, "requeued after a timeout or pre-emption")
                 requeue(asked[0], None)  # checkpoint() below, requeue, exit
             raise
-        finally:
-            signal.signal(env._usr_sig(), signal.SIG_DFL if requeue is None else requeue)  # the debug executor runs the job in the caller's process
+        finally:  # the debug executor runs the job in the caller's process: leave its handler as it was
+            signal.signal(env._usr_sig(), signal.SIG_DFL if requeue is None else requeue)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
