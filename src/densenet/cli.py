@@ -352,6 +352,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .analysis.complexity import count_macs
     from .analysis.gridstatus import cell_state, write_grid
     from .analysis.launchers import CellJob, launch, options_from_args, run_cell
+    from .analysis.launchers import check as check_launcher
     from .analysis.reproduce import cell_config, cost, grid_cells, write_tables
     from .paper import SETTING_DATA
     from .registry import create_model
@@ -380,6 +381,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     total = 0.0
     extra = {"device": args.device, "amp": args.amp}
     if not args.dry_run:
+        check_launcher(opts, out)
         write_grid(out, args.grid, cells)
     jobs = []
     for c in cells:

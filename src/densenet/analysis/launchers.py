@@ -410,6 +410,14 @@ def launch(jobs: list[CellJob], opts: LaunchOptions, folder: Path, report: Repor
     return [_local(job, report) for job in jobs]
 
 
+def check(opts: LaunchOptions, folder: Path) -> None:
+    """Fail before any work if the launcher cannot be used here (package missing, no SLURM)."""
+    if opts.launcher == "slurm":
+        SlurmLauncher(opts, folder).executor()
+    elif opts.launcher == "ray":
+        _require("ray")
+
+
 def _local(job: CellJob, report: Report) -> dict:
     r = run_cell(job, "local")
     report(r)
