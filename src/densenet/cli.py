@@ -419,8 +419,9 @@ def _reproduce(args: argparse.Namespace) -> int:
             write_tables(args.grid, cells, out)
 
         outcomes = launch(jobs, opts, out, report)
-        if any(r["outcome"] == "submitted" for r in outcomes):
-            print(f"submitted {len(outcomes)} cells; follow them with `densenet reproduce status {out}`")
+        submitted = sum(r["outcome"] == "submitted" for r in outcomes)
+        if submitted:
+            print(f"submitted {submitted} cells; follow them with `densenet reproduce status {out}`")
         failed = [r["key"] for r in outcomes if r["outcome"] == "failed"]
         if failed:
             write_tables(args.grid, cells, out)
