@@ -61,9 +61,16 @@ def _normalization(kind: str, train) -> Normalization:
 
 
 def select_splits(cfg: TrainConfig, splits):
-    """(train, val, test) as the config asks: a seeded class-balanced hold-out of `val_size` images."""
+    """(train, val, test) as the config asks: a seeded class-balanced hold-out of `val_size` images;
+    on SVHN train + extra, 6,000 images are the authors' split (400 per class from train, 200 from extra)."""
+    from ..data.sources import SVHN_VAL_PER_CLASS, svhn_split
+
     train, val = splits.train, splits.val
-    if cfg.val_size:
+    parts = getattr(splits, "parts", None)
+    if cfg.dataset == "svhn" and parts and len(parts) == 2 and cfg.val_size == 10 * sum(SVHN_VAL_PER_CLASS):
+        tr, va = svhn_split(train.labels, parts[0], cfg.split_seed)
+        train, val = train.subset(tr), train.subset(va)
+    elif cfg.val_size:
         tr, va = balanced_split(train.labels, cfg.val_size, cfg.split_seed)
         train, val = train.subset(tr), train.subset(va)
     if cfg.train_subset and cfg.train_subset < len(train):
@@ -196,7 +203,9 @@ class _StopFlag:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Top-1 and top-5 error (percent), mean loss and the number of images. Ten-crop batches
-    (10, B, C, H, W) average the softmax of the crops."""
+    (10, B, C, H, W) are scored by the sum of the crops' logits, as the authors' train.lua
+    (Trainer:computeScore: `output:view(B, nCrops, C):sum(2)`, its `:exp()` commented out); the loss
+    is that of the summed logits' softmax."""
     was_training = model.training
     model.eval()
     n = correct1 = correct5 = 0
@@ -204,8 +213,8 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
     for x, y in batches:
         with autocast():
             if x.dim() == 5:
-                probs = torch.stack([F.softmax(model(c).float(), 1) for c in x]).mean(0)
-                logp = probs.clamp_min(1e-12).log()
+                logits = torch.stack([model(c).float() for c in x]).sum(0)
+                logp = F.log_softmax(logits, 1)
             else:
                 logp = F.log_softmax(model(x).float(), 1)
         loss_sum += F.nll_loss(logp, y, reduction="sum").item()
