@@ -383,3 +383,15 @@ def test_option_a_resnets_and_resnext_ablation_are_registered():
             # within 5% of ResNet's multiply-adds (32x4d itself is +3.4%) and 3% of its parameters
             assert abs(count_macs(m, (3, 224, 224)) / 1e9 / gmacs - 1) < 0.05, name
             assert abs(count_params(m) / densenet.get_entry(f"resnet{depth}").paper_params - 1) < 0.03, name
+
+
+def test_plots_draw_the_baselines_and_figure3_resnets_beside_the_densenets():
+    from densenet.analysis.plots import baseline_points, resnet_imagenet_points
+
+    pts = {k: (px, e) for px, e, k in baseline_points("C10+", "params")}
+    assert pts["resnet110"] == (densenet.get_entry("resnet110").paper_params, 6.61)
+    assert pts["preact_resnet1001"][1] == 4.62 and pts["wrn_28_10"][1] == 4.17
+    assert {k for _, _, k in baseline_points("SVHN", "params")} >= {"wrn_16_4", "resnet110_stochdepth"}
+    assert resnet_imagenet_points("params") == [(21_797_672, 26.73), (25_557_032, 24.01), (44_549_160, 22.44),
+                                                (60_192_808, 22.16)]
+    assert [round(m / 1e9, 3) for m, _ in resnet_imagenet_points("macs")] == [3.664, 4.089, 7.801, 11.514]
