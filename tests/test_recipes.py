@@ -140,6 +140,12 @@ def test_iteration_recipe_on_a_folder_counts_epochs_once_loaded(tmp_path):
     assert cfg.resolve().epochs is None  # unknown size until loaded
     s = fit(cfg)  # 30 images / 8 = 4 steps per epoch: 6 iterations ~ 2 epochs
     assert s["epochs"] == 2
+    done = cfg.resolve(train_images=30)
+    assert (done.epochs, done.milestone_unit, done.milestones) == (2, "iterations", (32_000.0, 48_000.0))
+    assert done.resolve() == done  # resolving again changes nothing (resume, eval)
+    mine = TrainConfig(model="resnet20", dataset="folder", milestone_unit="iterations", milestones=(3,),
+                       iterations=8, warmup_iterations=0).resolve(train_images=30)
+    assert [mine.learning_rate(e, s_, 4) for e in range(2) for s_ in range(4)] == pytest.approx([0.1] * 3 + [0.01] * 5)
 
 
 # --- 4. Per-family recipes ------------------------------------------------------------------------------
@@ -167,6 +173,7 @@ def test_iteration_recipe_on_a_folder_counts_epochs_once_loaded(tmp_path):
 def test_each_family_trains_with_its_own_papers_recipe(model, dataset, expect):
     cfg = TrainConfig(model=model, dataset=dataset).resolve()
     assert {k: getattr(cfg, k) for k in expect} == expect
+    assert TrainConfig(**cfg.to_dict()).resolve() == cfg  # the saved config resolves to itself (resume, eval)
 
 
 def test_recipe_optimizer_settings_reach_sgd():

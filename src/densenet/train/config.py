@@ -158,8 +158,13 @@ class TrainConfig:
                 c.drop_rate = 0.0  # ResNets, ResNeXts: no dropout in their papers
             else:
                 c.drop_rate = 0.2 if c.augment == "none" else 0.0  # DenseNet: dropout without augmentation
-        if c.milestone_unit == "iterations" and c.epochs is not None:
-            return c  # resolved already
+        if c.milestone_unit == "iterations" and c.milestones is not None:  # decays at exact iterations
+            if c.epochs is None:
+                if c.iterations is None:
+                    raise ValueError("config: milestone_unit iterations needs iterations (the run's length in steps)")
+                n = train_images if train_images is not None else c.known_train_images()
+                c.epochs = epochs_for_iterations(c.iterations, n, c.batch_size) if n is not None else None
+            return c
         by_steps = rec is not None and rec.iterations is not None and self.epochs is None
         if by_steps and c.milestones is None:  # He 2015/2016: decays at exact iterations
             c.iterations = c.iterations or rec.iterations
