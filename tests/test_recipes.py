@@ -402,3 +402,15 @@ def test_plots_draw_the_baselines_and_figure3_resnets_beside_the_densenets():
     assert resnet_imagenet_points("params") == [(21_797_672, 26.73), (25_557_032, 24.01), (44_549_160, 22.44),
                                                 (60_192_808, 22.16)]
     assert [round(m / 1e9, 3) for m, _ in resnet_imagenet_points("macs")] == [3.664, 4.089, 7.801, 11.514]
+
+
+def test_reproduce_cell_of_an_iteration_recipe_on_the_cifar_folder(tmp_path):
+    from densenet.analysis.reproduce import Cell, cell_config, describe
+
+    folder = make_folder(tmp_path / "c10", per_class=1, test_per_class=0)
+    cell = Cell("resnet110", "C10+", 0)
+    cfg = cell_config(cell, {"cifar10": str(folder)}, None, None, tmp_path)
+    assert (cfg.dataset, cfg.val_size, cfg.epochs, cfg.milestone_unit) == ("folder", 5000, 182, "iterations")
+    assert "64,000 it (182 ep)" in describe(cell, cfg)  # 45,000 images / 128 = 352 steps per epoch
+    half = cell_config(cell, {"cifar10": str(folder)}, None, 0.5, tmp_path)
+    assert (half.epochs, half.milestones) == (82, (40.0, 61.0))  # half of 164 epochs, decays at 50% and 75%

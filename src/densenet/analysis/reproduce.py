@@ -107,7 +107,11 @@ def cell_config(cell: Cell, data: dict[str, str], epochs: int | None, budget: fl
         settings["val_size"] = 0
 
     settings.update(extra or {})
-    return TrainConfig(**settings).resolve()
+    cfg = TrainConfig(**settings)
+    if kind == "folder":  # the setting's images as a folder (the CIFAR-10 archive): their number is known
+        full = TrainConfig(dataset=dataset, val_size=cfg.val_size, train_subset=cfg.train_subset)
+        return cfg.resolve(train_images=full.known_train_images())
+    return cfg.resolve()
 
 
 def describe(cell: Cell, cfg) -> str:
