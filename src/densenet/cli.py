@@ -175,12 +175,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its best checkpoint) or a model.safetensors file")
+                   help="a run directory (the checkpoint its protocol reports: see --which) or a model.safetensors file")
+    p.add_argument("--which", choices=("best", "last"),
+                   help="a run directory's best-validation or final-epoch checkpoint (default: the one the "
+                        "protocol reports and the run's summary tested: CIFAR final, SVHN best)")
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data", metavar="PATH", help="default: the path the checkpoint was trained from")
     p.add_argument("--split", choices=("val", "test", "train"), default="test",
                    help="test: the dataset's test split (folder: test/, else val/); val: the run's held-out images")
-    p.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (corners, centre, mirrored)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="sum the logits of 10 crops (corners, centre, mirrored), as the authors' train.lua")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=4, help="loading processes for streamed folders")
@@ -198,7 +202,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .weights import load_model
 
     device = Distributed().device(args.device)
-    model, info = load_model(args.checkpoint, device)
+    checkpoint = protocol_checkpoint(args.checkpoint, args.which)
+    model, info = load_model(checkpoint, device)
     saved = info.get("config") or {}
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     if args.dataset:
@@ -215,13 +220,16 @@ def _eval(args: argparse.Namespace) -> int:
     data = {"train": train, "val": val, "test": test}[args.split]
     if data is None:
         where = cfg.data or cfg.dataset
+        if args.split == "test" and val is not None and not cfg.val_size:  # ImageNet layout: train/ and val/
+            raise UsageError(f"{where} has no test/ folder: its val/ folder is the evaluation split "
+                             f"(ImageNet's layout); use --split val")
         raise UsageError(f"{where} has no {args.split} split" +
                          (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
     batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
     result = evaluate(model, batches)
     result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
               "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
-              "model": info["model"]}
+              "model": info["model"], "checkpoint": checkpoint}
     if args.json:
         _print_json(result)
     else:
@@ -229,6 +237,38 @@ def _eval(args: argparse.Namespace) -> int:
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
               f"({result['images']} images)")
     return 0
+
+
+def protocol_checkpoint(path: str, which: str | None = None) -> str:
+    """The checkpoint of a run directory that `eval` and `reuse` read: `which` (best or last), else
+    the one the run's protocol reports, the same its summary tested (test_on: final -> last, best ->
+    best). A file, or a directory without best/ and last/, is returned as given."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_dir() or not ((p / "last").exists() or (p / "best").exists()):
+        if which:
+            raise UsageError(f"--which {which} needs a run directory of `densenet train` (with best/ and "
+                             f"last/), got {path}")
+        return path
+    if which is None:
+        which = "last"
+        cfg_file = p / "config.json"
+        if cfg_file.is_file():
+            try:
+                saved = json.loads(cfg_file.read_text())
+            except (ValueError, OSError):
+                saved = {}
+            test_on = saved.get("test_on") if isinstance(saved, dict) else None
+            if test_on is None and isinstance(saved, dict):  # runs from before test_on was saved
+                from .data import DATASETS
+
+                spec = DATASETS.get(saved.get("dataset"))
+                test_on = spec.test_on if spec is not None else "final"
+            which = "best" if test_on == "best" else "last"
+    if not (p / which).exists():
+        raise UsageError(f"{path} has no {which}/ checkpoint")
+    return str(p / which)
 
 
 # --- analyses: profile, reuse, plot, reproduce -------------------------------------------------------
@@ -281,6 +321,8 @@ def _profile(args: argparse.Namespace) -> int:
 def _reuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run directory or model.safetensors of a trained DenseNet")
     p.add_argument("--out", required=True, help="figure file (.png); the numbers go beside it (.csv, .json)")
+    p.add_argument("--which", choices=("best", "last"),
+                   help="a run directory's checkpoint (default: the one its protocol reports, as `eval`)")
     p.add_argument("--model", help="for a torchvision checkpoint: the registered name (e.g. densenet121)")
 
 
@@ -293,7 +335,7 @@ def _reuse(args: argparse.Namespace) -> int:
     if args.model:
         model, title = create_model(args.model, pretrained=args.checkpoint), args.model
     else:
-        model, info = load_model(args.checkpoint)
+        model, info = load_model(protocol_checkpoint(args.checkpoint, args.which))
         title = info["model"]
     for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {title}"):
         print(path)
@@ -353,7 +395,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .analysis.gridstatus import cell_state, write_grid
     from .analysis.launchers import CellJob, launch, options_from_args, run_cell
     from .analysis.launchers import check as check_launcher
-    from .analysis.reproduce import cell_config, cost, grid_cells, write_tables
+    from .analysis.reproduce import cell_config, cost, describe, grid_cells, write_tables
     from .paper import SETTING_DATA
     from .registry import create_model
     from .train import TrainingStopped
@@ -377,7 +419,6 @@ def _reproduce(args: argparse.Namespace) -> int:
         data[k.strip()] = str(Path(v).expanduser())
     out = Path(args.out)
     cells = _grid_cells_of(args, grid_cells)
-    train_images = {"cifar10": 45_000, "cifar100": 45_000, "svhn": 604_388 - 6_000}
     total = 0.0
     extra = {"device": args.device, "amp": args.amp}
     if not args.dry_run:
@@ -388,14 +429,15 @@ def _reproduce(args: argparse.Namespace) -> int:
         cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
         dataset = SETTING_DATA[c.setting][0]
         with torch.device("meta"):
-            macs = count_macs(create_model(c.row, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
-        macs_run = cost(cfg, macs, train_images[dataset])
+            macs = count_macs(create_model(c.model, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
+        n_train = cfg.known_train_images() or {"svhn": 604_388}.get(dataset, 50_000) - (cfg.val_size or 0)
+        macs_run = cost(cfg, macs, n_train)
         total += macs_run
         st = cell_state(c.path(out)).state
         where = data.get(dataset)
         line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
                 f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
-        print(line)
+        print(line.rstrip() + "\n    " + describe(c, cfg))
         if args.dry_run or st in ("done", "running") or not where:
             continue
         job = CellJob(f"{c.row}/{c.setting}/seed{c.seed}", str(c.path(out)), cfg.to_dict())

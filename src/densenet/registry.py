@@ -178,6 +178,14 @@ for _d in (18, 34):
     _baseline(f"plain{_d}", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, None, None,
               f"{_d}-layer plain net (He 2015 Fig. 4): resnet{_d}'s layers, no shortcuts", depth=_d, residual=False)
 
+# He 2015 Fig. 4 (right): ResNet-18/34 with zero-padding identity shortcuts (option A), which "have no
+# extra parameter compared to their plain counterparts" (plain18/34): torchvision's count less the three
+# projection shortcuts (1x1 convolution and BN each: 173,824 parameters).
+for _d, _p in [(18, 11_689_512 - 173_824), (34, 21_797_672 - 173_824)]:
+    _baseline(f"resnet{_d}_a", "ResNet (ImageNet)", resnet_imagenet, _IMAGENET, 1000, _p, None,
+              f"ResNet-{_d} with zero-padding shortcuts (A), He 2015 Fig. 4: plain{_d}'s parameters",
+              depth=_d, shortcut="A")
+
 # He 2015 Table 6 (CIFAR-10): 6n + 2 layers, option A shortcuts, which have no parameters; the plain
 # nets have the same layers and hence the same count (Fig. 6 shows plain-20 to -56; plain110 completes it).
 _CIFAR = (3, 32, 32)
@@ -221,6 +229,14 @@ _baseline("resnext50_32x4d", "ResNeXt (ImageNet)", resnext_imagenet, _IMAGENET, 
           "ResNeXt-50 (32x4d), Xie 2017 Table 1: 25.0M", depth=50, cardinality=32, bottleneck_width=4)
 _baseline("resnext101_32x4d", "ResNeXt (ImageNet)", resnext_imagenet, _IMAGENET, 1000, _printed("44.2"), None,
           "ResNeXt-101 (32x4d), Xie 2017: 44.2M", depth=101, cardinality=32, bottleneck_width=4)
+
+# Xie 2017 Table 3: cardinality against bottleneck width at preserved complexity (~4.1 / ~7.8 GFLOPs);
+# the paper prints no parameter counts for these (the 1x64d rows are resnet50/101, 32x4d the entries above).
+for _d in (50, 101):
+    for _c, _w in [(2, 40), (4, 24), (8, 14)]:
+        _baseline(f"resnext{_d}_{_c}x{_w}d", "ResNeXt (ImageNet)", resnext_imagenet, _IMAGENET, 1000, None, None,
+                  f"ResNeXt-{_d} ({_c}x{_w}d), Xie 2017 Table 3 ablation", depth=_d, cardinality=_c,
+                  bottleneck_width=_w)
 _baseline("resnext29_8x64d", "ResNeXt (CIFAR)", resnext_cifar, _CIFAR, 10, _printed("34.4"), None,
           "ResNeXt-29 (8x64d) on CIFAR, Xie 2017: 34.4M", depth=29, cardinality=8, bottleneck_width=64)
 _baseline("resnext29_16x64d", "ResNeXt (CIFAR)", resnext_cifar, _CIFAR, 10, _printed("68.1", truncated=True),

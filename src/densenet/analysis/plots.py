@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..paper import TABLE1, TABLE2
+from ..paper import RESNET_IMAGENET_FB, TABLE1, TABLE2, TABLE2_ROWS
 
 
 @dataclass
@@ -115,10 +115,20 @@ def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | Non
         for i, (px, py, n) in enumerate(sorted(pts)):  # alternate label sides: neighbours do not overlap
             ax.annotate(n.replace("densenet_", "").replace("_", "-"), (px, py), fontsize=7, color="gray",
                         xytext=(5, 4 if i % 2 else -9), textcoords="offset points")
+        base = baseline_points(setting, x)
+        if base:
+            ax.scatter([b[0] for b in base], [b[1] for b in base], marker="^", facecolors="none",
+                       edgecolors="tab:brown", s=50, label=f"paper, {setting}: baselines")
+            for px, py, n in base:
+                ax.annotate(n.replace("_", "-"), (px, py), fontsize=6, color="tab:brown", xytext=(5, -9),
+                            textcoords="offset points")
     if any(r.dataset == "imagenet" for r in runs):
         pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e["top1"])
                for n, e in TABLE1.items()]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="gray", mfc="none", label="paper, ImageNet")
+        res = resnet_imagenet_points(x)
+        ax.plot([p[0] for p in res], [p[1] for p in res], "o--", color="tab:brown", mfc="none",
+                label="ResNets (fb.resnet.torch, Figure 3)")
     for i, r in enumerate(runs):
         err = r.final_error
         if err is None:
@@ -134,6 +144,28 @@ def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | Non
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def _paper_x(model: str, x: str) -> float | None:
+    """A registered model's published parameters or multiply-adds (None where the paper prints none)."""
+    from ..registry import get_entry
+
+    e = get_entry(model)
+    if x == "params":
+        return e.paper_params
+    return e.paper_gmacs * 1e9 if e.paper_gmacs else None
+
+
+def baseline_points(setting: str, x: str) -> list[tuple[float, float, str]]:
+    """Table 2's baselines in `setting` as (parameters or multiply-adds, published error, row key),
+    where the registry holds the network's published count."""
+    return [(px, r.errors[setting], r.key) for r in TABLE2_ROWS
+            if r.model and r.key not in TABLE2 and setting in r.errors and (px := _paper_x(r.model, x)) is not None]
+
+
+def resnet_imagenet_points(x: str) -> list[tuple[float, float]]:
+    """Figure 3's ResNet curve: ResNet-34/50/101/152, fb.resnet.torch's single-crop top-1 errors."""
+    return [(_paper_x(n, x), e["top1"]) for n, e in RESNET_IMAGENET_FB.items() if n != "resnet18"]
 
 
 def plot_runs(paths: list[str | Path], out_dir: str | Path, setting: str | None = None) -> list[Path]:

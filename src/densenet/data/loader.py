@@ -113,13 +113,16 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 
 def stream_transform(train: bool, image_size: int, resize: int, normalize: Normalization, ten: bool = False):
-    """ImageNet preprocessing: random-resized crop and flip for training; resize to `resize` and a
-    single centre crop (or ten crops) of `image_size` for evaluation."""
+    """ImageNet preprocessing: for training fb.resnet.torch's (random-sized crop, colour jitter, PCA
+    lighting, flip: transforms.imagenet_train_transform); resize to `resize` and a single centre crop
+    (or ten crops) of `image_size` for evaluation."""
     from torchvision import transforms as T
+
+    from .transforms import imagenet_train_transform
 
     norm = T.Normalize(normalize.mean, normalize.std)
     if train:
-        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        return imagenet_train_transform(image_size, normalize)
     if ten:
         return T.Compose([T.Resize(resize), T.TenCrop(image_size),
                           T.Lambda(lambda crops: torch.stack([norm(T.functional.to_tensor(c)) for c in crops]))])

@@ -60,6 +60,7 @@ class Splits:
     classes: list[str]
     in_channels: int
     val: ImageSet | StreamSet | None = None  # an official validation split, where one exists
+    parts: tuple[int, ...] | None = None  # sizes of the official sets concatenated into train (SVHN: train, extra)
 
 
 def balanced_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +84,29 @@ def balanced_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Te
     for c, q in zip(classes.tolist(), quota.tolist()):
         members = perm[labels[perm] == c]
         val_mask[members[:q]] = True
+    return torch.nonzero(~val_mask).flatten(), torch.nonzero(val_mask).flatten()
+
+
+SVHN_VAL_PER_CLASS = (400, 200)  # from train, from extra: 6,000 images (the authors' split)
+
+
+def svhn_split(labels: torch.Tensor, n_train: int, seed: int,
+               per_class: tuple[int, int] = SVHN_VAL_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVHN's validation split as the authors draw it: 400 images per class from the train set and 200
+    per class from extra (yueatsprograms/Stochastic_Depth svhn-dataset.lua, SVHN:__init: the first 400
+    and 200 of each class after a random shuffle), the rest for training. `labels` is train followed by
+    extra, the first `n_train` from train. Returns (train_index, val_index), seeded by `seed` alone."""
+    g = torch.Generator().manual_seed(seed)
+    val_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for lo, hi, quota in ((0, n_train, per_class[0]), (n_train, len(labels), per_class[1])):
+        part = labels[lo:hi]
+        perm = torch.randperm(len(part), generator=g)
+        for c in part.unique().tolist():
+            members = perm[part[perm] == c]
+            if len(members) <= quota:
+                raise DataError(f"SVHN: class {c} has {len(members)} images in "
+                                f"{'train' if lo == 0 else 'extra'}, too few to hold out {quota}")
+            val_mask[lo + members[:quota]] = True
     return torch.nonzero(~val_mask).flatten(), torch.nonzero(val_mask).flatten()
 
 
@@ -125,10 +149,12 @@ def load_svhn(root: Path, download: bool, extra: bool = True) -> Splits:
         return ImageSet(torch.from_numpy(s.data).contiguous(), torch.from_numpy(s.labels).long())
 
     train = read("train")
+    parts = (len(train),)
     if extra:
         ex = read("extra")
+        parts = (len(train), len(ex))
         train = ImageSet(torch.cat([train.images, ex.images]), torch.cat([train.labels, ex.labels]))
-    return Splits(train, read("test"), [str(i) for i in range(10)], 3)
+    return Splits(train, read("test"), [str(i) for i in range(10)], 3, parts=parts)
 
 
 def load_digits() -> Splits:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-AUGMENTATIONS = ("cifar", "flip", "none", "imagenet")
+AUGMENTATIONS = ("cifar", "cifar-reflect", "flip", "none", "imagenet")
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,12 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> Normalization:
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
 
-def random_crop(x: torch.Tensor, size: tuple[int, int], padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad every image by `padding` pixels, then take one random crop of `size` per image."""
+def random_crop(x: torch.Tensor, size: tuple[int, int], padding: int, generator: torch.Generator,
+                mode: str = "constant") -> torch.Tensor:
+    """Pad every image by `padding` pixels (zeros, or mode="reflect": mirrored, as the WRN authors'
+    CIFAR script, randomcrop_type=reflection), then take one random crop of `size` per image."""
     b, c, h, w = x.shape
-    xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    xp = torch.nn.functional.pad(x, (padding, padding, padding, padding), mode=mode)
     oy = torch.randint(0, h + 2 * padding - size[0] + 1, (b,), generator=generator).to(x.device)
     ox = torch.randint(0, w + 2 * padding - size[1] + 1, (b,), generator=generator).to(x.device)
     rows = (oy[:, None] + torch.arange(size[0], device=x.device))[:, :, None]  # (B, h, 1)
@@ -65,8 +67,8 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Training augmentation of a normalised float batch (B, C, H, W)."""
-    if kind == "cifar":
-        x = random_crop(x, x.shape[-2:], 4, generator)
+    if kind in ("cifar", "cifar-reflect"):
+        x = random_crop(x, x.shape[-2:], 4, generator, "reflect" if kind == "cifar-reflect" else "constant")
         return random_flip(x, generator)
     if kind == "flip":
         return random_flip(x, generator)
@@ -85,3 +87,112 @@ def ten_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     crops = [x[..., :th, :tw], x[..., :th, w - tw:], x[..., h - th:, :tw], x[..., h - th:, w - tw:],
              x[..., top:top + th, left:left + tw]]
     return torch.stack(crops + [c.flip(-1) for c in crops])
+
+
+# --- ImageNet training augmentation, as fb.resnet.torch (which DenseNet's datasets/imagenet.lua copies) ----
+# liuzhuang13/DenseNet datasets/imagenet.lua ImagenetDataset:preprocess (train): RandomSizedCrop(224),
+# ColorJitter{brightness 0.4, contrast 0.4, saturation 0.4}, Lighting(0.1, pca.eigval, pca.eigvec),
+# ColorNormalize(meanstd), HorizontalFlip(0.5); the transforms are datasets/transforms.lua's. Applied to
+# one image at a time in the loader's worker processes; randomness from torch's generator, which the
+# DataLoader seeds per worker (so a run is reproducible).
+
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)  # datasets/imagenet.lua `pca`, over RGB in [0, 1]
+IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                       (-0.5808, -0.0045, -0.8140),
+                       (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting:
+    """AlexNet-style PCA lighting noise (transforms.lua M.Lighting): adds eigvec @ (alpha * eigval) to
+    every pixel of a (3, H, W) float image, alpha ~ N(0, alphastd^2) per channel, drawn per image."""
+
+    def __init__(self, alphastd: float = 0.1, eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC):
+        self.alphastd = alphastd
+        self.eigval = torch.tensor(eigval, dtype=torch.float32)
+        self.eigvec = torch.tensor(eigvec, dtype=torch.float32)
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3, generator=generator) * self.alphastd
+        rgb = (self.eigvec * alpha[None, :] * self.eigval[None, :]).sum(1)
+        return img + rgb.to(img.dtype).view(3, 1, 1)
+
+
+def _grayscale(img: torch.Tensor) -> torch.Tensor:
+    return 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]  # transforms.lua grayscale()
+
+
+class ColorJitter:
+    """Brightness, contrast and saturation jitter in a random order (transforms.lua M.ColorJitter): each
+    blends the image with black, its mean grey level or its greyscale by alpha = 1 + U(-var, var).
+    As the Lua, nothing is clamped to [0, 1] (torchvision's ColorJitter clamps after every step)."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
+        self.ops = [(op, v) for op, v in (("brightness", brightness), ("contrast", contrast),
+                                          ("saturation", saturation)) if v]
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        for i in torch.randperm(len(self.ops), generator=generator).tolist():
+            op, var = self.ops[i]
+            alpha = 1.0 + (torch.rand((), generator=generator).item() * 2 - 1) * var
+            if op == "brightness":
+                other = torch.zeros_like(img)
+            elif op == "contrast":
+                other = _grayscale(img).mean().expand_as(img)
+            else:
+                other = _grayscale(img).expand_as(img)
+            img = img * alpha + other * (1 - alpha)
+        return img
+
+
+def random_sized_crop_params(height: int, width: int, generator: torch.Generator | None = None,
+                             attempts: int = 10) -> tuple[int, int, int, int] | None:
+    """(top, left, h, w) of transforms.lua M.RandomSizedCrop: area U(0.08, 1) of the image, aspect ratio
+    U(3/4, 4/3) (uniform, not log-uniform as torchvision), sides swapped with probability 1/2; None when
+    ten attempts do not fit (the caller then scales and centre-crops)."""
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+    for _ in range(attempts):
+        target = uniform(0.08, 1.0) * height * width
+        ratio = uniform(3 / 4, 4 / 3)
+        w, h = round((target * ratio) ** 0.5), round((target / ratio) ** 0.5)
+        if uniform(0, 1) < 0.5:
+            w, h = h, w
+        if h <= height and w <= width:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    return None
+
+
+class RandomSizedCrop:
+    """transforms.lua M.RandomSizedCrop on a PIL image: a random crop resized to size x size (bicubic),
+    or, when no crop fits, the shorter side scaled to `size` and a centre crop."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img):
+        from PIL import Image
+
+        params = random_sized_crop_params(img.height, img.width)
+        if params is not None:
+            top, left, h, w = params
+            return img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        scale = self.size / min(img.width, img.height)
+        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = -(-(w - self.size) // 2), -(-(h - self.size) // 2)  # Lua CenterCrop: math.ceil
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+def imagenet_train_transform(image_size: int, normalize: Normalization):
+    """The whole fb.resnet.torch training pipeline: PIL image -> normalised (3, S, S) float tensor."""
+    from torchvision.transforms import v2
+
+    jitter, lighting = ColorJitter(0.4, 0.4, 0.4), Lighting(0.1)
+    return v2.Compose([RandomSizedCrop(image_size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       jitter, lighting, v2.Normalize(list(normalize.mean), list(normalize.std)),
+                       v2.RandomHorizontalFlip(0.5)])

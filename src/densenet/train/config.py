@@ -1,8 +1,10 @@
-"""The training configuration: one dataclass, its defaults the paper's recipe for the chosen dataset.
+"""The training configuration: one dataclass, its defaults the recipe of the model and dataset.
 
-Sources, lowest priority first: the dataclass defaults, the dataset's recipe (DATASETS), a TOML/YAML
-file (`--config`), the command line. `resolve()` fills every recipe default in; the resolved config
-is saved with the run (config.json) and in every checkpoint.
+Sources, lowest priority first: the recipe (`densenet.recipes`: the model family's paper and authors'
+code, e.g. He 2015 for ResNets, Zagoruyko 2016 for WRNs; DenseNet's own for DenseNets, image folders
+and the digits), the dataset's protocol (DATASETS), a TOML/YAML file (`--config`), the command line.
+`resolve()` fills every recipe default in; the resolved config is saved with the run (config.json)
+and in every checkpoint.
 """
 from __future__ import annotations
 
@@ -34,16 +36,22 @@ class TrainConfig:
     augment: str | None = None  # cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size)
     image_size: int = 224  # streamed folders: training crop and evaluation centre crop
     resize: int = 256  # streamed folders: evaluation resizes the shorter side to this, then crops
-    # the recipe (None: the paper's value for the dataset)
+    # the recipe (None: the value of the model's recipe for the dataset, `densenet.recipes`)
+    recipe: str = "auto"  # auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name
     epochs: int | None = None
     batch_size: int | None = None  # global batch, split across processes under torchrun
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    milestones: tuple[float, ...] | None = None  # lr x lr_gamma at these epochs (< 1: fraction of epochs)
-    lr_gamma: float = 0.1
-    drop_rate: float | None = None  # None: 0.2 without augmentation, 0 with it (the paper)
+    lr: float | None = None  # 0.1 in every recipe but WRN on SVHN (0.01)
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    milestones: tuple[float, ...] | None = None  # lr x lr_gamma after this many epochs (< 1: fraction of the run)
+    milestone_unit: str | None = None  # epochs, or iterations (He 2015/2016 decay at 32k and 48k steps)
+    iterations: int | None = None  # run length in steps where the recipe counts them (epochs follow)
+    lr_gamma: float | None = None
+    warmup_lr: float | None = None  # a constant rate for the first warmup_iterations steps (He 2015: 0.01)
+    warmup_iterations: int | None = None
+    drop_rate: float | None = None  # None: the recipe's (DenseNet: 0.2 without augmentation, 0 with it)
+    test_on: str | None = None  # final or best: the weights whose test error is reported (None: the protocol's)
     label_smoothing: float = 0.0
     accumulate: int = 1  # split each batch into this many micro-batches (BN then sees the micro-batches)
     # how to run it
@@ -71,9 +79,22 @@ class TrainConfig:
         need(self.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, got {self.amp!r}")
         need(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.momentum is None or 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.lr_gamma is None or 0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(self.warmup_lr is None or self.warmup_lr > 0, f"warmup_lr must be positive, got {self.warmup_lr}")
+        need(self.warmup_iterations is None or self.warmup_iterations >= 0,
+             f"warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        need(self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}")
+        need(self.milestone_unit in (None, "epochs", "iterations"),
+             f"milestone_unit must be epochs or iterations, got {self.milestone_unit!r}")
+        need(self.test_on in (None, "final", "best"), f"test_on must be final or best, got {self.test_on!r}")
+        if self.recipe not in ("auto", "dataset"):
+            from ..recipes import RECIPES
+
+            need(self.recipe in RECIPES, f"recipe must be auto, dataset or one of {', '.join(RECIPES)}, "
+                                         f"got {self.recipe!r}")
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, f"drop_rate must be in [0, 1), got {self.drop_rate}")
         need(self.val_size is None or self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}")
         need(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1")
@@ -89,24 +110,102 @@ class TrainConfig:
             need(all(m > 0 for m in self.milestones), f"milestones must be positive, got {self.milestones}")
         need(isinstance(self.model_args, dict), "model_args must be a table of option = value")
 
-    def resolve(self) -> "TrainConfig":
-        """A copy with every recipe default of the dataset filled in."""
+    def get_recipe(self):
+        """The Recipe this config follows (None: DenseNet's recipe of the dataset spec)."""
+        from ..recipes import get_recipe, recipe_for
+
+        if self.recipe == "dataset":
+            return None
+        return recipe_for(self.model, self.dataset) if self.recipe == "auto" else get_recipe(self.recipe)
+
+    def known_train_images(self) -> int | None:
+        """Training images of a dataset of known size after the hold-out (None: counted when loaded)."""
+        n = {"cifar10": 50_000, "cifar100": 50_000,
+             "svhn": 73_257 + (531_131 if self.svhn_extra else 0)}.get(self.dataset)
+        if n is None or self.val_size is None:
+            return None
+        n -= self.val_size
+        return min(n, self.train_subset) if self.train_subset else n
+
+    def resolve(self, train_images: int | None = None) -> "TrainConfig":
+        """A copy with every recipe default filled in. A recipe that counts iterations needs the size
+        of the training set for its epochs: known for CIFAR and SVHN, else `train_images` (`fit` gives
+        it once the data is loaded; until then `epochs` stays None)."""
+        from ..recipes import has_dropout, resolve_milestones, epochs_for_iterations
+
         spec = get_dataset_spec(self.dataset)
+        rec = self.get_recipe()
         c = dataclasses.replace(self, model_args=dict(self.model_args))
-        c.epochs = c.epochs or spec.epochs
-        c.batch_size = c.batch_size or spec.batch_size
-        c.val_size = spec.val_size if c.val_size is None else c.val_size
-        c.augment = c.augment or spec.augment
+        c.recipe = rec.name if rec is not None else "dataset"
+        plain = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, lr_gamma=0.1)  # DenseNet's
+        for name, value in plain.items():
+            if getattr(c, name) is None:
+                setattr(c, name, getattr(rec, name) if rec is not None else value)
+        c.batch_size = c.batch_size or (rec.batch_size if rec is not None else spec.batch_size)
+        c.augment = c.augment or (rec.augment if rec is not None and rec.augment else spec.augment)
+        if c.val_size is None:
+            c.val_size = rec.val_size if rec is not None and rec.val_size is not None else spec.val_size
+        c.test_on = c.test_on or (rec.test_on if rec is not None and rec.test_on else spec.test_on)
+        if c.warmup_iterations is None:
+            c.warmup_iterations = rec.warmup_iterations if rec is not None else 0
+            c.warmup_lr = c.warmup_lr if c.warmup_lr is not None else (rec.warmup_lr if rec is not None else None)
+        if c.warmup_iterations and c.warmup_lr is None:
+            raise ValueError("config: warmup_iterations needs warmup_lr (the rate of the warm-up)")
         if c.drop_rate is None:
-            c.drop_rate = 0.2 if c.augment == "none" else 0.0
-        ms = c.milestones if c.milestones is not None else spec.milestones
-        c.milestones = tuple(float(round(m * c.epochs)) if m < 1 else float(m) for m in ms)
+            if rec is not None and rec.drop_rate is not None:
+                c.drop_rate = rec.drop_rate  # WRN: its paper's rate for the dataset
+            elif rec is not None and not has_dropout(c.model):
+                c.drop_rate = 0.0  # ResNets, ResNeXts: no dropout in their papers
+            else:
+                c.drop_rate = 0.2 if c.augment == "none" else 0.0  # DenseNet: dropout without augmentation
+        if c.milestone_unit == "iterations" and c.milestones is not None:  # decays at exact iterations
+            if c.epochs is None:
+                if c.iterations is None:
+                    raise ValueError("config: milestone_unit iterations needs iterations (the run's length in steps)")
+                n = train_images if train_images is not None else c.known_train_images()
+                c.epochs = epochs_for_iterations(c.iterations, n, c.batch_size) if n is not None else None
+            return c
+        by_steps = rec is not None and rec.iterations is not None and self.epochs is None
+        if by_steps and c.milestones is None:  # He 2015/2016: decays at exact iterations
+            c.iterations = c.iterations or rec.iterations
+            c.milestones = tuple(float(m) for m in rec.milestones)
+            c.milestone_unit = "iterations"
+            n = train_images if train_images is not None else c.known_train_images()
+            c.epochs = epochs_for_iterations(c.iterations, n, c.batch_size) if n is not None else None
+            return c
+        if by_steps:  # own milestones in epochs, the length still the recipe's iterations
+            n = train_images if train_images is not None else c.known_train_images()
+            if n is None:
+                c.iterations = c.iterations or rec.iterations
+                return c
+            c.epochs = epochs_for_iterations(c.iterations or rec.iterations, n, c.batch_size)
+        c.iterations = None
+        c.milestone_unit = "epochs"
+        c.epochs = c.epochs or (rec.epochs if rec is not None and rec.epochs else spec.epochs)
+        if c.milestones is not None:
+            c.milestones = resolve_milestones(c.milestones, c.epochs)
+        elif rec is not None and rec.iterations:  # the run's length given: the decays at the same fractions
+            c.milestones = resolve_milestones(tuple(m / rec.iterations for m in rec.milestones), c.epochs)
+        else:
+            ms = rec.milestones if rec is not None else spec.milestones
+            c.milestones = resolve_milestones(ms, c.epochs, rec.epochs if rec is not None else None)
         return c
 
     def lr_milestones(self) -> list[int]:
-        """Epochs (0-indexed, counted after they end) at which the learning rate drops."""
-        assert self.epochs is not None and self.milestones is not None, "resolve() the config first"
-        return sorted({int(m) for m in self.milestones if m < self.epochs})
+        """Epochs done (or iterations, where milestone_unit is iterations) before each decay."""
+        assert self.milestones is not None and self.milestone_unit is not None, "resolve() the config first"
+        if self.milestone_unit == "iterations":
+            return sorted(int(m) for m in self.milestones)
+        assert self.epochs is not None, "resolve() the config first"
+        return sorted(int(m) for m in self.milestones if m < self.epochs)
+
+    def learning_rate(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        """The learning rate of optimizer step `step` (0-indexed) of 0-indexed `epoch`."""
+        from ..recipes import learning_rate
+
+        return learning_rate(self.lr, self.lr_gamma, self.lr_milestones(), epoch, step, steps_per_epoch,
+                             iterations=self.milestone_unit == "iterations", warmup_lr=self.warmup_lr,
+                             warmup_iterations=self.warmup_iterations or 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -61,9 +61,16 @@ def _normalization(kind: str, train) -> Normalization:
 
 
 def select_splits(cfg: TrainConfig, splits):
-    """(train, val, test) as the config asks: a seeded class-balanced hold-out of `val_size` images."""
+    """(train, val, test) as the config asks: a seeded class-balanced hold-out of `val_size` images;
+    on SVHN train + extra, 6,000 images are the authors' split (400 per class from train, 200 from extra)."""
+    from ..data.sources import SVHN_VAL_PER_CLASS, svhn_split
+
     train, val = splits.train, splits.val
-    if cfg.val_size:
+    parts = getattr(splits, "parts", None)
+    if cfg.dataset == "svhn" and parts and len(parts) == 2 and cfg.val_size == 10 * sum(SVHN_VAL_PER_CLASS):
+        tr, va = svhn_split(train.labels, parts[0], cfg.split_seed)
+        train, val = train.subset(tr), train.subset(va)
+    elif cfg.val_size:
         tr, va = balanced_split(train.labels, cfg.val_size, cfg.split_seed)
         train, val = train.subset(tr), train.subset(va)
     if cfg.train_subset and cfg.train_subset < len(train):
@@ -122,9 +129,11 @@ def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_c
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
     """The model and the exact arguments that rebuild it (stored in every checkpoint)."""
+    from ..recipes import has_dropout
+
     args = {"num_classes": num_classes, "in_channels": in_channels, **cfg.model_args}
-    if cfg.drop_rate:
-        args.setdefault("drop_rate", cfg.drop_rate)
+    if cfg.drop_rate or has_dropout(cfg.model):  # the recipe's rate, 0 included, wins over the registry's
+        args.setdefault("drop_rate", cfg.drop_rate or 0.0)
     try:
         return create_model(cfg.model, **args), args
     except ValueError as e:
@@ -135,14 +144,31 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[n
         raise
 
 
+class StepSchedule:
+    """The recipe's learning rate as a function of (epoch, step): set before every optimizer step, so a
+    resumed run, a warm-up and a decay in mid-epoch (He 2015's 32k iterations) need no state."""
+
+    def __init__(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+        self.cfg, self.optimizer = cfg, optimizer
+
+    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        return self.cfg.learning_rate(epoch, step, steps_per_epoch)
+
+    def apply(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        lr = self.lr(epoch, step, steps_per_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module):
-    """The paper's SGD (Nesterov momentum 0.9 without dampening, weight decay 1e-4 on every parameter,
-    as the authors' code) and its step schedule, stepped once after each epoch: with milestones
-    150 and 225 the rate is 0.1 for epochs 1-150, 0.01 for 151-225 and 0.001 after (the Lua schedule)."""
+    """The recipe's SGD (momentum without dampening, Nesterov where the authors' code sets it, weight
+    decay on every parameter) and its schedule. The schedule follows the authors' Lua: with 300 epochs
+    and milestones (149, 224) the rate is 0.1 for epochs 1-149, 0.01 for 150-224 and 0.001 from 225
+    (1-indexed), as liuzhuang13/DenseNet train.lua's `epoch >= 0.5 * nEpochs` (densenet.recipes)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
-                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones(), gamma=cfg.lr_gamma)
-    return optimizer, scheduler
+                                nesterov=bool(cfg.nesterov) and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return optimizer, StepSchedule(cfg, optimizer)
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -177,7 +203,9 @@ class _StopFlag:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Top-1 and top-5 error (percent), mean loss and the number of images. Ten-crop batches
-    (10, B, C, H, W) average the softmax of the crops."""
+    (10, B, C, H, W) are scored by the sum of the crops' logits, as the authors' train.lua
+    (Trainer:computeScore: `output:view(B, nCrops, C):sum(2)`, its `:exp()` commented out); the loss
+    is that of the summed logits' softmax."""
     was_training = model.training
     model.eval()
     n = correct1 = correct5 = 0
@@ -185,8 +213,8 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
     for x, y in batches:
         with autocast():
             if x.dim() == 5:
-                probs = torch.stack([F.softmax(model(c).float(), 1) for c in x]).mean(0)
-                logp = probs.clamp_min(1e-12).log()
+                logits = torch.stack([model(c).float() for c in x]).sum(0)
+                logp = F.log_softmax(logits, 1)
             else:
                 logp = F.log_softmax(model(x).float(), 1)
         loss_sum += F.nll_loss(logp, y, reduction="sum").item()
@@ -230,6 +258,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         in_channels = int(cfg.model_args.get("in_channels", 3))
         data = build_data(cfg, device, dist, in_channels)
+        if cfg.epochs is None:  # a recipe that counts iterations, on a dataset of unknown size: now known
+            cfg = self.cfg = cfg.resolve(train_images=len(data.train.data))
         model, model_args = build_model(cfg, len(data.classes), data.in_channels)
         model.to(device)
         if cfg.channels_last:
@@ -255,7 +285,6 @@ class Trainer:
             set_rng_state(tensors)
             t = state["train"]
             epoch, start_step, best, sums = t["epoch"], t["step"], t.get("best"), t.get("sums")
-            scheduler.last_epoch = epoch  # the schedule is a function of the epochs done; lr came with the optimizer
             if dist.is_main:
                 print(f"resuming {self.resume} at epoch {epoch + 1}, step {start_step}", file=sys.stderr)
             run = RunDir(self.resume)
@@ -282,14 +311,14 @@ class Trainer:
             run.save(epoch_ * steps + step_, model, optimizer, meta, state, best=is_best)
 
         summary: dict[str, Any] = {}
-        test_on_best = get_dataset_spec(cfg.dataset).test_on == "best"  # SVHN: the paper tests the best model
+        test_on_best = cfg.test_on == "best"  # SVHN, stochastic depth: the best validation model is tested
         best_state = None
         with _StopFlag() as stop:
             while epoch < cfg.epochs:
-                lr = optimizer.param_groups[0]["lr"]
+                lr = scheduler.lr(epoch, start_step, steps)
                 t0 = time.perf_counter()
                 sums, stopped_at = self._train_epoch(net, data.train, optimizer, scaler, autocast, epoch,
-                                                     start_step, sums, stop, dist)
+                                                     start_step, sums, stop, dist, scheduler)
                 if stopped_at is not None:
                     dist.barrier()
                     save(epoch, stopped_at, sums)
@@ -299,7 +328,6 @@ class Trainer:
                                           + (f": continue with `densenet train --resume {run.path}`" if run else
                                              " (no --out given: nothing saved)"),
                                           128 + stop.signal)
-                scheduler.step()
                 epoch += 1
                 row = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / sums["n"],
                        "train_error": 100.0 * (1 - sums["correct"] / sums["n"]),
@@ -349,7 +377,7 @@ class Trainer:
             print(_summary_line(summary), file=sys.stderr)
         return summary
 
-    def _train_epoch(self, net, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist):
+    def _train_epoch(self, net, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist, schedule=None):
         """One epoch from step `start`; returns (running sums, step it stopped at or None)."""
         from tqdm import tqdm
 
@@ -368,6 +396,8 @@ class Trainer:
                 except StopIteration:
                     break
                 t_data = time.perf_counter()
+                if schedule is not None:
+                    schedule.apply(epoch, step, len(batches))
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum, correct = self._forward_backward(net, x, y, scaler, autocast)
                 if not math.isfinite(loss_sum):
