@@ -73,6 +73,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         for candidate in (path / MODEL_FILE, path / "best" / MODEL_FILE, path / "last" / MODEL_FILE):
             if candidate.is_file():
+                if path.resolve() not in candidate.resolve().parents:
+                    raise CheckpointError(f"{candidate.parent} points outside {path} (to "
+                                          f"{candidate.parent.resolve()}); give that checkpoint's path instead")
                 path = candidate
                 break
         else:
