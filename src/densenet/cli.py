@@ -144,7 +144,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 
 # settings a resumed run may change: how it runs, not what it computes
-RESUMABLE = ("device", "workers", "progress", "tensorboard", "eval_batch_size", "compile", "channels_last", "out")
+RESUMABLE = ("epochs", "device", "workers", "progress", "tensorboard", "eval_batch_size", "compile", "channels_last",
+             "out")  # epochs: more of them continue at the last learning rate (milestones are saved resolved)
 
 
 def _check_resume_settings(saved: dict, given: dict, run: str) -> None:
@@ -557,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DENSENET_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -220,9 +220,12 @@ def _decode(data: bytes, name: str, mode: str) -> torch.Tensor:
     fast = _fast_decode(data, mode) if _fast_ok(data, name) else None
     if fast is not None:
         return fast
+    import warnings
+
     import numpy as np
 
-    with open_image(data, name) as im:
+    with open_image(data, name) as im, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's notes on damaged files: the file is read, or an error says why
         try:
             arr = np.asarray(convert_image(im, mode))
         except Exception as e:  # damaged files raise anything from Pillow's decoders
@@ -242,7 +245,7 @@ def open_image(data: bytes, name: str):
     old = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: our own limit decides; notes on damage
             Image.MAX_IMAGE_PIXELS = max(limit, old or 0) // 2 + 1  # Pillow refuses at twice its limit
             im = Image.open(io.BytesIO(data))
     except Exception as e:

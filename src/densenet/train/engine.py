@@ -282,6 +282,10 @@ class Trainer:
                 raise CheckpointError(f"{where} does not fit the model {cfg.model} {model_args}: {problem}")
             t = state["train"]
             steps = len(data.train)
+            saved_epochs = RunDir(self.resume).read_config().get("epochs")
+            if cfg.epochs < t["epoch"] <= (saved_epochs if isinstance(saved_epochs, int) else -1) and t["step"] < steps:
+                raise CheckpointError(f"{self.resume} has done {t['epoch']} epochs, more than the {cfg.epochs} asked "
+                                      f"for: give --epochs {t['epoch']} or more")
             if not (t["epoch"] < cfg.epochs and t["step"] < steps or t["epoch"] == cfg.epochs and t["step"] == 0):
                 raise CheckpointError(f"{where}/state.safetensors is damaged: epoch {t['epoch']}, step {t['step']} "
                                       f"lies outside this run's {cfg.epochs} epochs of {steps} steps")

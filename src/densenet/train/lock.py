@@ -96,6 +96,7 @@ class DirLock:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # a holder that releases between our open and our flock: try again
+            existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 import fcntl
@@ -106,6 +107,8 @@ class DirLock:
                 if isinstance(e, OSError) and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise LockedError(_describe(self.path, _read(self.path)) + "; wait for it to finish, or "
                                       "stop it", _read(self.path)) from None
+                if not existed:
+                    self.path.unlink(missing_ok=True)
                 return self._acquire_by_creation(_probe)  # no flock on this file system
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -129,21 +132,23 @@ class DirLock:
     def _acquire_by_creation(self, probe: bool) -> "DirLock":
         self._flock = False
         for _ in range(10):
+            tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_me()) + "\n")
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, self.path)  # atomic, and the lock file never exists without its holder in it
             except FileExistsError:
                 who = _read(self.path)
-                if who and who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
-                    self.path.unlink(missing_ok=True)  # left by a dead process on this host
+                if who is None or who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
+                    self.path.unlink(missing_ok=True)  # unreadable, or left by a dead process on this host
                     continue
                 raise LockedError(_describe(self.path, who) + "; wait for it to finish, or stop it (if no "
                                   "such process runs, delete the lock file)", who) from None
+            finally:
+                tmp.unlink(missing_ok=True)
             if probe:
-                os.close(fd)
                 self.path.unlink(missing_ok=True)
                 return self
-            self._fd = fd
-            self._write(fd)
+            self._fd = os.open(self.path, os.O_RDONLY)
             return self
         raise LockedError(_describe(self.path, _read(self.path)), _read(self.path))
 
