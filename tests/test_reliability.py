@@ -769,3 +769,21 @@ def test_fuzz_each_mutation_in_its_own_process(tiny, tmp_path):
                            text=True, timeout=300)
         assert r.returncode in (0, 1, 2, 3), (argv, r.returncode, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, (argv, r.stderr[-2000:])
+
+
+def test_an_error_from_a_loading_worker_is_its_own_last_line():
+    from densenet.cli import _one_line
+
+    e = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  '  File "x.py", line 1, in f\n    g()\ndensenet.data.sources.DataError: a.png is not a readable '
+                  "image (OSError: truncated)\n")
+    assert _one_line(e) == "a.png is not a readable image (OSError: truncated)"
+
+
+def test_a_damaged_image_in_a_streamed_folder_is_one_line(tmp_path):
+    folder = make_folder(tmp_path / "shapes", per_class=4, test_per_class=1, size=8)
+    (folder / "train" / "circle" / "0001.png").write_bytes(lying_png(8, 8, bytes(10)))
+    code, err = cli("train", "--dataset", "folder", "--data", folder, "--no-in-memory", "--image-size", "8",
+                    "--resize", "8", "--workers", "0", "--epochs", "1", "--batch-size", "4", "--val-size", "0",
+                    "--depth", "10", "--growth-rate", "6", "--no-progress")
+    one_line_error(code, err, "0001.png is not a readable image")

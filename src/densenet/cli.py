@@ -532,7 +532,7 @@ def _one_line(e: BaseException) -> str:
     holds the worker's traceback) by its last line, the error itself."""
     text = str(e).strip() or type(e).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if len(lines) > 1 and any(ln.startswith("Traceback") for ln in lines):
+    if len(lines) > 1 and "Traceback (most recent call last)" in text:
         last = lines[-1]
         text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
             else last
