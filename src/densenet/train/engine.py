@@ -27,9 +27,9 @@ from ..registry import create_model
 from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
 from .checkpoint import RunDir, model_metadata, set_rng_state
-from .lock import DirLock
 from .config import TrainConfig
 from .distributed import Distributed
+from .lock import DirLock
 
 
 class TrainingStopped(Exception):
