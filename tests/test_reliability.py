@@ -557,6 +557,10 @@ def test_resume_refuses_changed_settings_and_a_changed_model(tiny, tmp_path):
     one_line_error(*cli("train", "--resume", run, "--lr", "0.5"), "its lr is 0.1, 0.5 given; drop --lr")
     one_line_error(*cli("train", "--resume", run, "--depth", "16"), "its model has depth = 10, 16 given")
     assert (run / "config.json").read_text() == config
+    same = tmp_path / "same.yaml"  # the command that started it, again: its settings resolve to the run's
+    same.write_text("dataset: folder\nmilestones: [0.5, 0.75]\nlr: 0.1\nmodel_args: {depth: 10}\n")
+    code, err = cli("train", "--resume", run, "--config", same)
+    assert code == 0 and "nothing to resume" in err, err
     # the library call: a model that does not fit the checkpoint, every key named
     with pytest.raises(CheckpointError, match="does not fit the model .* shapes differ"):
         fit(cfg(tiny["folder"], None, epochs=2, model_args={"depth": 10, "growth_rate": 4}), resume=str(run))

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -150,10 +151,16 @@ RESUMABLE = ("epochs", "device", "workers", "progress", "tensorboard", "eval_bat
 
 def _check_resume_settings(saved: dict, given: dict, run: str) -> None:
     """--resume continues a run exactly: a setting that would change what it computes is refused,
-    never silently ignored (the optimizer's state carries the learning rate, the weights the model)."""
+    never silently ignored (the optimizer's state carries the learning rate, the weights the model).
+    Settings are compared resolved: the same --config file as at the start (milestones 0.5, 0.75) passes."""
+    from .train.config import TrainConfig
+
     def plain(v):
         return json.loads(json.dumps(v, default=list))  # tuples as lists, as config.json holds them
 
+    resolved = {k: v for k, v in given.items() if k != "model_args"}
+    before = TrainConfig.from_dict(saved, str(Path(run) / "config.json")).resolve().to_dict()
+    after = TrainConfig.from_dict({**saved, **resolved}).resolve().to_dict()
     for key, value in given.items():
         if key in RESUMABLE:
             continue
@@ -163,7 +170,7 @@ def _check_resume_settings(saved: dict, given: dict, run: str) -> None:
                     raise UsageError(f"--resume continues {run} as it started: its model has {k} = "
                                      f"{saved['model_args'].get(k, '(the default)')}, {v!r} given; drop that "
                                      f"option, or start a new run with --out")
-        elif key not in saved or plain(value) != plain(saved[key]):
+        elif key != "model_args" and plain(after.get(key)) != plain(before.get(key)):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"--resume continues {run} as it started: its {key} is {saved.get(key)!r}, "
                              f"{value!r} given; drop {flag}, or start a new run with --out "
@@ -181,6 +188,8 @@ def _train(args: argparse.Namespace) -> int:
     settings.update(saved)
     from_file = read_config_file(args.config) if args.config else {}
     settings.update(from_file)
+    if isinstance(saved.get("model_args"), dict) and isinstance(from_file.get("model_args"), dict):
+        settings["model_args"] = {**saved["model_args"], **from_file["model_args"]}  # a file adds to the run's
     given = _train_settings(args)
     if args.resume:
         _check_resume_settings(saved, {**from_file, **given}, args.resume)
