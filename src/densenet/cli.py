@@ -1,7 +1,10 @@
 """The `densenet` command: thin subcommands that parse arguments, call the library and print.
 
-Every error a user can cause ends in one line on stderr and a non-zero exit status, never a traceback
-(set DENSENET_DEBUG=1 to see one).
+Every error ends in one line on stderr and a non-zero exit status, never a traceback (`--debug`, or
+DENSENET_DEBUG=1, shows one). Exit status: 0 done; 1 an internal error (please report it), or some
+images that `predict` could not read; 2 a mistake in the input (options, files, data, checkpoints) or
+a resource (memory, disk); 3 training stopped on non-finite values; 130/143 stopped by Ctrl-C/SIGTERM
+with a resumable checkpoint.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -128,7 +132,7 @@ def _train_settings(args: argparse.Namespace) -> dict:
     from .train.config import parse_value
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "resume", "json", "model_arg") and not k.startswith("m_")}
+             if k not in ("command", "config", "resume", "json", "model_arg", "debug") and not k.startswith("m_")}
     model_args = {k[2:]: v for k, v in vars(args).items() if k.startswith("m_")}
     for item in getattr(args, "model_arg", []) or []:
         if "=" not in item:
@@ -140,6 +144,39 @@ def _train_settings(args: argparse.Namespace) -> dict:
     return given
 
 
+# settings a resumed run may change: how it runs, not what it computes
+RESUMABLE = ("epochs", "device", "workers", "progress", "tensorboard", "eval_batch_size", "compile", "channels_last",
+             "out")  # epochs: more of them continue at the last learning rate (milestones are saved resolved)
+
+
+def _check_resume_settings(saved: dict, given: dict, run: str) -> None:
+    """--resume continues a run exactly: a setting that would change what it computes is refused,
+    never silently ignored (the optimizer's state carries the learning rate, the weights the model).
+    Settings are compared resolved: the same --config file as at the start (milestones 0.5, 0.75) passes."""
+    from .train.config import TrainConfig
+
+    def plain(v):
+        return json.loads(json.dumps(v, default=list))  # tuples as lists, as config.json holds them
+
+    resolved = {k: v for k, v in given.items() if k != "model_args"}
+    before = TrainConfig.from_dict(saved, str(Path(run) / "config.json")).resolve().to_dict()
+    after = TrainConfig.from_dict({**saved, **resolved}).resolve().to_dict()
+    for key, value in given.items():
+        if key in RESUMABLE:
+            continue
+        if key == "model_args" and isinstance(value, dict) and isinstance(saved.get("model_args"), dict):
+            for k, v in value.items():
+                if plain(v) != plain(saved["model_args"].get(k)):
+                    raise UsageError(f"--resume continues {run} as it started: its model has {k} = "
+                                     f"{saved['model_args'].get(k, '(the default)')}, {v!r} given; drop that "
+                                     f"option, or start a new run with --out")
+        elif key != "model_args" and plain(after.get(key)) != plain(before.get(key)):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume continues {run} as it started: its {key} is {saved.get(key)!r}, "
+                             f"{value!r} given; drop {flag}, or start a new run with --out "
+                             f"(a resumed run may change only {', '.join(RESUMABLE[:-1])})")
+
+
 @command("train", "train a registered model with the paper's recipe (defaults: the digits first run)", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, TrainingStopped, fit
@@ -147,11 +184,15 @@ def _train(args: argparse.Namespace) -> int:
     from .train.config import read_config_file
 
     settings: dict = {}
-    if args.resume:
-        settings.update(RunDir(args.resume).read_config())
-    if args.config:
-        settings.update(read_config_file(args.config))
+    saved = RunDir(args.resume).read_config() if args.resume else {}
+    settings.update(saved)
+    from_file = read_config_file(args.config) if args.config else {}
+    settings.update(from_file)
+    if isinstance(saved.get("model_args"), dict) and isinstance(from_file.get("model_args"), dict):
+        settings["model_args"] = {**saved["model_args"], **from_file["model_args"]}  # a file adds to the run's
     given = _train_settings(args)
+    if args.resume:
+        _check_resume_settings(saved, {**from_file, **given}, args.resume)
     if "model_args" in given and "model_args" in settings:
         if not isinstance(settings["model_args"], dict):
             raise UsageError(f"model_args in {args.config or args.resume} must be a table of option = value, "
@@ -201,9 +242,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate, evaluation_batches, select_splits
     from .weights import load_model
 
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = Distributed().device(args.device)
     checkpoint = protocol_checkpoint(args.checkpoint, args.which)
     model, info = load_model(checkpoint, device)
+    if "preprocessing" not in info or "classes" not in info:
+        raise UsageError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
+                         f"`densenet train`)")
     saved = info.get("config") or {}
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     if args.dataset:
@@ -612,30 +658,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densenet", description="DenseNet (Huang et al., CVPR 2017) exactly as the paper specifies it.")
     parser.add_argument("--version", action="version", version=f"densenet {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help, description=help))
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line; an error re-raised from a data-loading worker (its message
+    holds the worker's traceback) by its last line, the error itself."""
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in text:
+        last = lines[-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
+            else last
+    return " ".join(text.split())[:2000]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .train.lock import LockedError
+
+    return (UsageError, ValueError, OSError, LockedError)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    name = type(e).__name__
+    return name == "OutOfMemoryError" or isinstance(e, RuntimeError) and (
+        "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("DENSENET_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     _, _, run = COMMANDS[args.command]
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"densenet {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return int(run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show  # one line each, restored on the way out
+            return int(run(args) or 0)
     except KeyboardInterrupt:
         print("densenet: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as e:
-        if os.environ.get("DENSENET_DEBUG"):
+    except Exception as e:  # the top of the program: every error is one line
+        if debug:
             raise
-        msg = str(e) or type(e).__name__
-        print(f"densenet {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        if _out_of_memory(e):
+            print(f"densenet {args.command}: error: out of memory ({_one_line(e)[:300]}); use a smaller "
+                  f"--batch-size or a smaller model", file=sys.stderr)
+            return 2
+        if isinstance(e, _user_errors()):
+            print(f"densenet {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"densenet {args.command}: error: internal error ({type(e).__name__}: {_one_line(e)[:500]}); "
+              f"run again with --debug for the traceback, and please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ images are scaled to 8 bits.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from .data.sources import IMAGE_SUFFIXES, DataError, _decode, convert_image
+from .data.sources import IMAGE_SUFFIXES, DataError, _decode, convert_image, max_file_bytes, open_image, walk_files
 from .data.transforms import Normalization
 from .weights import CheckpointError, load_model
 
@@ -45,7 +44,7 @@ class Preprocess:
                 f"{extra}, mean={self.normalize.mean}, std={self.normalize.std})")
 
     def __call__(self, image) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         if isinstance(image, Image.Image):
             return self._stream(image) if self.source == "stream" else self._memory(self._pil_tensor(image))
@@ -55,20 +54,19 @@ class Preprocess:
         if not path.is_file():
             raise DataError(f"{path} " + ("is a directory, not an image" if path.is_dir() else "does not exist"))
         try:
+            if path.stat().st_size > max_file_bytes():
+                raise DataError(f"{path}: the file has {path.stat().st_size / 2 ** 20:,.0f} MiB, over the limit of "
+                                f"{max_file_bytes() / 2 ** 20:,.0f} MiB; if it is genuine, raise the limit with "
+                                f"DENSENET_MAX_FILE_MB=N")
             data = path.read_bytes()
         except OSError as e:
             raise DataError(f"{path} could not be read ({e.strerror or e})") from None
-        try:
-            # check with PIL first: a damaged file then never reaches libpng, which prints to stderr
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-            if self.source == "stream":  # as training's loader: PIL
-                with Image.open(io.BytesIO(data)) as im:
+        if self.source == "stream":  # as training's loader: Pillow
+            with open_image(data, str(path)) as im:
+                try:
                     return self._stream(im)
-        except Exception as e:  # damaged files raise anything from PIL's decoders, as in _decode
-            why = "not an image format Pillow knows" if isinstance(e, UnidentifiedImageError) else \
-                f"{type(e).__name__}: {e}"
-            raise DataError(f"{path} is not a readable image ({why})") from None
+                except Exception as e:  # damaged files raise anything from Pillow's decoders
+                    raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e})"[:400]) from None
         return self._memory(_decode(data, str(path), self.mode))  # as training's in-memory reader
 
     def _pil_tensor(self, im) -> torch.Tensor:
@@ -112,7 +110,7 @@ def find_images(paths: Iterable[str | Path]) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES)
             out += [(str(f), None) for f in found] or [(str(p), f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) "
                                                                 f"in this folder")]
         else:

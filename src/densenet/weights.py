@@ -13,7 +13,9 @@ containers and refuses everything else.
 from __future__ import annotations
 
 import json
+import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,6 +32,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """A checkpoint holds NaN or infinite parameters or buffers: its outputs mean nothing."""
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    bad = non_finite(tensors)
+    if bad:
+        warnings.warn(f"{where} holds non-finite weights ({len(bad)} tensors, e.g. {', '.join(bad[:3])}): its "
+                      f"outputs are meaningless; the training run that wrote it diverged", NonFiniteWeightsWarning,
+                      stacklevel=3)
+
+
+def describe_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str | None:
+    """None when `sd` fits the state dict `own` key for key and shape for shape; otherwise every
+    difference: keys missing, keys unexpected, and each differing key with both shapes."""
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shapes differ: " + "; ".join(shapes))
+    if missing:
+        parts.append(f"{len(missing)} keys of the model missing from the checkpoint: " + ", ".join(missing))
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys of the checkpoint the model lacks: " + ", ".join(unexpected))
+    return "; ".join(parts) or None
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a checkpoint: a .safetensors file, a .pth/.pt file, or a run directory
     (its `best/` checkpoint, else `last/`)."""
@@ -37,6 +73,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         for candidate in (path / MODEL_FILE, path / "best" / MODEL_FILE, path / "last" / MODEL_FILE):
             if candidate.is_file():
+                if path.resolve() not in candidate.resolve().parents:
+                    raise CheckpointError(f"{candidate.parent} points outside {path} (to "
+                                          f"{candidate.parent.resolve()}); give that checkpoint's path instead")
                 path = candidate
                 break
         else:
@@ -167,10 +206,72 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     info: dict[str, Any] = {"model": meta["model"]}
     for key in ("model_args", "classes", "preprocessing", "config"):
         if key in meta:
-            info[key] = json.loads(meta[key])
-    model = create_model(info["model"], **info["model_args"])
+            try:
+                info[key] = json.loads(meta[key])
+            except ValueError as e:
+                raise CheckpointError(f"{path}: its metadata {key} is damaged ({e})") from None
+    if not isinstance(info["model_args"], dict) or not all(isinstance(k, str) for k in info["model_args"]):
+        raise CheckpointError(f"{path}: its metadata model_args must be a table of option: value, "
+                              f"got {info['model_args']!r}"[:300])
+    if "config" in info and not isinstance(info["config"], dict):
+        raise CheckpointError(f"{path}: its metadata config must be a table of settings")
     try:
-        model.load_state_dict(convert_state_dict(sd))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {info['model']}: {str(e).splitlines()[0]}") from None
+        model = create_model(info["model"], **info["model_args"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its metadata names a model that cannot be built ({e})"[:400]) from None
+    sd = convert_state_dict(sd)
+    problem = describe_mismatch(model.state_dict(), sd)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit {info['model']} {info['model_args']}: {problem}")
+    model.load_state_dict(sd)
+    check_info(info, model, path)
+    warn_non_finite(sd, str(path))
     return model.to(map_location).eval(), info
+
+
+def _outputs(model: nn.Module) -> int | None:
+    weight = model.state_dict().get(getattr(model, "classifier_name", "classifier") + ".weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def check_info(info: dict[str, Any], model: nn.Module, path) -> None:
+    """Raise CheckpointError unless the class names and the preprocessing in a checkpoint's metadata
+    are complete and fit the model: one line naming the field, instead of a failure far away."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: its metadata {what}"[:400])
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if "classes" in info:
+        classes, n = info["classes"], _outputs(model)
+        need(isinstance(classes, list) and all(isinstance(c, str) for c in classes),
+             f"classes must be a list of names, got {classes!r}")
+        need(n is None or len(classes) == n, f"lists {len(classes)} class names for the model's {n} outputs")
+    pre = info.get("preprocessing")
+    if pre is None:
+        return
+    need(isinstance(pre, dict), f"preprocessing must be a table, got {pre!r}")
+    missing = [k for k in ("source", "mean", "std", "channels", "image_size") if k not in pre]
+    need(not missing, f"preprocessing lacks {', '.join(missing)}")
+    need(pre["source"] in ("memory", "stream"), f"preprocessing source must be memory or stream, got {pre['source']!r}")
+    need(integer(pre["channels"], 1, 4), f"preprocessing channels must be 1 to 4, got {pre['channels']!r}")
+    c = pre["channels"]
+    conv = model.state_dict().get(getattr(model, "first_conv_name", "features.conv0") + ".weight")
+    need(conv is None or conv.shape[1] == c, f"preprocessing gives {c} channels to a model that takes "
+                                             f"{None if conv is None else conv.shape[1]}")
+    for key in ("mean", "std"):
+        v = pre[key]
+        need(isinstance(v, list) and len(v) == c and all(map(number, v)),
+             f"preprocessing {key} must be {c} finite numbers, got {v!r}")
+    need(all(s > 0 for s in pre["std"]), f"preprocessing std must be positive, got {pre['std']!r}")
+    size = pre["image_size"]
+    need(isinstance(size, list) and len(size) == 2 and all(integer(v, 1, 8192) for v in size),
+         f"preprocessing image_size must be [height, width], each 1 to 8192, got {size!r}")
+    need(pre.get("resize") is None or integer(pre["resize"], 1, 16384),
+         f"preprocessing resize must be 1 to 16384, got {pre.get('resize')!r}")
+    need(integer(pre.get("ten_crop_pad", 0), 0, 1024), "preprocessing ten_crop_pad must be 0 to 1024")

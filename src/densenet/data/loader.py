@@ -103,13 +103,20 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        from .sources import convert_image
+        from .sources import DataError, convert_image, open_image
 
         path, label = self.data.samples[i]
-        with Image.open(path) as im:
-            return self.transform(convert_image(im, self.mode)), label
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise DataError(f"{path} could not be read ({e.strerror or e})") from None
+        with open_image(data, path) as im:  # Pillow, with the pixel limit checked from the header
+            try:
+                im = convert_image(im, self.mode)
+            except Exception as e:  # damaged files raise anything from Pillow's decoders
+                raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e})"[:400]) from None
+        return self.transform(im), label
 
 
 def stream_transform(train: bool, image_size: int, resize: int, normalize: Normalization, ten: bool = False):

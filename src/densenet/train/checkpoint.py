@@ -8,15 +8,19 @@
                                         is a function of the epoch)
     RUN/last -> ckpt/000012        symbolic links, replaced atomically
     RUN/best -> ckpt/000010
+    RUN/written.json               the checkpoint directories this run wrote: the only ones it deletes
+    RUN/densenet.lock              held while a process trains in RUN (train/lock.py)
 
 A checkpoint directory is written completely and fsynced before `last` is pointed at it (an atomic
 rename of a symbolic link), so a crash or kill -9 at any moment leaves `last` on a complete checkpoint.
-Only safetensors and JSON are read back: nothing is unpickled.
+Only safetensors and JSON are read back: nothing is unpickled, and what is read is checked (types,
+ranges, links that stay inside the run directory) before it is used.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,9 @@ from ..utils.atomic import _fsync_dir, atomic_write, write_text_atomic
 from ..weights import CheckpointError, read_state_dict
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
+RECORD_FILE = "written.json"
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "ckpt", "last", "best", RECORD_FILE, "tensorboard")
+_CKPT_NAME = re.compile(r"^\d{6,}$")
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,6 +82,35 @@ def model_metadata(model_name: str, model_args: dict, classes: list[str], prepro
     return meta
 
 
+def check_train_state(plain: dict, tensors: dict[str, torch.Tensor], where) -> None:
+    """Raise CheckpointError unless a state file holds what resuming needs, of the right types."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{where} is damaged: {what}; resume from another checkpoint (copy it to "
+                                  f"a new run directory) or start again"[:500])
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    train = plain.get("train")
+    need(isinstance(train, dict), "it holds no training state")
+    need(integer(train.get("epoch")) and train["epoch"] >= 0,
+         f"its epoch must be a whole number >= 0, got {train.get('epoch')!r}")
+    need(integer(train.get("step")) and train["step"] >= 0,
+         f"its step must be a whole number >= 0, got {train.get('step')!r}")
+    need(train.get("best") is None or isinstance(train["best"], dict), "its best is not a table")
+    sums = train.get("sums")
+    need(sums is None or isinstance(sums, dict) and all(isinstance(sums.get(k), (int, float))
+                                                        for k in ("loss", "correct", "n", "time", "wait")),
+         "its running sums are incomplete")
+    need(train["step"] == 0 or sums is not None, "a mid-epoch state without its running sums")
+    opt = plain.get("optimizer")
+    need(isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list),
+         "it holds no optimizer state")
+    rng = tensors.get("rng.cpu")
+    need(rng is not None and rng.dtype == torch.uint8 and rng.dim() == 1, "it holds no random-number state")
+
+
 class RunDir:
     """The checkpoints of one training run."""
 
@@ -86,20 +122,34 @@ class RunDir:
              train_state: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None,
              best: bool = False) -> Path:
         """Write checkpoint `counter` completely, then point `last` (and `best`) at it."""
-        target = self.path / "ckpt" / f"{counter:06d}"
-        if target.exists():
+        name = f"{counter:06d}"
+        target = self.path / "ckpt" / name
+        written = self.written()
+        if target.exists() or target.is_symlink():
+            if name not in written or target.is_symlink():
+                raise CheckpointError(f"{target} exists and was not written by this run: move it out of "
+                                      f"{self.path / 'ckpt'} (the run only deletes what it wrote)")
             shutil.rmtree(target)
-        target.mkdir(parents=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_write(target / MODEL_FILE) as tmp:
-            save_file(weights, str(tmp), metadata=meta)
-        opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
-        tensors = {**opt_tensors, **rng_state(), **(extra_tensors or {})}
-        state_meta = {"format": "densenet.state/1", "optimizer": json.dumps(opt_plain),
-                      "train": json.dumps(train_state)}
-        with atomic_write(target / STATE_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata=state_meta)
-        _fsync_dir(target)
+        self._record(written | {name})  # first the record, then the directory: a kill between leaves no orphan
+        try:
+            target.mkdir(parents=True)
+            weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            with atomic_write(target / MODEL_FILE) as tmp:
+                save_file(weights, str(tmp), metadata=meta)
+            opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
+            tensors = {**opt_tensors, **rng_state(), **(extra_tensors or {})}
+            state_meta = {"format": "densenet.state/1", "optimizer": json.dumps(opt_plain),
+                          "train": json.dumps(train_state)}
+            with atomic_write(target / STATE_FILE) as tmp:
+                save_file(tensors, str(tmp), metadata=state_meta)
+            _fsync_dir(target)
+        except Exception as e:  # disk full, quota, permissions: `last` still names the previous checkpoint
+            shutil.rmtree(target, ignore_errors=True)
+            last = self.resolve("last")
+            raise CheckpointError(f"could not write checkpoint {target} ({type(e).__name__}: {e}); "
+                                  + (f"{self.path / 'last'} still names the complete checkpoint {last.name}"
+                                     if last else "no checkpoint of this run is complete") + "; free space "
+                                  "and continue with --resume" + ("" if last else ", or start again")) from None
         self._point("last", target)
         if best:
             self._point("best", target)
@@ -114,11 +164,60 @@ class RunDir:
         os.replace(tmp, self.path / link)  # atomic: `link` names the old or the new checkpoint, never nothing
         _fsync_dir(self.path)
 
+    # what this run wrote -------------------------------------------------------------------------------
+    def written(self) -> set[str]:
+        """Names of the checkpoint directories under ckpt/ that this run wrote. A run directory from
+        before the record existed: the checkpoints its `last` and `best` name."""
+        f = self.path / RECORD_FILE
+        try:
+            data = json.loads(f.read_text())
+            names = data["checkpoints"]
+            if not isinstance(names, list):
+                raise ValueError("checkpoints is not a list")
+            return {n for n in names if isinstance(n, str) and _CKPT_NAME.match(n)}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, OSError):  # damaged: trust nothing in it, delete nothing more
+            pass
+        ckpt = (self.path / "ckpt").resolve()
+        out = set()
+        for link in ("last", "best"):
+            try:
+                target = self.resolve(link)
+            except CheckpointError:
+                continue
+            if target is not None and target.parent == ckpt and _CKPT_NAME.match(target.name):
+                out.add(target.name)
+        return out
+
+    def _record(self, names: set[str]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path / RECORD_FILE, json.dumps(
+            {"format": "densenet.written/1", "checkpoints": sorted(names)}) + "\n")
+
+    def start_new(self) -> None:
+        """Claim the directory for a new run: refused if it holds another run's files (a directory of
+        a run that never finished its first checkpoint is taken again)."""
+        f = self.path / RECORD_FILE
+        restart = f.is_file() and not self.written() and self.resolve("last") is None
+        if not restart:
+            clash = [n for n in RUN_FILES if (self.path / n).exists() or (self.path / n).is_symlink()]
+            if clash:
+                raise CheckpointError(f"{self.path} already holds {', '.join(clash)}, not written by a run that "
+                                      f"can be restarted: give a new --out directory (or --resume {self.path} "
+                                      f"if it is a run to continue)")
+        self._record(set())
+
     def _collect_garbage(self) -> None:
-        keep = {self.resolve(name) for name in ("last", "best")}
-        for d in (self.path / "ckpt").iterdir():
-            if d.resolve() not in keep:
+        """Delete the checkpoints this run wrote that neither `last` nor `best` names; nothing else."""
+        keep = {p.name for p in (self.resolve(name) for name in ("last", "best")) if p is not None}
+        written = self.written()
+        for name in sorted(written - keep):
+            d = self.path / "ckpt" / name
+            if d.is_dir() and not d.is_symlink():
                 shutil.rmtree(d, ignore_errors=True)
+        if written - keep:
+            self._record(written & keep)
 
     def write_config(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -131,16 +230,40 @@ class RunDir:
             os.fsync(f.fileno())
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """After a resume, keep only the rows of the epochs the checkpoint has seen."""
+        """After a resume, keep only the rows of the epochs the checkpoint has seen. A torn last line
+        (a crash while it was written) is dropped; that epoch runs again and writes it again."""
         f = self.path / "metrics.jsonl"
-        if f.is_file():
-            rows = [r for r in f.read_text().splitlines() if r.strip() and json.loads(r)["epoch"] <= epochs_done]
-            write_text_atomic(f, "".join(r + "\n" for r in rows))
+        if not f.is_file():
+            return
+        lines = [r for r in f.read_text(errors="replace").splitlines() if r.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+                epoch = row["epoch"]
+                if not isinstance(epoch, int) or isinstance(epoch, bool):
+                    raise ValueError("epoch is not an integer")
+            except (ValueError, KeyError, TypeError) as e:
+                if i == len(lines) - 1:
+                    continue
+                raise CheckpointError(f"{f} line {i + 1} is damaged ({type(e).__name__}: {e}); delete or "
+                                      f"repair that line, then resume again") from None
+            if epoch <= epochs_done:
+                rows.append(line)
+        write_text_atomic(f, "".join(r + "\n" for r in rows))
 
     # reading -------------------------------------------------------------------------------------------
     def resolve(self, name: str = "last") -> Path | None:
+        """The checkpoint directory `name` ("last", "best") points at, or None. A link that leads out of
+        the run directory is an error, never followed."""
         link = self.path / name
-        return link.resolve() if link.exists() else None
+        if not link.exists():
+            return None
+        target, root = link.resolve(), self.path.resolve()
+        if root not in target.parents:
+            raise CheckpointError(f"{link} points outside the run directory (to {target}); a run directory "
+                                  f"only reads its own checkpoints: point it at one under {self.path / 'ckpt'}")
+        return target
 
     def load_state(self, name: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
         """(weights, state tensors, state metadata) of checkpoint `name`."""
@@ -159,8 +282,17 @@ class RunDir:
             raise CheckpointError(f"{target / STATE_FILE} is not a readable training state ({e})") from None
         if meta.get("format") != "densenet.state/1":
             raise CheckpointError(f"{target / STATE_FILE} is not a densenet training state")
-        plain = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-        plain["optimizer"] = _unflatten_optimizer(tensors, plain["optimizer"])
+        where = target / STATE_FILE
+        try:
+            plain = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+        except ValueError as e:
+            raise CheckpointError(f"{where} is damaged: its metadata is not JSON ({e})") from None
+        check_train_state(plain, tensors, where)
+        try:
+            plain["optimizer"] = _unflatten_optimizer(tensors, plain["optimizer"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{where} is damaged: its optimizer state is incomplete "
+                                  f"({type(e).__name__}: {e})") from None
         return weights, tensors, plain
 
     def read_config(self) -> dict:

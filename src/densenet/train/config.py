@@ -107,7 +107,8 @@ class TrainConfig:
              f"seed and split_seed must be in [0, 2**63), got {self.seed} and {self.split_seed}")
         if self.milestones is not None:
             self.milestones = tuple(float(m) for m in self.milestones)
-            need(all(m > 0 for m in self.milestones), f"milestones must be positive, got {self.milestones}")
+            # >= 0: a resolved config of a 1-epoch run holds round(0.5 * 1) = 0 (no drop), and must load on resume
+            need(all(m >= 0 for m in self.milestones), f"milestones must be >= 0, got {self.milestones}")
         need(isinstance(self.model_args, dict), "model_args must be a table of option = value")
 
     def get_recipe(self):

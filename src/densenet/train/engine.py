@@ -25,10 +25,11 @@ from ..data import DataError, ImageSet, Normalization, balanced_split, channel_s
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
 from ..registry import create_model
 from ..utils.atomic import write_text_atomic
-from ..weights import MODEL_FILE, read_state_dict
+from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
 from .checkpoint import RunDir, model_metadata, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
+from .lock import DirLock
 
 
 class TrainingStopped(Exception):
@@ -139,8 +140,9 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[n
     except ValueError as e:
         if "drop_rate" in str(e) and "drop_rate" not in cfg.model_args and "drop_rate" in args:
             del args["drop_rate"]  # a network without dropout (e.g. ResNet): the recipe's 0.2 does not apply
+            model = create_model(cfg.model, **args)  # another error: raised without a misleading note
             print(f"note: {cfg.model} has no dropout option; training it without dropout", file=sys.stderr)
-            return create_model(cfg.model, **args), args
+            return model, args
         raise
 
 
@@ -240,10 +242,33 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         dist = Distributed.from_env()
-        try:
-            return self._fit(cfg, dist)
+        self._run: RunDir | None = None
+        where = self.resume or cfg.out
+        if self.resume and not Path(self.resume).expanduser().is_dir():
+            raise CheckpointError(f"{self.resume} is not a run directory to resume (it does not exist)")
+        try:  # one process per run directory: a second `--out X` or `--resume X` is refused, naming the first
+            with DirLock(where) if where and dist.is_main else contextlib.nullcontext():
+                return self._fit(cfg, dist)
         finally:
             dist.close()
+
+    def _kept(self) -> str:
+        """What survives a stop: said truly, also when nothing was saved yet."""
+        if self._run is None:
+            return "no --out given: nothing is saved"
+        last = self._run.resolve("last")
+        return (f"the last good checkpoint is kept ({self._run.path / 'last'} -> {last.name})" if last else
+                "no checkpoint was saved yet")
+
+    def _check_finite(self, model: nn.Module, epoch: int, step: int | None = None) -> None:
+        """Parameters and buffers (BN's running statistics too) must be finite before a checkpoint
+        becomes `last` or `best`: a diverged model is never saved as good."""
+        bad = non_finite(model.state_dict())
+        if bad:
+            at = f"epoch {epoch + 1}, step {step}" if step is not None else f"the end of epoch {epoch}"
+            raise TrainingStopped(f"the weights became non-finite at {at} ({len(bad)} tensors, e.g. "
+                                  f"{', '.join(bad[:3])}): training stopped without saving them; {self._kept()}. "
+                                  f"Lower --lr, or try --amp none.", 3)
 
     def _fit(self, cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
         device = dist.device(cfg.device)
@@ -252,9 +277,12 @@ class Trainer:
         if cfg.batch_size % (dist.world_size * cfg.accumulate):
             raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
                              f"x {cfg.accumulate} micro-batch(es)")
-        if cfg.out and not self.resume and (RunDir(cfg.out).resolve("last") is not None):
-            raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
-                             f"or give another --out")
+        if cfg.out and not self.resume:
+            if RunDir(cfg.out).resolve("last") is not None:
+                raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
+                                 f"or give another --out")
+            if dist.is_main:
+                RunDir(cfg.out).start_new()  # refuses a directory with another run's files in it
         torch.manual_seed(cfg.seed)
         in_channels = int(cfg.model_args.get("in_channels", 3))
         data = build_data(cfg, device, dist, in_channels)
@@ -278,12 +306,36 @@ class Trainer:
         epoch, start_step, best, sums = 0, 0, None, None
         if self.resume:
             weights, tensors, state = RunDir(self.resume).load_state("last")
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            if "scaler" in state["train"] and cfg.amp == "fp16":
-                scaler.load_state_dict(state["train"]["scaler"])
-            set_rng_state(tensors)
+            where = RunDir(self.resume).resolve("last")
+            problem = describe_mismatch(model.state_dict(), weights)
+            if problem:
+                raise CheckpointError(f"{where} does not fit the model {cfg.model} {model_args}: {problem}")
             t = state["train"]
+            steps = len(data.train)
+            saved_epochs = RunDir(self.resume).read_config().get("epochs")
+            if cfg.epochs < t["epoch"] <= (saved_epochs if isinstance(saved_epochs, int) else -1) and t["step"] < steps:
+                raise CheckpointError(f"{self.resume} has done {t['epoch']} epochs, more than the {cfg.epochs} asked "
+                                      f"for: give --epochs {t['epoch']} or more")
+            if not (t["epoch"] < cfg.epochs and t["step"] < steps or t["epoch"] == cfg.epochs and t["step"] == 0):
+                raise CheckpointError(f"{where}/state.safetensors is damaged: epoch {t['epoch']}, step {t['step']} "
+                                      f"lies outside this run's {cfg.epochs} epochs of {steps} steps")
+            if t["epoch"] == cfg.epochs:  # finished: nothing to train, nothing to rewrite
+                if dist.is_main:
+                    print(f"{self.resume} has finished all {cfg.epochs} epochs: nothing to resume "
+                          f"(its summary is {Path(self.resume) / 'summary.json'})", file=sys.stderr)
+                try:
+                    return json.loads((Path(self.resume) / "summary.json").read_text())
+                except (OSError, ValueError):
+                    return {"epochs": cfg.epochs, "out": str(self.resume)}
+            model.load_state_dict(weights)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                if "scaler" in state["train"] and cfg.amp == "fp16":
+                    scaler.load_state_dict(state["train"]["scaler"])
+                set_rng_state(tensors)
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+                raise CheckpointError(f"{where}/state.safetensors does not fit this run's optimizer "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from None
             epoch, start_step, best, sums = t["epoch"], t["step"], t.get("best"), t.get("sums")
             if dist.is_main:
                 print(f"resuming {self.resume} at epoch {epoch + 1}, step {start_step}", file=sys.stderr)
@@ -299,10 +351,12 @@ class Trainer:
                                                       find_unused_parameters=skips)
         if cfg.compile:
             net = torch.compile(net)
+        self._run = run
         writer = _tensorboard(run, cfg) if dist.is_main else None
         steps = len(data.train)
 
         def save(epoch_: int, step_: int, sums_, is_best=False):
+            self._check_finite(model, epoch_, step_ or None)  # on every rank: DDP keeps them equal
             if run is None or not dist.is_main:
                 return
             state = {"epoch": epoch_, "step": step_, "best": best, "sums": sums_}
@@ -403,7 +457,7 @@ class Trainer:
                 if not math.isfinite(loss_sum):
                     raise TrainingStopped(
                         f"the loss became {loss_sum / len(y)} at epoch {epoch + 1}, step {step + 1}: training "
-                        f"stopped; the last good checkpoint is kept. Lower --lr, or try --amp none.", 3)
+                        f"stopped; {self._kept()}. Lower --lr, or try --amp none.", 3)
                 scaler.step(optimizer)
                 scaler.update()
                 sums["loss"] += loss_sum
