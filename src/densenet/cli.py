@@ -174,8 +174,10 @@ def _train(args: argparse.Namespace) -> int:
 # --- densenet eval --------------------------------------------------------------------------------------
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("checkpoint_path", nargs="?", metavar="CHECKPOINT",
+                   help="a run directory (its best checkpoint) or a model.safetensors file, as for predict, "
+                        "export and reuse (--checkpoint PATH says the same)")
+    p.add_argument("--checkpoint", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data", metavar="PATH", help="default: the path the checkpoint was trained from")
     p.add_argument("--split", choices=("val", "test", "train"), default="test",
@@ -185,6 +187,20 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=4, help="loading processes for streamed folders")
     p.add_argument("--json", action="store_true", help='one JSON object: {"top1_error", "top5_error", "images", ...}')
+    p.add_argument("--recalibrate-bn", type=int, metavar="N",
+                   help="first re-estimate the BN statistics on N training images with dropout off (outside the "
+                        "paper's protocol; removes dropout's variance shift; the checkpoint is not changed)")
+
+
+def _eval_checkpoint(args: argparse.Namespace) -> str:
+    if args.checkpoint and args.checkpoint_path and args.checkpoint != args.checkpoint_path:
+        raise UsageError(f"two checkpoints given ({args.checkpoint_path} and --checkpoint {args.checkpoint}): give one")
+    path = args.checkpoint or args.checkpoint_path
+    if not path:
+        raise UsageError("which checkpoint? give a run directory or a model.safetensors file: densenet eval runs/digits")
+    if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
+        raise UsageError(f"--recalibrate-bn takes a number of training images >= 1, got {args.recalibrate_bn}")
+    return path
 
 
 @command("eval", "top-1 and top-5 error of a checkpoint on a dataset split", _eval_args)
@@ -197,10 +213,16 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate, evaluation_batches, select_splits
     from .weights import load_model
 
+    from .weights import checkpoint_origin
+
+    args.checkpoint = _eval_checkpoint(args)
     device = Distributed().device(args.device)
     model, info = load_model(args.checkpoint, device)
+    origin = checkpoint_origin(args.checkpoint)
     saved = info.get("config") or {}
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    # the schedule is not needed to evaluate (and a 1-epoch run's resolved milestones include 0)
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
+                                 if k in {f.name for f in dataclasses.fields(TrainConfig)} and k != "milestones"})
     if args.dataset:
         cfg = dataclasses.replace(cfg, dataset=args.dataset, val_size=None if args.dataset != cfg.dataset else cfg.val_size)
     if args.data:
@@ -218,13 +240,28 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{where} has no {args.split} split" +
                          (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
     batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
+    recalibrated = None
+    if args.recalibrate_bn:
+        import torch
+
+        from .train.recalibrate import recalibrate_bn
+
+        g = torch.Generator().manual_seed(cfg.seed)  # a seeded sample of the training images, shuffled
+        idx = torch.randperm(len(train), generator=g)[:args.recalibrate_bn]
+        recalibrated = recalibrate_bn(model, evaluation_batches(train.subset(idx), pre, args.batch_size, device,
+                                                                workers=args.workers))
     result = evaluate(model, batches)
     result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
               "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
-              "model": info["model"]}
+              "model": info["model"], "checkpoint": origin["file"], "epoch": origin["epoch"],
+              "recalibrated_bn_images": recalibrated}
     if args.json:
         _print_json(result)
     else:
+        epoch = f", epoch {origin['epoch']}" if origin["epoch"] is not None else ""
+        print(f"checkpoint {origin['file']} ({info['model']}{epoch})"
+              + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
+                 f"paper's protocol)" if recalibrated else ""))
         print(f"{info['model']} on {cfg.dataset} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
               f"({result['images']} images)")
@@ -444,6 +481,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="torch.export-based (needs onnxscript) or the older TorchScript-based exporter; "
                         "auto: dynamo where onnxscript is installed")
+    p.add_argument("--opset", type=int, metavar="N",
+                   help="ONNX opset to target, for runtimes that read only older ones (default: the exporter's)")
     p.add_argument("--json", action="store_true", help="print the report (shapes, parity) as JSON")
 
 
@@ -452,7 +491,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter)
+    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter, opset=args.opset)
     parity = r["parity"]
     if args.json:
         _print_json(r)

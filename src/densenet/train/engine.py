@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..data import DataError, ImageSet, Normalization, balanced_split, channel_stats, get_dataset_spec, load_splits
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
+from ..data.transforms import ten_crop_padding
 from ..registry import create_model
 from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, read_state_dict
@@ -89,7 +90,7 @@ def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3
             raise ValueError("--augment imagenet needs a streamed folder (--no-in-memory)")
         batches = Batches(train, normalize=norm, augment=augment, **common)
         pre = {"source": "memory", "mean": norm.mean, "std": norm.std, "channels": train.images.shape[1],
-               "image_size": list(train.images.shape[-2:]), "ten_crop_pad": 4}
+               "image_size": list(train.images.shape[-2:])}
     else:
         augment = "imagenet" if augment == "auto" else augment
         tf = stream_transform(augment == "imagenet", cfg.image_size, cfg.resize, norm)
@@ -105,8 +106,8 @@ def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_c
     """Batches of a split, preprocessed as the checkpoint says (the user does not repeat it)."""
     norm = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
     if isinstance(data, ImageSet):
-        return eval_batches(data, batch_size, norm, device, preprocessing.get("ten_crop_pad", 4) if ten_crop else None,
-                            channels_last)
+        pad = ten_crop_padding(preprocessing) if ten_crop else None  # raises where ten-crop does not apply
+        return eval_batches(data, batch_size, norm, device, pad, channels_last)
     size = preprocessing["image_size"][0]
     tf = stream_transform(False, size, preprocessing.get("resize", round(size * 256 / 224)), norm, ten=ten_crop)
     sb = StreamBatches(data, batch_size, tf, channels=preprocessing["channels"], device=device, workers=workers,

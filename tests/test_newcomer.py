@@ -1,0 +1,132 @@
+"""What a newcomer hits first: ten-crop defined for every image size (or refused), BN re-estimation
+(`eval --recalibrate-bn`), `eval` naming what it evaluated, files readable as the umask allows."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet
+from densenet.cli import main
+from densenet.data import ImageSet, Normalization
+from densenet.train import TrainConfig, fit
+from densenet.train.engine import evaluation_batches
+from densenet.train.recalibrate import recalibrate_bn
+
+SMALL = {"depth": 10, "growth_rate": 6}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The first run's recipe in miniature: digits, no augmentation, dropout 0.2 (the paper's rule)."""
+    out = tmp_path_factory.mktemp("newcomer") / "digits"
+    fit(TrainConfig(model="densenet_bc_100_k12", model_args=SMALL, dataset="digits", epochs=1, batch_size=32,
+                    train_subset=128, val_size=32, augment="none", drop_rate=0.2, progress=False,
+                    tensorboard=False, out=str(out)))
+    return out
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+# --- ten-crop -------------------------------------------------------------------------------------------
+
+def test_ten_crop_crops_are_the_training_shifts_at_any_size():
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    norm = Normalization((0.5,), (0.25,))
+    pre = {"source": "memory", "mean": [0.5], "std": [0.25], "channels": 1, "image_size": [8, 8], "augment": "cifar"}
+    (x, y), = list(evaluation_batches(ImageSet(images, torch.arange(3)), pre, 8, "cpu", ten_crop=True))
+    ref = norm(images)
+    assert x.shape == (10, 3, 1, 8, 8) and y.tolist() == [0, 1, 2]
+    assert torch.equal(x[4], ref)  # the centre crop of the 4-pixel padded image is the image
+    assert torch.equal(x[0][..., 4:, 4:], ref[..., :4, :4]) and (x[0][..., :4, :] == 0).all()  # top-left shift
+    assert torch.equal(x[3][..., :4, :4], ref[..., 4:, 4:])  # bottom-right shift
+    assert all(torch.equal(x[i + 5], x[i].flip(-1)) for i in range(5))  # and their mirror images
+
+
+def test_ten_crop_is_refused_for_a_model_trained_without_random_crops(digits_run, capsys):
+    code, out, err = run_main(capsys, "eval", digits_run, "--ten-crop")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "trained without random crops (augment 'none')" in err
+    assert "Evaluate without --ten-crop" in err
+    pre = {"mean": [0.5], "std": [0.25], "augment": "flip"}
+    with pytest.raises(ValueError, match="augment 'flip'"):
+        evaluation_batches(ImageSet(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2)), pre, 2, "cpu",
+                           ten_crop=True)
+
+
+# --- BN re-estimation ------------------------------------------------------------------------------------
+
+def _no_dropout(model):
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if hasattr(mod, "drop_rate"):
+            mod.drop_rate = 0.0
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    return m
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_recalibrated_statistics_are_the_datas_with_dropout_off(fused):
+    """After re-estimation on one batch, eval mode computes what training mode without dropout computes
+    on that batch (up to BN's unbiased running variance: n/(n-1), n = 64 * 8 * 8 values per channel)."""
+    model = densenet.create_model("densenet_bc_100_k12", drop_rate=0.2, fused=fused, num_classes=5, **SMALL)
+    x = torch.randn(64, 3, 8, 8) * 2 + 1
+    with torch.no_grad():
+        model.train()(torch.randn(64, 3, 8, 8))  # running statistics from other data, with dropout
+        expected = _no_dropout(model).train()(x)
+        stale = model.eval()(x)
+        assert recalibrate_bn(model, [(x, None)]) == 64
+        got = model(x)
+    assert not model.training
+    assert (stale - expected).abs().max() > 0.1  # the statistics training left are far off
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_recalibration_averages_over_batches_and_stops_at_max_images():
+    model = densenet.create_model("densenet_bc_100_k12", num_classes=5, **SMALL)
+    batches = [(torch.randn(16, 3, 8, 8) + i, None) for i in range(4)]
+    assert recalibrate_bn(model, batches, max_images=40) == 40  # 16 + 16 + 8
+    first_bn = model.features.denseblock1.denselayer1.norm1
+    # batch means averaged with weights 1/3 each: (m1 + m2 + m3) / 3, where m3 is over 8 images
+    with torch.no_grad():
+        m = [model.features.conv0(b).mean((0, 2, 3)) for b in (batches[0][0], batches[1][0], batches[2][0][:8])]
+    torch.testing.assert_close(first_bn.running_mean, sum(m) / 3, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one image"):
+        recalibrate_bn(model, batches, max_images=0)
+
+
+def test_eval_recalibrate_bn_and_says_what_it_evaluated(digits_run, capsys):
+    files = {p: p.read_bytes() for p in digits_run.rglob("*.safetensors")}
+    code, out, err = run_main(capsys, "eval", digits_run, "--split", "val", "--recalibrate-bn", "100", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["recalibrated_bn_images"] == 100 and r["epoch"] == 1 and r["images"] == 32
+    assert r["checkpoint"].endswith("best/model.safetensors") and r["model"] == "densenet_bc_100_k12"
+    assert {p: p.read_bytes() for p in files} == files  # the checkpoint is not changed
+    code, out, _ = run_main(capsys, "eval", "--checkpoint", digits_run, "--split", "val", "--recalibrate-bn", "100")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith(f"checkpoint {digits_run}/best/model.safetensors (densenet_bc_100_k12, epoch 1); "
+                               f"BN statistics re-estimated on 100 training images")
+    assert f"top-1 error {r['top1_error']:.2f}%" in lines[1]  # the same numbers: the sample is seeded
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([], "which checkpoint"),
+    (["{run}", "--checkpoint", "{run}/last"], "two checkpoints"),
+    (["{run}", "--recalibrate-bn", "0"], "--recalibrate-bn takes"),
+])
+def test_eval_usage_errors(digits_run, capsys, argv, match):
+    code, _, err = run_main(capsys, "eval", *[a.format(run=digits_run) for a in argv])
+    assert code == 2 and match in err and err.count("\n") == 1
