@@ -104,7 +104,7 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
 def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: str, meta: dict[str, str],
                  opset: int | None = None) -> str:
     if importlib.util.find_spec("onnx") is None:
-        raise ValueError("ONNX export needs the onnx package: pip install 'densenet[export]'")
+        raise ValueError("ONNX export needs the onnx package: pip install 'densenet-paper[export]'")
     import onnx
 
     if exporter == "auto":

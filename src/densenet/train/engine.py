@@ -433,7 +433,7 @@ def _tensorboard(run: RunDir | None, cfg: TrainConfig):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: pip install "densenet[tensorboard]"
+    except ImportError:  # tensorboard is optional: pip install "densenet-paper[tensorboard]"
         return None
     return SummaryWriter(str(run.path / "tensorboard"))
 
