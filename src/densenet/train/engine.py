@@ -27,6 +27,7 @@ from ..data.transforms import ten_crop_padding
 from ..registry import create_model
 from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, read_state_dict
+from . import logs
 from .checkpoint import RunDir, model_metadata, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
@@ -302,7 +303,7 @@ class Trainer:
                                           128 + stop.signal)
                 scheduler.step()
                 epoch += 1
-                row = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / sums["n"],
+                row = {"epoch": epoch, "lr": logs.clean_lr(lr), "train_loss": sums["loss"] / sums["n"],
                        "train_error": 100.0 * (1 - sums["correct"] / sums["n"]),
                        "images_per_s": sums["n"] / max(sums["time"], 1e-9),
                        "data_wait_frac": sums["wait"] / max(sums["time"], 1e-9),
@@ -343,6 +344,7 @@ class Trainer:
         summary["best"] = best
         summary["out"] = str(run.path) if run else None
         if writer:
+            logs.log_end(writer, cfg.to_dict(), summary)
             writer.close()
         if dist.is_main:
             if run:
@@ -421,21 +423,15 @@ class Trainer:
         print("  ".join(parts), file=sys.stderr)
         if run:
             run.append_metrics(row)
+            logs.write_csv(run.path)
         if writer:
-            for k, v in row.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, epoch)
-            writer.flush()
+            logs.log_epoch(writer, row, epoch)
 
 
 def _tensorboard(run: RunDir | None, cfg: TrainConfig):
     if run is None or not cfg.tensorboard:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: pip install "densenet-paper[tensorboard]"
-        return None
-    return SummaryWriter(str(run.path / "tensorboard"))
+    return logs.summary_writer(run.path / "tensorboard")  # None, said once, without tensorboard
 
 
 def _summary_line(s: dict) -> str:
