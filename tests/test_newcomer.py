@@ -241,3 +241,63 @@ def test_missing_tensorboard_is_said_once(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("tensorboard is not installed") == 1 and "--no-tensorboard" in err
     assert "densenet-paper[tensorboard]" in err
+
+
+# --- the first run's recipe --------------------------------------------------------------------------------
+
+def test_first_run_recipe_has_no_dropout_and_the_papers_datasets_keep_their_rule():
+    c = TrainConfig().resolve()
+    assert (c.dataset, c.augment, c.drop_rate, c.epochs) == ("digits", "none", 0.0, 30)
+    assert TrainConfig(drop_rate=0.2).resolve().drop_rate == 0.2  # still a choice
+    assert TrainConfig(dataset="svhn").resolve().drop_rate == 0.2
+    assert TrainConfig(dataset="cifar10", augment="none").resolve().drop_rate == 0.2
+
+
+# --- consistency ---------------------------------------------------------------------------------------------
+
+def test_every_train_option_has_help_and_shows_its_default(capsys):
+    from densenet.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings and action.help is not argparse_suppress():
+            assert action.help, action.option_strings
+    text = train.format_help().split("options:", 1)[1]
+    for flag, default in [("--lr LR", "0.1"), ("--momentum MOMENTUM", "0.9"), ("--seed SEED", "0")]:
+        block = text.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert f"(default: {default})" in " ".join(block.split()), flag
+    assert "300 CIFAR" in text.split("--epochs EPOCHS", 1)[1].split("\n  --", 1)[0]
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def test_models_table_shows_the_published_gmacs(capsys):
+    code, out, _ = run_main(capsys, "models", "resnet50", "resnext50_32x4d", "densenet_bc_100_k12")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("resnet", "resnext", "dense"))}
+    assert code == 0
+    assert rows["resnet50"][3:5] == ["4.089", "3.8"]  # measured with torchvision's layout; He 2015 prints 3.8
+    assert rows["resnext50_32x4d"][3:5] == ["4.230", "4.2"]
+    assert rows["densenet_bc_100_k12"][4] == "-"  # the paper prints no FLOPs for the CIFAR networks
+    code, out, _ = run_main(capsys, "models", "resnet50", "--json")
+    (r,) = json.loads(out)
+    assert r["published_gmacs"] == 3.8 and r["paper_gmacs"] == 4.089
+
+
+def test_download_without_a_network_says_what_and_how(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, err = run_main(capsys, "train", "--dataset", "cifar10", "--data", tmp_path / "c", "--download")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "could not fetch CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
+    assert f"unpack it in {tmp_path / 'c'} (giving {tmp_path / 'c' / 'cifar-10-batches-py'}/)" in err
+    assert "without --download" in err

@@ -97,8 +97,8 @@ class TrainConfig:
         c.batch_size = c.batch_size or spec.batch_size
         c.val_size = spec.val_size if c.val_size is None else c.val_size
         c.augment = c.augment or spec.augment
-        if c.drop_rate is None:
-            c.drop_rate = 0.2 if c.augment == "none" else 0.0
+        if c.drop_rate is None:  # the paper's rule, unless the dataset's recipe is our own (digits)
+            c.drop_rate = spec.drop_rate if spec.drop_rate is not None else 0.2 if c.augment == "none" else 0.0
         ms = c.milestones if c.milestones is not None else spec.milestones
         c.milestones = tuple(float(round(m * c.epochs)) if m < 1 else float(m) for m in ms)
         return c
