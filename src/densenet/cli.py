@@ -355,12 +355,21 @@ def _reuse(args: argparse.Namespace) -> int:
     from .registry import create_model
     from .weights import load_model
 
+    from .analysis.reuse import network_name, training_note
+    from .weights import checkpoint_origin
+
     if args.model:
-        model, title = create_model(args.model, pretrained=args.checkpoint), args.model
+        model = create_model(args.model, pretrained=args.checkpoint)
     else:
-        model, info = load_model(args.checkpoint)
-        title = info["model"]
-    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {title}"):
+        model, _ = load_model(args.checkpoint)
+    if not hasattr(model, "config") or not hasattr(model.config, "growth_rate"):
+        raise UsageError(f"feature reuse is defined for DenseNets; {args.checkpoint} holds a "
+                         f"{getattr(model, 'model_name', type(model).__name__)}")
+    note = training_note(checkpoint_origin(args.checkpoint)["epoch"])
+    if note:
+        print(f"densenet reuse: warning: {note}", file=sys.stderr)
+    # the network as trained (an L=40 run of the densenet_bc_100_k12 entry is DenseNet-BC L=40)
+    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {network_name(model)}"):
         print(path)
     return 0
 
