@@ -209,3 +209,14 @@ def test_export_opset(tmp_path):
     assert max(o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain == "") == 13
     with pytest.raises(ValueError, match="opset"):
         densenet.export.export_model(m, tmp_path / "m.pt", "torchscript", (3, 8, 8), opset=13)
+
+
+def test_hub_without_huggingface_hub_says_how_to_install(monkeypatch):
+    import densenet.hub
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    m = densenet.create_model("densenet_bc_100_k12", **SMALL)
+    with pytest.raises(ValueError, match=r"pip install 'densenet-paper\[hub\]'"):
+        densenet.hub.push_to_hub(m, "someone/repo")
+    with pytest.raises(ValueError, match=r"densenet-paper\[hub\]"):
+        densenet.create_model("densenet_bc_100_k12", pretrained="hf-hub:someone/repo")

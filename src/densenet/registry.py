@@ -97,11 +97,12 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
         overrides["in_channels"] = overrides.pop("in_chans")
     source = resolve_pretrained(name, pretrained)
     overrides.setdefault("num_classes", entry.num_classes)
+    model_args = dict(overrides)  # what rebuilds this model: create_model(name, **model.model_args)
     headless = overrides["num_classes"] == 0 and source is not None
     if headless:  # load the checkpoint's classifier-free weights into a model without one
         overrides["num_classes"] = 1
     model = entry.builder(**overrides)
-    model.model_name = name
+    model.model_name, model.model_args = name, model_args
     if source is not None:
         if source.startswith("hf-hub:"):
             from .hub import load_from_hub
