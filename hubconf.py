@@ -10,7 +10,8 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 if _SRC not in sys.path:  # this checkout's package, whether or not it is installed
     sys.path.insert(0, _SRC)
 
-from densenet.registry import create_model as _create_model, get_entry as _get_entry, list_models as _list_models  # noqa: E402
+from densenet.registry import create_model as _create_model  # noqa: E402
+from densenet.registry import get_entry as _get_entry, list_models as _list_models  # noqa: E402
 
 
 def _entrypoint(name):

@@ -103,7 +103,8 @@ def _with_default(h: str, f) -> str:
         return h
     if f.default is None:
         recipe = f.name in ("batch_size", "milestones", "augment") and "recipe" not in h
-        return h + (" (default: the dataset's recipe)" if recipe else " (default: all)" if f.name == "train_subset" else "")
+        subset = " (default: all)" if f.name == "train_subset" else ""
+        return h + (" (default: the dataset's recipe)" if recipe else subset)
     default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
     return f"{h} (default: {default})"
 
@@ -225,7 +226,8 @@ def _eval_checkpoint(args: argparse.Namespace) -> str:
         raise UsageError(f"two checkpoints given ({args.checkpoint_path} and --checkpoint {args.checkpoint}): give one")
     path = args.checkpoint or args.checkpoint_path
     if not path:
-        raise UsageError("which checkpoint? give a run directory or a model.safetensors file: densenet eval runs/digits")
+        raise UsageError("which checkpoint? give a run directory or a model.safetensors file: "
+                         "densenet eval runs/digits")
     if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
         raise UsageError(f"--recalibrate-bn takes a number of training images >= 1, got {args.recalibrate_bn}")
     return path

@@ -200,5 +200,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if "preprocessing" in info:
         from .pretrained import cfg_from_preprocessing
 
-        model.pretrained_cfg = cfg_from_preprocessing(info["model"], info["preprocessing"], len(info.get("classes") or []))
+        model.pretrained_cfg = cfg_from_preprocessing(info["model"], info["preprocessing"],
+                                                      len(info.get("classes") or []))
     return model.to(map_location).eval(), info

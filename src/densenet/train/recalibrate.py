@@ -4,9 +4,9 @@ Outside the paper's protocol (the paper evaluates the running statistics trainin
 in training, dropout scales the variance of what each BN layer after it sees; at test time dropout is
 off and the variances differ from the running estimates ("variance shift", Li et al., CVPR 2019). On
 the digits first run with dropout 0.2 (no augmentation) the same weights went from 3.33% test error to
-0.83% after re-estimation on 1,000 training images (measured; README). Also the standard step after weight averaging (SWA), as
-torch.optim.swa_utils.update_bn: every BN layer's statistics are the plain average over the batches
-(momentum None), computed with the network in evaluation mode except BN itself.
+0.83% after re-estimation on 1,000 training images (measured; README). Also the standard step after
+weight averaging (SWA), as torch.optim.swa_utils.update_bn: every BN layer's statistics are the plain
+average over the batches (momentum None), computed with the network in evaluation mode except BN itself.
 """
 from __future__ import annotations
 
