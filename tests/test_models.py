@@ -166,7 +166,7 @@ def test_bad_inputs_raise_clear_errors(x, match):
     (dict(compression=1.5), "0 < theta <= 1"),
     (dict(growth_rate=0), "growth_rate"),
     (dict(drop_rate=1.0), "drop_rate"),
-    (dict(num_classes=0), "num_classes"),
+    (dict(num_classes=-1), "num_classes"),
     (dict(in_channels=0), "in_channels"),
     (dict(widht=3), "unknown option"),
 ])

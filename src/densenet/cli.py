@@ -64,7 +64,7 @@ def _models(args: argparse.Namespace) -> int:
             family = r.family
             print(f"\n{family}\n{header}")
         paper_p = r.paper_params_text
-        paper_m = f"{r.paper_gmacs:.3f}" if r.paper_gmacs else "-"
+        paper_m = f"{r.published_gmacs:g}" if r.published_gmacs else "-"  # as printed; JSON has both
         size = "x".join(map(str, r.input_size))
         print(f"{r.name:<24}{r.params:>14,}{paper_p:>14}{r.macs / 1e9:>9.3f}{paper_m:>9}  {size:<11}{r.description}")
     return 0
@@ -88,6 +88,29 @@ def _config_field_help() -> dict[str, str]:
 
 
 _MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size": int}
+# settings whose line in config.py carries no comment: their help here
+_MORE_HELP = {"epochs": "epochs to train (recipe: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
+              "lr": "initial learning rate, divided by 10 at --milestones", "momentum": "SGD momentum",
+              "nesterov": "Nesterov momentum, as the authors' code", "weight_decay": "L2 penalty on every parameter",
+              "lr_gamma": "factor of the learning rate at each milestone",
+              "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
+              "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
+              "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation "
+                           "and 0 with it; digits: 0)"}
+
+
+def _with_default(h: str, f) -> str:
+    """A help text with the setting's default, as argparse's %(default)s would (options stay unset)."""
+    import dataclasses
+
+    if f.default is dataclasses.MISSING or "default" in h:
+        return h
+    if f.default is None:
+        recipe = f.name in ("batch_size", "milestones", "augment") and "recipe" not in h
+        subset = " (default: all)" if f.name == "train_subset" else ""
+        return h + (" (default: the dataset's recipe)" if recipe else subset)
+    default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
+    return f"{h} (default: {default})"
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +130,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        h = helps.get(f.name, "")
+        h = _with_default(_MORE_HELP.get(f.name) or helps.get(f.name, ""), f)
         if f.name == "dataset":
             h += " | " + "; ".join(f"{n}: {d.description}" for n, d in DATASETS.items())
         if kind in (bool, bool | None):
@@ -119,10 +142,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
             base = next((t for t in (int, float, str) if t == kind or t in typing.get_args(kind)), str)
             p.add_argument(flag, type=base, default=S, help=h, metavar=f.name.upper())
     g = p.add_argument_group("model options (the paper's names; any other with --model-arg)")
+    model_help = {"depth": "L, the network's depth (DenseNet-BC: 6n + 4; DenseNet: 3n + 4)",
+                  "growth_rate": "k, maps each layer adds", "compression": "theta, transition output fraction",
+                  "bn_size": "bottleneck width in multiples of k"}
     for name, typ in _MODEL_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=S, dest=f"m_{name}")
-    g.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=S, dest="m_bottleneck")
-    g.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=S, dest="m_memory_efficient")
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=S, dest=f"m_{name}",
+                       help=model_help[name] + " (default: the model's)")
+    g.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=S, dest="m_bottleneck",
+                   help="B: 1x1 bottleneck before each 3x3 convolution (default: the model's)")
+    g.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=S, dest="m_memory_efficient",
+                   help="recompute in the backward pass instead of storing (same results, less memory)")
     g.add_argument("--model-arg", action="append", default=S, metavar="KEY=VALUE",
                    help="any create_model override, e.g. --model-arg block_config=6,12,24,16")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
@@ -215,8 +244,10 @@ def _train(args: argparse.Namespace) -> int:
 # --- densenet eval --------------------------------------------------------------------------------------
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (the checkpoint its protocol reports: see --which) or a model.safetensors file")
+    p.add_argument("checkpoint_path", nargs="?", metavar="CHECKPOINT",
+                   help="a run directory (the checkpoint its protocol reports: see --which) or a model.safetensors "
+                        "file, as for predict, export and reuse (--checkpoint PATH says the same)")
+    p.add_argument("--checkpoint", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--which", choices=("best", "last"),
                    help="a run directory's best-validation or final-epoch checkpoint (default: the one the "
                         "protocol reports and the run's summary tested: CIFAR final, SVHN best)")
@@ -230,6 +261,21 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=4, help="loading processes for streamed folders")
     p.add_argument("--json", action="store_true", help='one JSON object: {"top1_error", "top5_error", "images", ...}')
+    p.add_argument("--recalibrate-bn", type=int, metavar="N",
+                   help="first re-estimate the BN statistics on N training images with dropout off (outside the "
+                        "paper's protocol; removes dropout's variance shift; the checkpoint is not changed)")
+
+
+def _eval_checkpoint(args: argparse.Namespace) -> str:
+    if args.checkpoint and args.checkpoint_path and args.checkpoint != args.checkpoint_path:
+        raise UsageError(f"two checkpoints given ({args.checkpoint_path} and --checkpoint {args.checkpoint}): give one")
+    path = args.checkpoint or args.checkpoint_path
+    if not path:
+        raise UsageError("which checkpoint? give a run directory or a model.safetensors file: "
+                         "densenet eval runs/digits")
+    if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
+        raise UsageError(f"--recalibrate-bn takes a number of training images >= 1, got {args.recalibrate_bn}")
+    return path
 
 
 @command("eval", "top-1 and top-5 error of a checkpoint on a dataset split", _eval_args)
@@ -242,16 +288,21 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate, evaluation_batches, select_splits
     from .weights import load_model
 
+    from .weights import checkpoint_origin
+
+    checkpoint = protocol_checkpoint(_eval_checkpoint(args), args.which)
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = Distributed().device(args.device)
-    checkpoint = protocol_checkpoint(args.checkpoint, args.which)
     model, info = load_model(checkpoint, device)
     if "preprocessing" not in info or "classes" not in info:
         raise UsageError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
                          f"`densenet train`)")
+    origin = checkpoint_origin(checkpoint)
     saved = info.get("config") or {}
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    # the schedule is not needed to evaluate (and a 1-epoch run's resolved milestones include 0)
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
+                                 if k in {f.name for f in dataclasses.fields(TrainConfig)} and k != "milestones"})
     if args.dataset:
         cfg = dataclasses.replace(cfg, dataset=args.dataset, val_size=None if args.dataset != cfg.dataset else cfg.val_size)
     if args.data:
@@ -272,13 +323,28 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{where} has no {args.split} split" +
                          (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
     batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
+    recalibrated = None
+    if args.recalibrate_bn:
+        import torch
+
+        from .train.recalibrate import recalibrate_bn
+
+        g = torch.Generator().manual_seed(cfg.seed)  # a seeded sample of the training images, shuffled
+        idx = torch.randperm(len(train), generator=g)[:args.recalibrate_bn]
+        recalibrated = recalibrate_bn(model, evaluation_batches(train.subset(idx), pre, args.batch_size, device,
+                                                                workers=args.workers))
     result = evaluate(model, batches)
     result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
               "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
-              "model": info["model"], "checkpoint": checkpoint}
+              "model": info["model"], "checkpoint": origin["file"], "epoch": origin["epoch"],
+              "recalibrated_bn_images": recalibrated}
     if args.json:
         _print_json(result)
     else:
+        epoch = f", epoch {origin['epoch']}" if origin["epoch"] is not None else ""
+        print(f"checkpoint {origin['file']} ({info['model']}{epoch})"
+              + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
+                 f"paper's protocol)" if recalibrated else ""))
         print(f"{info['model']} on {cfg.dataset} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
               f"({result['images']} images)")
@@ -378,12 +444,22 @@ def _reuse(args: argparse.Namespace) -> int:
     from .registry import create_model
     from .weights import load_model
 
+    from .analysis.reuse import network_name, training_note
+    from .weights import checkpoint_origin
+
     if args.model:
-        model, title = create_model(args.model, pretrained=args.checkpoint), args.model
+        model = create_model(args.model, pretrained=args.checkpoint)
     else:
-        model, info = load_model(protocol_checkpoint(args.checkpoint, args.which))
-        title = info["model"]
-    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {title}"):
+        checkpoint = protocol_checkpoint(args.checkpoint, args.which)
+        model, _ = load_model(checkpoint)
+    if not hasattr(model, "config") or not hasattr(model.config, "growth_rate"):
+        raise UsageError(f"feature reuse is defined for DenseNets; {args.checkpoint} holds a "
+                         f"{getattr(model, 'model_name', type(model).__name__)}")
+    note = training_note(checkpoint_origin(args.checkpoint if args.model else checkpoint)["epoch"])
+    if note:
+        print(f"densenet reuse: warning: {note}", file=sys.stderr)
+    # the network as trained (an L=40 run of the densenet_bc_100_k12 entry is DenseNet-BC L=40)
+    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {network_name(model)}"):
         print(path)
     return 0
 
@@ -620,6 +696,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="torch.export-based (needs onnxscript) or the older TorchScript-based exporter; "
                         "auto: dynamo where onnxscript is installed")
+    p.add_argument("--opset", type=int, metavar="N",
+                   help="ONNX opset to target, for runtimes that read only older ones (default: the exporter's)")
     p.add_argument("--json", action="store_true", help="print the report (shapes, parity) as JSON")
 
 
@@ -628,7 +706,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter)
+    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter, opset=args.opset)
     parity = r["parity"]
     if args.json:
         _print_json(r)

@@ -45,14 +45,18 @@ def reference_copy(model: nn.Module) -> nn.Module:
 
 def export_model(model: nn.Module, out: str | Path, format: str, input_size: tuple[int, int, int],
                  metadata: dict[str, Any] | None = None, *, onnx_exporter: str = "auto",
-                 tolerance: float = 1e-4) -> dict[str, Any]:
+                 tolerance: float = 1e-4, opset: int | None = None) -> dict[str, Any]:
     """Write `model` (taking (B, *input_size) float inputs) to `out` in `format`; return a report:
     {"path", "format", "exporter", "input", "output", "parity": {"runtime", "max_abs_diff", "ok", ...}}.
 
     `onnx_exporter`: "dynamo" (torch.export-based; needs onnxscript), "legacy" (TorchScript-based,
-    deprecated by PyTorch) or "auto" (dynamo where onnxscript is installed)."""
+    deprecated by PyTorch) or "auto" (dynamo where onnxscript is installed). `opset`: the ONNX opset
+    to target (default: the exporter's), for runtimes that read only older ones."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if opset is not None and (format != "onnx" or isinstance(opset, bool) or not isinstance(opset, int)
+                              or not 7 <= opset <= 30):
+        raise ValueError(f"opset {opset!r}: an ONNX opset number (e.g. 17), for --format onnx only")
     out = Path(out)
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     ref = reference_copy(model)
@@ -61,7 +65,7 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_write(out) as tmp:
         if format == "onnx":
-            exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta)
+            exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta, opset)
         else:
             exporter = "torch.jit.trace"
             with warnings.catch_warnings(), torch.no_grad():
@@ -97,9 +101,10 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
         return int(model(example[:1]).shape[1])
 
 
-def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: str, meta: dict[str, str]) -> str:
+def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: str, meta: dict[str, str],
+                 opset: int | None = None) -> str:
     if importlib.util.find_spec("onnx") is None:
-        raise ValueError("ONNX export needs the onnx package: pip install 'densenet[export]'")
+        raise ValueError("ONNX export needs the onnx package: pip install 'densenet-paper[export]'")
     import onnx
 
     if exporter == "auto":
@@ -112,11 +117,11 @@ def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: st
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         if exporter == "dynamo":
             torch.onnx.export(ref, (example,), str(path), dynamo=True, external_data=False, verbose=False,
-                              input_names=[INPUT], output_names=[OUTPUT],
+                              input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         else:
             torch.onnx.export(ref, (example,), str(path), dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset)
     proto = onnx.load(str(path))
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)

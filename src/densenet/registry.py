@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -43,9 +44,24 @@ def register_model(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
-def list_models(family: str | None = None) -> list[str]:
-    """Registered names, in registration order (the papers' table order)."""
-    return [n for n, e in _REGISTRY.items() if family is None or e.family == family]
+def list_models(filter: str | list[str] = "", *, family: str | None = None, pretrained: bool = False,
+                exclude_filters: str | list[str] = "") -> list[str]:
+    """Registered names, in registration order (the papers' table order). As timm's: `filter` and
+    `exclude_filters` are shell-style wildcards ("densenet*", ["resnet*", "wrn_*"]); `pretrained=True`
+    keeps the networks with published weights (`pretrained=True` in create_model finds them)."""
+    import fnmatch
+
+    from .pretrained import has_pretrained
+
+    def patterns(p):
+        return [p] if isinstance(p, str) else list(p)
+
+    names = [n for n, e in _REGISTRY.items() if family is None or e.family == family]
+    include, exclude = [p for p in patterns(filter) if p], [p for p in patterns(exclude_filters) if p]
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return [n for n in names if has_pretrained(n)] if pretrained else names
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -60,18 +76,52 @@ def get_entry(name: str) -> ModelEntry:
                          f"{len(_REGISTRY)} registered names.") from None
 
 
-def create_model(name: str, *, pretrained: str | None = None, reset_classifier: bool = False,
+def create_model(name: str, pretrained: bool | str | Path | None = False, *, reset_classifier: bool = False,
+                 features_only: bool = False, out_indices: tuple[int, ...] | None = None,
                  **overrides: Any) -> nn.Module:
-    """Build a registered network. `pretrained` is a checkpoint path (torchvision's or this package's);
-    `reset_classifier=True` loads everything but the classifier (fine-tuning to other classes)."""
-    entry = get_entry(name)
-    overrides.setdefault("num_classes", entry.num_classes)
-    model = entry.builder(**overrides)
-    model.model_name = name
-    if pretrained is not None:
-        from .weights import load_pretrained
+    """Build a registered network, as timm's create_model.
 
-        load_pretrained(model, pretrained, reset_classifier=reset_classifier)
+    `pretrained`: False; True (torchvision's ImageNet weights, where they exist, from torch's cache:
+    an error says where to get them otherwise); a checkpoint path (torchvision's or this package's);
+    or "hf-hub:org/repo" (weights pushed with `densenet.push_to_hub`). `reset_classifier=True` loads
+    everything but the classifier (fine-tuning to other classes). timm's names are accepted:
+    `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),
+    `features_only=True` with `out_indices` (a backbone returning its stages' maps, see features.py).
+    The model carries `pretrained_cfg`: its input size, mean/std and crop (`resolve_data_config`)."""
+    from .pretrained import pretrained_cfg, resolve_pretrained
+
+    entry = get_entry(name)
+    if "in_chans" in overrides:
+        if "in_channels" in overrides:
+            raise ValueError("give in_chans or in_channels (the same option), not both")
+        overrides["in_channels"] = overrides.pop("in_chans")
+    source = resolve_pretrained(name, pretrained)
+    overrides.setdefault("num_classes", entry.num_classes)
+    model_args = dict(overrides)  # what rebuilds this model: create_model(name, **model.model_args)
+    headless = overrides["num_classes"] == 0 and source is not None
+    if headless:  # load the checkpoint's classifier-free weights into a model without one
+        overrides["num_classes"] = 1
+    model = entry.builder(**overrides)
+    model.model_name, model.model_args = name, model_args
+    if source is not None:
+        if source.startswith("hf-hub:"):
+            from .hub import load_from_hub
+
+            load_from_hub(model, source[len("hf-hub:"):], reset_classifier=reset_classifier or headless)
+        else:
+            from .weights import load_pretrained
+
+            load_pretrained(model, source, reset_classifier=reset_classifier or headless)
+    if headless:
+        model.reset_classifier(0)
+    cfg = getattr(model, "config", None)
+    model.pretrained_cfg = pretrained_cfg(name, getattr(cfg, "in_channels", None), getattr(cfg, "num_classes", None))
+    if features_only:
+        from .features import FeatureListNet
+
+        return FeatureListNet(model, out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices selects stages of a features_only=True model; pass features_only=True")
     return model
 
 

@@ -82,7 +82,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise CheckpointError(f"no checkpoint in directory {path}: expected {MODEL_FILE}, "
                                   f"best/{MODEL_FILE} or last/{MODEL_FILE} (written by `densenet train --out`)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        from .pretrained import missing_file_hint
+
+        raise CheckpointError(f"checkpoint {path} does not exist{missing_file_hint(path)}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -107,6 +109,28 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj), {}
+
+
+def checkpoint_origin(path: str | Path) -> dict[str, Any]:
+    """Which file a checkpoint path names and, for a run's checkpoint, the epoch (and step within the
+    next epoch, 0 at an epoch's end) its weights were saved at: {"file", "epoch", "step"}."""
+    path = Path(path).expanduser()
+    file = path
+    if path.is_dir():
+        file = next((c for c in (path / MODEL_FILE, path / "best" / MODEL_FILE, path / "last" / MODEL_FILE)
+                     if c.is_file()), path)
+    out: dict[str, Any] = {"file": str(file), "epoch": None, "step": None}
+    state = file.parent / "state.safetensors"
+    if state.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(state), framework="pt") as f:
+                train = json.loads((f.metadata() or {}).get("train", "{}"))
+            out.update(epoch=train.get("epoch"), step=train.get("step"))
+        except Exception:  # the weights are what is evaluated; a damaged state file only loses the epoch
+            pass
+    return out
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,6 +250,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model.load_state_dict(sd)
     check_info(info, model, path)
     warn_non_finite(sd, str(path))
+    if "preprocessing" in info:
+        from .pretrained import cfg_from_preprocessing
+
+        model.pretrained_cfg = cfg_from_preprocessing(info["model"], info["preprocessing"],
+                                                      len(info.get("classes") or []))
     return model.to(map_location).eval(), info
 
 

@@ -21,6 +21,8 @@ class RunResult:
     epochs: list[dict]  # metrics.jsonl rows
     params: int
     macs: int
+    image_size: tuple[int, ...] = ()  # (C, H, W) the run trained at
+    num_classes: int = 0
 
     @property
     def final_error(self) -> tuple[float, str] | None:
@@ -62,8 +64,9 @@ def read_run(path: str | Path) -> RunResult:
     with torch.device("meta"):
         model = create_model(meta["model"], **args)
     size = (pre["channels"], *pre["image_size"])
+    classes = json.loads(meta["classes"]) if "classes" in meta else []
     return RunResult(path, path.name, meta["model"], cfg["dataset"], cfg.get("augment") or "", rows,
-                     count_params(model), count_macs(model, size))
+                     count_params(model), count_macs(model, size), tuple(size), len(classes))
 
 
 def _plt():
@@ -82,11 +85,13 @@ def plot_curves(runs: list[RunResult], out: Path) -> Path:
     for i, r in enumerate(runs):
         colour = f"C{i % 10}"
         ep = [row["epoch"] for row in r.epochs]
-        ax_loss.plot(ep, [row["train_loss"] for row in r.epochs], "--", color=colour, label=f"{r.label} train")
-        ax_err.plot(ep, [row["train_error"] for row in r.epochs], "--", color=colour, label=f"{r.label} train")
+        mk = {"marker": "o", "markersize": 5} if len(ep) == 1 else {}  # one epoch: a point, not an empty line
+        ax_loss.plot(ep, [row["train_loss"] for row in r.epochs], "--", color=colour, label=f"{r.label} train", **mk)
+        ax_err.plot(ep, [row["train_error"] for row in r.epochs], "--", color=colour, label=f"{r.label} train", **mk)
         if r.epochs and "val_loss" in r.epochs[0]:
-            ax_loss.plot(ep, [row["val_loss"] for row in r.epochs], "-", color=colour, label=f"{r.label} val")
-            ax_err.plot(ep, [row["val_top1_error"] for row in r.epochs], "-", color=colour, label=f"{r.label} val")
+            ax_loss.plot(ep, [row["val_loss"] for row in r.epochs], "-", color=colour, label=f"{r.label} val", **mk)
+            ax_err.plot(ep, [row["val_top1_error"] for row in r.epochs], "-", color=colour, label=f"{r.label} val",
+                        **mk)
     ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
     ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="Error")
     for ax in (ax_loss, ax_err):
@@ -102,26 +107,52 @@ def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | Non
     """Error against parameters (x="params") or multiply-adds (x="macs") for each run, with the
     paper's published points for the runs' data setting (Table 2 on CIFAR/SVHN, Table 1 on ImageNet);
     `setting` names it where the dataset cannot (a folder holding CIFAR-10 images: "C10+")."""
+    plt = _plt()
+    fig = efficiency_figure(runs, x, setting)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Annotate each point with its text at the first of several offsets where the label's box meets no
+    label placed before it (the figure's layout is final: boxes are measured as they will be drawn)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    offsets = [(5, 4), (5, -10), (-5, 4), (-5, -10), (5, 13), (5, -19), (-5, 13), (-5, -19), (5, 22), (5, -28)]
+    placed = []
+    for px, py, text in sorted(points):
+        for dx, dy in offsets:
+            a = ax.annotate(text, (px, py), fontsize=7, color="gray", xytext=(dx, dy), textcoords="offset points",
+                            ha="left" if dx > 0 else "right")
+            box = a.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            a.remove()
+        else:  # every offset taken: the first one
+            a = ax.annotate(text, (px, py), fontsize=7, color="gray", xytext=offsets[0], textcoords="offset points")
+            box = a.get_window_extent(renderer)
+        placed.append(box)
+
+
+def efficiency_figure(runs: list[RunResult], x: str, setting: str | None = None):
     from ..registry import get_entry
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    labels = []
     settings = {setting} if setting else {r.setting for r in runs if r.setting}
     for setting in sorted(settings):  # the paper's DenseNets in this setting
         pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e[setting], n)
                for n, e in TABLE2.items() if e.get(setting) is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", facecolors="none", edgecolors="gray",
                    s=50, label=f"paper, {setting}")
-        for i, (px, py, n) in enumerate(sorted(pts)):  # alternate label sides: neighbours do not overlap
-            ax.annotate(n.replace("densenet_", "").replace("_", "-"), (px, py), fontsize=7, color="gray",
-                        xytext=(5, 4 if i % 2 else -9), textcoords="offset points")
+        labels += [(px, py, n.replace("densenet_", "").replace("_", "-")) for px, py, n in pts]
         base = baseline_points(setting, x)
         if base:
             ax.scatter([b[0] for b in base], [b[1] for b in base], marker="^", facecolors="none",
                        edgecolors="tab:brown", s=50, label=f"paper, {setting}: baselines")
-            for px, py, n in base:
-                ax.annotate(n.replace("_", "-"), (px, py), fontsize=6, color="tab:brown", xytext=(5, -9),
-                            textcoords="offset points")
+            labels += [(px, py, n.replace("_", "-")) for px, py, n in base]
     if any(r.dataset == "imagenet" for r in runs):
         pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e["top1"])
                for n, e in TABLE1.items()]
@@ -141,9 +172,25 @@ def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | Non
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    _place_labels(fig, ax, labels)  # after the layout: the boxes measured are those drawn
+    return fig
+
+
+SETTING_SHAPE = {"C10": ("cifar10", 10), "C10+": ("cifar10", 10), "C100": ("cifar100", 100),
+                 "C100+": ("cifar100", 100), "SVHN": ("svhn", 10)}
+
+
+def setting_mismatch(run: RunResult, setting: str) -> str | None:
+    """Why the paper's `setting` points do not belong beside `run` (None: they may): another dataset,
+    or a folder of images that are not 32x32 or not of the setting's number of classes."""
+    dataset, classes = SETTING_SHAPE[setting]
+    if run.dataset not in ("folder", dataset):
+        return f"{run.label} was trained on {run.dataset}, not {dataset}"
+    if run.dataset == "folder" and (tuple(run.image_size[-2:]) not in ((), (32, 32))
+                                    or run.num_classes not in (0, classes)):
+        return (f"{run.label} was trained on {'x'.join(map(str, run.image_size[-2:]))} images of {run.num_classes} "
+                f"classes, not {setting}'s 32x32 images of {classes}")
+    return None
 
 
 def _paper_x(model: str, x: str) -> float | None:
@@ -169,7 +216,14 @@ def resnet_imagenet_points(x: str) -> list[tuple[float, float]]:
 
 
 def plot_runs(paths: list[str | Path], out_dir: str | Path, setting: str | None = None) -> list[Path]:
+    import sys
+
     runs = [read_run(p) for p in paths]
+    for r in runs if setting else []:
+        why = setting_mismatch(r, setting)
+        if why:
+            print(f"densenet plot: warning: --setting {setting} draws the paper's {setting} results, but {why}: "
+                  f"the comparison means little", file=sys.stderr)
     labels = [r.label for r in runs]
     for r in runs:  # distinct labels when run folders share a name
         if labels.count(r.label) > 1:

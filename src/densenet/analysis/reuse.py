@@ -63,6 +63,28 @@ def feature_reuse(model: nn.Module) -> list[BlockReuse]:
     return out
 
 
+def network_name(model: nn.Module) -> str:
+    """The paper's name of a DenseNet from its structure, e.g. "DenseNet-BC (L=40, k=12)": L counts the
+    stem convolution, every convolution of the dense layers, the transitions and the classifier."""
+    cfg = model.config
+    variant = "DenseNet" + ("-" + ("B" if cfg.bottleneck else "") + ("C" if cfg.compression < 1 else "")
+                            if cfg.bottleneck or cfg.compression < 1 else "")
+    depth = 1 + sum(cfg.block_config) * (2 if cfg.bottleneck else 1) + len(cfg.block_config)
+    return f"{variant} (L={depth}, k={cfg.growth_rate})"
+
+
+BARELY_TRAINED_EPOCHS = 10
+
+
+def training_note(epoch: int | None) -> str | None:
+    """A warning for a checkpoint saved after fewer than BARELY_TRAINED_EPOCHS epochs, or None."""
+    if epoch is None or epoch >= BARELY_TRAINED_EPOCHS:
+        return None
+    return (f"this checkpoint was saved after {epoch} epoch{'s' * (epoch != 1)}: its weights are still close to "
+            f"their random initialisation (He normal: every source gets about the same |w|), so the heatmap "
+            f"shows mostly initialisation, not learned feature reuse (the paper's is after 300 epochs)")
+
+
 def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> list[Path]:
     """The heatmap (PNG, or any format matplotlib writes) and its numbers beside it (.csv, .json)."""
     out = Path(out)
@@ -82,6 +104,20 @@ def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> li
 
 
 def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = reuse_figure(blocks, title)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+FRAMED_NOTE = ("framed column: the transition (T) or classifier (C) after the block, scaled to its own maximum "
+               "(other layers' weights have another magnitude); raw numbers in the .csv")
+
+
+def reuse_figure(blocks: list[BlockReuse], title: str = ""):
+    """The matplotlib figure of Figure 5 (panels side by side, spaced so that no panel's labels reach
+    the previous panel's framed column)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +125,8 @@ def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.6 * len(blocks), 4.8), squeeze=False,
+                             gridspec_kw={"wspace": 0.45})
     for ax, b in zip(axes[0], blocks):
         v = np.array(b.values, dtype=float)
         # the block's layers on one scale (the block's maximum = 1); the extra column on its own, since
@@ -111,5 +148,5 @@ def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean |w| per input map (max = 1)")
     if title:
         fig.suptitle(title)
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    fig.text(0.5, -0.02, FRAMED_NOTE, ha="center", va="top", fontsize=8)
+    return fig

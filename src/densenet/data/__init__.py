@@ -21,6 +21,7 @@ class DatasetSpec:
     needs_path: bool = True
     description: str = ""
     test_on: str = "final"  # the weights whose test error is reported: the final epoch's, or the best validation's
+    drop_rate: float | None = None  # None: the paper's rule (0.2 without augmentation, else 0)
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
@@ -35,8 +36,11 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 description="ImageNet-layout folder (train/, val/), streamed; 224 crops"),
     DatasetSpec("folder", 300, 64, (0.5, 0.75), 5000, "auto", "stats",
                 description="any folder or .tar.gz with train/ (and val/ or test/) of class sub-folders"),
-    DatasetSpec("digits", 30, 64, (0.5, 0.75), 300, "none", "stats", needs_path=False,
-                description="scikit-learn's handwritten digits, 8x8 grayscale, offline (the first run)"),
+    # not a paper dataset; no dropout: with dropout 0.2 the BN statistics training leaves do not fit the
+    # dropout-free test network (3.33% test error, 0.83% after re-estimating them; without dropout 0.56%)
+    DatasetSpec("digits", 30, 64, (0.5, 0.75), 300, "none", "stats", needs_path=False, drop_rate=0.0,
+                description="scikit-learn's handwritten digits, 8x8 grayscale, offline (the first run; "
+                            "no dropout)"),
 ]}
 
 

@@ -120,6 +120,12 @@ def _missing(name: str, root: Path, what: str, url: str) -> DataError:
                      f"there (needs a network), or download it from {url} and give its folder with --data.")
 
 
+def _download_failed(name: str, root: Path, url: str, place: str, e: BaseException) -> DataError:
+    return DataError(f"--download could not fetch {name} from {url} ({type(e).__name__}: {str(e)[:120]}). "
+                     f"Without a network here: fetch that file on a machine with one and {place}, then run "
+                     f"again without --download.")
+
+
 def load_cifar(root: Path, num_classes: int, download: bool) -> Splits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -132,6 +138,11 @@ def load_cifar(root: Path, num_classes: int, download: bool) -> Splits:
         if "not found" in str(e).lower():
             raise _missing(f"CIFAR-{num_classes}", root, f"{root / folder}", url) from None
         raise DataError(f"CIFAR-{num_classes} in {root} could not be read: {e}") from None
+    except OSError as e:  # urllib's URLError, a timeout, a refused connection: only when downloading
+        if not download:
+            raise
+        raise _download_failed(f"CIFAR-{num_classes}", root, url, f"unpack it in {root} (giving {root / folder}/)",
+                               e) from None
     tr, te = (ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
                        torch.tensor(s.targets, dtype=torch.int64)) for s in sets)
     return Splits(tr, te, list(sets[0].classes), 3)
@@ -149,6 +160,11 @@ def load_svhn(root: Path, download: bool, extra: bool = True) -> Splits:
                 raise _missing("SVHN", root, f"{root / (split + '_32x32.mat')}",
                                "http://ufldl.stanford.edu/housenumbers/") from None
             raise DataError(f"SVHN in {root} could not be read: {e}") from None
+        except OSError as e:  # no network: only when downloading
+            if not download:
+                raise
+            url = f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat"
+            raise _download_failed(f"SVHN {split}", root, url, f"put it in {root}", e) from None
         return ImageSet(torch.from_numpy(s.data).contiguous(), torch.from_numpy(s.labels).long())
 
     train = read("train")

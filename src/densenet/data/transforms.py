@@ -77,6 +77,23 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     raise ValueError(f"augmentation {kind!r} applies to images streamed from disk, not to in-memory batches")
 
 
+TRANSLATION_PADDING = {"cifar": 4}  # zero-padding of each augmentation's random crop (none/flip: no shifts)
+
+
+def ten_crop_padding(preprocessing: dict) -> int:
+    """The zero-padding of in-memory ten-crop evaluation: that of the random crops the model was trained
+    on (4 pixels of "cifar" augmentation, at any image size), so that the ten crops are shifts the model
+    saw in training. A model trained without random crops never saw a shifted image: ten-crop is
+    refused for it (on 8x8 digits trained without shifts, 4-pixel shifts gave 90% top-1 error)."""
+    augment = preprocessing.get("augment")
+    if augment not in TRANSLATION_PADDING:
+        raise ValueError(f"ten-crop averages over crops shifted as the training's random crops were, but "
+                         f"this model was trained without random crops (augment {augment!r}): every crop "
+                         f"but the centre would be an image it never saw. Evaluate without --ten-crop (the "
+                         f"single full image is the paper's protocol for such a model).")
+    return TRANSLATION_PADDING[augment]
+
+
 def ten_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The four corner crops and the centre crop, and their mirror images: (10, B, C, h, w)."""
     h, w = x.shape[-2:]

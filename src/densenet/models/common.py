@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 import torch
+import torch.nn as nn
 
 C = TypeVar("C")
 
@@ -47,4 +48,58 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
                          f"it downsamples by {reduction}, so inputs need at least {min_size}x{min_size}")
 
 
-__all__ = ["check_image_batch", "config_from_options"]
+class FeatureInfo(list):
+    """The stages a backbone returns, as timm describes them: a list of {"num_chs", "reduction",
+    "module", "index"} dicts that also answers `channels()`, `reduction()` and `module_name()` (all
+    stages, or the one at `idx`)."""
+
+    def _get(self, key: str, idx: int | None = None):
+        return [d[key] for d in self] if idx is None else self[idx][key]
+
+    def channels(self, idx: int | None = None):
+        return self._get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self._get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self._get("module", idx)
+
+    def get_dicts(self) -> list[dict]:
+        return [dict(d) for d in self]
+
+
+class ClassifierMixin:
+    """timm's head API for a network whose linear classifier is the attribute `classifier_name` and
+    whose pooled features have `num_features` channels: `get_classifier()`, `reset_classifier(n)`
+    (n = 0: no classifier, the model returns its pooled features) and `num_classes`."""
+
+    classifier_name = "classifier"
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.classifier_name)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for `num_classes` classes (0: none), on the device and
+        in the dtype of the model. Pooling is always the paper's global average (`global_pool="avg"`)."""
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"global_pool {global_pool!r}: these networks use global average pooling "
+                             f"(the paper's); only 'avg' is available")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        ref = next(self.parameters())
+        if num_classes:
+            head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if ref.device.type != "meta":
+                nn.init.zeros_(head.bias)
+        else:
+            head = nn.Identity()
+        setattr(self, self.classifier_name, head)
+
+
+__all__ = ["ClassifierMixin", "FeatureInfo", "check_image_batch", "config_from_options"]

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types
 from . import _fused
-from .common import check_image_batch
+from .common import ClassifierMixin, FeatureInfo, check_image_batch
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
 IMAGENET_BLOCKS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32), 264: (6, 12, 64, 48)}
@@ -73,7 +73,7 @@ class DenseNetConfig:
              f"block_config needs at least one block of at least one layer, got {self.block_config}")
         need(0.0 < self.compression <= 1.0, f"compression (theta) must satisfy 0 < theta <= 1, got {self.compression}")
         need(0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        need(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0 (0: no classifier), got {self.num_classes}")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         need(self.bn_size >= 1, f"bn_size must be >= 1, got {self.bn_size}")
         need(self.stem in ("cifar", "imagenet"), f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
@@ -237,7 +237,7 @@ class Transition(nn.Sequential):
         return super().forward(x)
 
 
-class DenseNet(nn.Module):
+class DenseNet(ClassifierMixin, nn.Module):
     """Stem, dense blocks joined by transitions, then BN-ReLU-global average pool-linear classifier."""
 
     def __init__(self, cfg: DenseNetConfig):
@@ -264,7 +264,7 @@ class DenseNet(nn.Module):
         self.features.add_module("norm5", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
         self.features.add_module("relu5", nn.ReLU())  # a module, not in place: hooks (Grad-CAM) see it
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, cfg.num_classes)
+        self.classifier = nn.Linear(c, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.num_features = c
         init_weights(self)
 
@@ -289,12 +289,12 @@ class DenseNet(nn.Module):
         return [first * 2 ** i for i in range(len(self.config.block_config))]
 
     @property
-    def feature_info(self) -> list[dict]:
+    def feature_info(self) -> FeatureInfo:
         """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
         n = len(self.stage_channels)
-        return [{"num_chs": c, "reduction": r,
-                 "module": f"features.denseblock{i + 1}" if i < n - 1 else "features.relu5"}
-                for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides))]
+        return FeatureInfo({"num_chs": c, "reduction": r, "index": i,
+                            "module": f"features.denseblock{i + 1}" if i < n - 1 else "features.relu5"}
+                           for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides)))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """A feature pyramid for detection or segmentation heads: the output of every dense block,

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import check_image_batch
+from .common import ClassifierMixin, FeatureInfo, check_image_batch
 from .densenet import init_weights  # the same He (fan-out) rule: He 2015, 2016 and the WRN code use it
 
 # Fig. 4 of He et al. 2016: where BN and ReLU sit. Per variant, the residual branch F with two weight
@@ -113,7 +113,7 @@ class ResNetConfig:
         need(self.stochastic_depth is None or 0.0 < self.stochastic_depth <= 1.0,
              f"stochastic_depth is p_L, the last unit's survival probability: 0 < p_L <= 1, "
              f"got {self.stochastic_depth}")
-        need(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0 (0: no classifier), got {self.num_classes}")
         need(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         if self.residual and self.shortcut == "A" and self.shortcut_variant != "conv1x1":
             c = self.stem_width
@@ -266,7 +266,7 @@ class ResidualUnit(nn.Module):
         return h if f is None else h + f
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierMixin, nn.Module):
     """Stem, stages of residual units (stride 2 at the first unit of every stage but the first),
     then [BN-ReLU for pre-activation units,] global average pooling and a fully connected layer."""
 
@@ -300,11 +300,11 @@ class ResNet(nn.Module):
                 self.bn_final = nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
             self.relu_final = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, cfg.num_classes)
+        self.fc = nn.Linear(c, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.num_features = c
         for unit, p in zip(self.units(), cfg.survival_probabilities()):
             unit.survival_prob = p
-        if self.fc.weight.device.type != "meta":  # built to be counted (meta device): nothing to initialise
+        if self.conv1.weight.device.type != "meta":  # built to be counted (meta device): nothing to initialise
             init_weights(self)
             for unit in self.units():
                 if hasattr(unit, "gate"):
@@ -329,12 +329,12 @@ class ResNet(nn.Module):
         return [first * 2 ** i for i in range(len(self.config.layers))]
 
     @property
-    def feature_info(self) -> list[dict]:
+    def feature_info(self) -> FeatureInfo:
         """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
         n = len(self.stage_channels)
         last = "relu_final" if hasattr(self, "relu_final") else f"layer{n}"
-        return [{"num_chs": c, "reduction": r, "module": f"layer{i + 1}" if i < n - 1 else last}
-                for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides))]
+        return FeatureInfo({"num_chs": c, "reduction": r, "index": i, "module": f"layer{i + 1}" if i < n - 1 else last}
+                           for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides)))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """A feature pyramid for detection or segmentation heads: the output of every stage; the last

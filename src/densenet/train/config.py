@@ -158,7 +158,8 @@ class TrainConfig:
             elif rec is not None and not has_dropout(c.model):
                 c.drop_rate = 0.0  # ResNets, ResNeXts: no dropout in their papers
             else:
-                c.drop_rate = 0.2 if c.augment == "none" else 0.0  # DenseNet: dropout without augmentation
+                # DenseNet: dropout without augmentation, unless the dataset's recipe is our own (digits)
+                c.drop_rate = spec.drop_rate if spec.drop_rate is not None else 0.2 if c.augment == "none" else 0.0
         if c.milestone_unit == "iterations" and c.milestones is not None:  # decays at exact iterations
             if c.epochs is None:
                 if c.iterations is None:

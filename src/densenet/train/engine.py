@@ -7,7 +7,6 @@ last good checkpoint, and ends with a summary of validation and test error.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -23,9 +22,11 @@ import torch.nn.functional as F
 
 from ..data import DataError, ImageSet, Normalization, balanced_split, channel_stats, get_dataset_spec, load_splits
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
+from ..data.transforms import ten_crop_padding
 from ..registry import create_model
 from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
+from . import logs
 from .checkpoint import RunDir, model_metadata, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
@@ -97,7 +98,7 @@ def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3
             raise ValueError("--augment imagenet needs a streamed folder (--no-in-memory)")
         batches = Batches(train, normalize=norm, augment=augment, **common)
         pre = {"source": "memory", "mean": norm.mean, "std": norm.std, "channels": train.images.shape[1],
-               "image_size": list(train.images.shape[-2:]), "ten_crop_pad": 4}
+               "image_size": list(train.images.shape[-2:])}
     else:
         augment = "imagenet" if augment == "auto" else augment
         tf = stream_transform(augment == "imagenet", cfg.image_size, cfg.resize, norm)
@@ -113,8 +114,8 @@ def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_c
     """Batches of a split, preprocessed as the checkpoint says (the user does not repeat it)."""
     norm = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
     if isinstance(data, ImageSet):
-        return eval_batches(data, batch_size, norm, device, preprocessing.get("ten_crop_pad", 4) if ten_crop else None,
-                            channels_last)
+        pad = ten_crop_padding(preprocessing) if ten_crop else None  # raises where ten-crop does not apply
+        return eval_batches(data, batch_size, norm, device, pad, channels_last)
     size = preprocessing["image_size"][0]
     tf = stream_transform(False, size, preprocessing.get("resize", round(size * 256 / 224)), norm, ten=ten_crop)
     sb = StreamBatches(data, batch_size, tf, channels=preprocessing["channels"], device=device, workers=workers,
@@ -383,7 +384,7 @@ class Trainer:
                                              " (no --out given: nothing saved)"),
                                           128 + stop.signal)
                 epoch += 1
-                row = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / sums["n"],
+                row = {"epoch": epoch, "lr": logs.clean_lr(lr), "train_loss": sums["loss"] / sums["n"],
                        "train_error": 100.0 * (1 - sums["correct"] / sums["n"]),
                        "images_per_s": sums["n"] / max(sums["time"], 1e-9),
                        "data_wait_frac": sums["wait"] / max(sums["time"], 1e-9),
@@ -424,6 +425,7 @@ class Trainer:
         summary["best"] = best
         summary["out"] = str(run.path) if run else None
         if writer:
+            logs.log_end(writer, cfg.to_dict(), summary)
             writer.close()
         if dist.is_main:
             if run:
@@ -504,21 +506,15 @@ class Trainer:
         print("  ".join(parts), file=sys.stderr)
         if run:
             run.append_metrics(row)
+            logs.write_csv(run.path)
         if writer:
-            for k, v in row.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, epoch)
-            writer.flush()
+            logs.log_epoch(writer, row, epoch)
 
 
 def _tensorboard(run: RunDir | None, cfg: TrainConfig):
     if run is None or not cfg.tensorboard:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: pip install "densenet[tensorboard]"
-        return None
-    return SummaryWriter(str(run.path / "tensorboard"))
+    return logs.summary_writer(run.path / "tensorboard")  # None, said once, without tensorboard
 
 
 def _summary_line(s: dict) -> str:

@@ -21,6 +21,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
@@ -36,6 +43,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
+            # mkstemp (and some writers, e.g. safetensors) make the file 0600; a new file from open()
+            # is 0666 less the umask, readable by a model server running as another user: as open()
+            with contextlib.suppress(AttributeError, OSError):  # no fchmod (Windows), or no modes
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)

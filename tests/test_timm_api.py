@@ -1,0 +1,222 @@
+"""The conventions timm and torchvision users bring: create_model's pretrained/in_chans/num_classes=0/
+features_only, list_models wildcards, get/reset_classifier, pretrained_cfg, `python -m densenet`,
+hubconf.py for torch.hub, `export --opset`."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet
+import densenet.export
+import densenet.weights
+from densenet.weights import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(depth=16, growth_rate=4)  # DenseNet-BC L=16, k=4: a few thousand parameters
+
+
+def test_pretrained_false_and_none_build_an_untrained_model():
+    a = densenet.create_model("densenet_bc_100_k12", pretrained=False, **SMALL)
+    b = densenet.create_model("densenet_bc_100_k12", None, **SMALL)
+    assert type(a) is type(b) is densenet.DenseNet
+
+
+def test_pretrained_true_says_where_weights_come_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"densenet121-a639ec97\.pth.*pretrained='path/to/densenet121"):
+        densenet.create_model("densenet121", pretrained=True)
+    with pytest.raises(ValueError, match=r"no published PyTorch weights.*densenet train --model densenet_40_k12"):
+        densenet.create_model("densenet_40_k12", pretrained=True)
+    with pytest.raises(ValueError, match="pretrained must be"):
+        densenet.create_model("densenet_40_k12", pretrained=3)
+
+
+def test_pretrained_true_loads_torchvisions_file_from_the_hub_cache(tmp_path, monkeypatch):
+    """resnet18 is small: a torchvision-layout state dict saved under torchvision's file name in the
+    cache directory is what pretrained=True loads."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    tv = torchvision.models.resnet18()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(tv.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    ours = densenet.create_model("resnet18", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), tv.eval()(x), atol=1e-5)
+    # a missing torchvision file names where it comes from
+    with pytest.raises(ValueError, match=r"download\.pytorch\.org/models/densenet121-a639ec97\.pth"):
+        densenet.create_model("densenet121", pretrained=str(tmp_path / "densenet121-a639ec97.pth"))
+
+
+def test_list_models_wildcards_and_pretrained_filter():
+    assert densenet.list_models("densenet*")[:6] == ["densenet_40_k12", "densenet_100_k12", "densenet_100_k24",
+                                                    "densenet_bc_100_k12", "densenet_bc_250_k24",
+                                                    "densenet_bc_190_k40"]
+    assert densenet.list_models("densenet*", pretrained=True) == ["densenet121", "densenet169", "densenet201",
+                                                                  "densenet161"]
+    assert densenet.list_models(["wrn_*", "resnext29*"]) == ["wrn_16_4", "wrn_16_8", "wrn_28_10",
+                                                             "resnext29_8x64d", "resnext29_16x64d"]
+    assert "resnet110_stochdepth" not in densenet.list_models("resnet*", exclude_filters="*stochdepth")
+    assert densenet.list_models("nothing*") == []
+    assert densenet.list_models() == list(densenet.registry._REGISTRY)
+
+
+def test_in_chans_is_in_channels():
+    m = densenet.create_model("densenet_bc_100_k12", in_chans=1, **SMALL)
+    assert m.config.in_channels == 1 and m.features.conv0.weight.shape[1] == 1
+    assert m.pretrained_cfg["input_size"] == (1, 32, 32) and len(m.pretrained_cfg["mean"]) == 1
+    with pytest.raises(ValueError, match="in_chans or in_channels"):
+        densenet.create_model("densenet_bc_100_k12", in_chans=1, in_channels=1)
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_100_k12", "resnet20"])
+def test_num_classes_zero_returns_pooled_features(name):
+    kw = SMALL if name.startswith("densenet") else {}
+    full = densenet.create_model(name, **kw).eval()
+    torch.manual_seed(0)
+    headless = densenet.create_model(name, num_classes=0, **kw).eval()
+    headless.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("classifier", "fc"))})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = headless(x)
+        assert feats.shape == (2, full.num_features) and headless.num_classes == 0
+        assert torch.allclose(feats, full.forward_head(full.forward_features(x), pre_logits=True))
+        assert torch.allclose(full.get_classifier()(feats), full(x), atol=1e-6)
+    assert isinstance(headless.get_classifier(), torch.nn.Identity)
+
+
+def test_reset_classifier_keeps_the_body_and_makes_a_new_head():
+    m = densenet.create_model("densenet_bc_100_k12", **SMALL).eval()
+    body = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("classifier")}
+    m.reset_classifier(7)
+    assert m.get_classifier().out_features == 7 and m.num_classes == 7 and m.config.num_classes == 7
+    assert (m.get_classifier().bias == 0).all()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in body.items())
+    assert m(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+    with pytest.raises(ValueError, match="global average"):
+        m.reset_classifier(7, global_pool="max")
+    with pytest.raises(ValueError, match=">= 0"):
+        m.reset_classifier(-1)
+
+
+def test_headless_model_loads_a_checkpoint_with_a_classifier(tmp_path):
+    full = densenet.create_model("densenet_bc_100_k12", **SMALL).eval()
+    save_model(full, tmp_path / "m.safetensors")
+    headless = densenet.create_model("densenet_bc_100_k12", pretrained=tmp_path / "m.safetensors",
+                                     num_classes=0, **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(headless(x), full.forward_head(full.forward_features(x), pre_logits=True))
+
+
+@pytest.mark.parametrize("name,kw,channels,reduction", [
+    ("densenet_bc_100_k12", SMALL, [16, 16, 16], [1, 2, 4]),
+    ("densenet121", dict(block_config=(1, 1, 1, 1), growth_rate=4), [12, 10, 9, 8], [4, 8, 16, 32]),
+    ("resnet20", {}, [16, 32, 64], [1, 2, 4]),
+])
+def test_features_only(name, kw, channels, reduction):
+    full = densenet.create_model(name, **kw).eval()
+    torch.manual_seed(1)
+    fo = densenet.create_model(name, features_only=True, **kw).eval()
+    assert fo.feature_info.channels() == channels and fo.feature_info.reduction() == reduction
+    # the same parameter names as the full model (without its head): its weights load unchanged
+    fo.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("classifier", "fc"))})
+    size = 64 if name == "densenet121" else 32
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        outs, ref = fo(x), full.forward_stages(x)
+    assert [o.shape[1] for o in outs] == channels
+    assert [size // o.shape[-1] for o in outs] == reduction
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+    two = densenet.create_model(name, features_only=True, out_indices=(-1, 1), **kw)
+    assert two.feature_info.channels() == [channels[-1], channels[1]] and len(two(x)) == 2
+    assert two.feature_info.channels(0) == channels[-1]
+    with pytest.raises(ValueError, match="out_indices"):
+        densenet.create_model(name, features_only=True, out_indices=(7,), **kw)
+
+
+def test_features_only_train_and_eval_reach_every_layer():
+    fo = densenet.create_model("densenet_bc_100_k12", features_only=True, **SMALL)
+    fo.eval()
+    assert not any(m.training for m in fo.modules()) and not fo._model.training
+    fo.train()
+    assert all(m.training for m in fo.modules()) and fo._model.training
+
+
+def test_pretrained_cfg_and_resolve_data_config():
+    cifar = densenet.create_model("densenet_bc_100_k12", **SMALL)
+    cfg = densenet.resolve_data_config(cifar)
+    assert cfg == {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465),
+                   "std": (0.2470, 0.2435, 0.2616), "crop_pct": 1.0, "crop_mode": "center"}
+    imagenet = densenet.create_model("densenet121", block_config=(1, 1, 1, 1))
+    assert imagenet.pretrained_cfg["url"].endswith("densenet121-a639ec97.pth")
+    cfg = densenet.resolve_data_config(imagenet, args={"crop_pct": 1.0})
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["crop_pct"] == 1.0 and cfg["input_size"] == (3, 224, 224)
+    from PIL import Image
+
+    t = densenet.create_transform(**densenet.resolve_data_config(imagenet))
+    x = t(Image.new("RGB", (300, 256), (124, 116, 104)))
+    assert x.shape == (3, 224, 224) and x.abs().max() < 0.01  # ImageNet's mean colour normalises to ~0
+    with pytest.raises(ValueError, match="needs a model"):
+        densenet.resolve_data_config(torch.nn.Linear(1, 1))
+
+
+def test_trained_checkpoint_carries_its_own_preprocessing(tmp_path):
+    m = densenet.create_model("densenet_bc_100_k12", num_classes=3, **SMALL)
+    pre = {"source": "memory", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "channels": 3,
+           "image_size": [12, 12]}
+    save_model(m, tmp_path / "m.safetensors", {"model_args": {"num_classes": 3, **SMALL}, "preprocessing": pre,
+                                               "classes": ["a", "b", "c"]})
+    loaded, _ = densenet.weights.load_model(tmp_path / "m.safetensors")
+    assert densenet.resolve_data_config(loaded) == {"input_size": (3, 12, 12), "interpolation": "bilinear",
+                                                    "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2),
+                                                    "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def test_python_dash_m_densenet():
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "densenet", "--version"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("densenet ")
+
+
+def test_torch_hub_load_from_this_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = torch.hub.load(str(ROOT), "densenet_bc_100_k12", source="local", **SMALL, num_classes=5)
+    assert isinstance(m, densenet.DenseNet) and m.num_classes == 5
+    sys.path.insert(0, str(ROOT))
+    try:
+        import hubconf
+    finally:
+        sys.path.remove(str(ROOT))
+    assert set(densenet.list_models()) <= set(dir(hubconf))
+    assert "Table 2" in hubconf.densenet_bc_100_k12.__doc__
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx is not installed")
+def test_export_opset(tmp_path):
+    import onnx
+
+    m = densenet.create_model("densenet_bc_100_k12", num_classes=3, **SMALL)
+    r = densenet.export.export_model(m, tmp_path / "m.onnx", "onnx", (3, 8, 8), onnx_exporter="legacy", opset=13)
+    assert r["exporter"].endswith("opset 13")
+    assert max(o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain == "") == 13
+    with pytest.raises(ValueError, match="opset"):
+        densenet.export.export_model(m, tmp_path / "m.pt", "torchscript", (3, 8, 8), opset=13)
+
+
+def test_hub_without_huggingface_hub_says_how_to_install(monkeypatch):
+    import densenet.hub
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    m = densenet.create_model("densenet_bc_100_k12", **SMALL)
+    with pytest.raises(ValueError, match=r"pip install 'densenet-paper\[hub\]'"):
+        densenet.hub.push_to_hub(m, "someone/repo")
+    with pytest.raises(ValueError, match=r"densenet-paper\[hub\]"):
+        densenet.create_model("densenet_bc_100_k12", pretrained="hf-hub:someone/repo")
