@@ -112,12 +112,13 @@ def test_eval_recalibrate_bn_and_says_what_it_evaluated(digits_run, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["recalibrated_bn_images"] == 100 and r["epoch"] == 1 and r["images"] == 32
-    assert r["checkpoint"].endswith("best/model.safetensors") and r["model"] == "densenet_bc_100_k12"
+    # the protocol's checkpoint: digits, like CIFAR, reports the final epoch (last/)
+    assert r["checkpoint"].endswith("last/model.safetensors") and r["model"] == "densenet_bc_100_k12"
     assert {p: p.read_bytes() for p in files} == files  # the checkpoint is not changed
     code, out, _ = run_main(capsys, "eval", "--checkpoint", digits_run, "--split", "val", "--recalibrate-bn", "100")
     lines = out.splitlines()
     assert code == 0 and len(lines) == 2
-    assert lines[0].startswith(f"checkpoint {digits_run}/best/model.safetensors (densenet_bc_100_k12, epoch 1); "
+    assert lines[0].startswith(f"checkpoint {digits_run}/last/model.safetensors (densenet_bc_100_k12, epoch 1); "
                                f"BN statistics re-estimated on 100 training images")
     assert f"top-1 error {r['top1_error']:.2f}%" in lines[1]  # the same numbers: the sample is seeded
 
