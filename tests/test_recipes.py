@@ -297,7 +297,7 @@ def test_eval_uses_the_checkpoint_the_summary_reports(run_dir, capsys):
     assert protocol_checkpoint(str(run), "best") == str(run / "best")
     assert main(["eval", "--checkpoint", str(run), "--split", "test", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["checkpoint"] == str(run / "last") and r["top1_error"] == pytest.approx(summary["test_top1_error"])
+    assert r["checkpoint"] == str(run / "last" / "model.safetensors") and r["top1_error"] == pytest.approx(summary["test_top1_error"])
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, "test_on": "best"}))  # SVHN's protocol: best validation
     try:

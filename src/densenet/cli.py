@@ -90,9 +90,13 @@ def _config_field_help() -> dict[str, str]:
 _MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size": int}
 # settings whose line in config.py carries no comment: their help here
 _MORE_HELP = {"epochs": "epochs to train (recipe: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
-              "lr": "initial learning rate, divided by 10 at --milestones", "momentum": "SGD momentum",
-              "nesterov": "Nesterov momentum, as the authors' code", "weight_decay": "L2 penalty on every parameter",
-              "lr_gamma": "factor of the learning rate at each milestone",
+              "lr": "initial learning rate, multiplied by --lr-gamma at --milestones (default: the recipe's: 0.1; "
+                    "WRN on SVHN 0.01)",
+              "momentum": "SGD momentum (default: the recipe's: 0.9)",
+              "nesterov": "Nesterov momentum (default: the recipe's: on for DenseNet as the authors' code, off for "
+                          "He 2015's ResNets)",
+              "weight_decay": "L2 penalty on every parameter (default: the recipe's: 1e-4; WRN and ResNeXt 5e-4)",
+              "lr_gamma": "factor of the learning rate at each milestone (default: the recipe's: 0.1; WRN on CIFAR 0.2)",
               "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
               "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
               "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation "

@@ -12,7 +12,7 @@ A cell is idempotent: a done cell is skipped, a cell with a checkpoint is resume
 lock makes a second attempt of the same cell give way while the first runs. So re-running the same
 command (or a scheduler retrying a job after pre-emption) can never train a cell twice at once.
 
-submitit and Ray are optional: pip install "densenet[cluster]".
+submitit and Ray are optional: pip install "densenet-paper[cluster]".
 """
 from __future__ import annotations
 
@@ -340,7 +340,7 @@ def add_launcher_args(p) -> None:
     import argparse
 
     S = argparse.SUPPRESS  # unset options stay unset: --launcher-config or the defaults decide
-    g = p.add_argument_group("where the cells run (slurm and ray need pip install \"densenet[cluster]\")")
+    g = p.add_argument_group("where the cells run (slurm and ray need pip install \"densenet-paper[cluster]\")")
     g.add_argument("--launcher", choices=LAUNCHERS, default=S,
                    help="local: one after another in this process (default); slurm: one submitit job per cell; "
                         "ray: one Ray task per cell")
@@ -431,7 +431,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise LauncherError(f"--launcher {'slurm' if module == 'submitit' else module} needs the {module} "
-                            f"package: pip install \"densenet[cluster]\" (or pip install {module})") from None
+                            f"package: pip install \"densenet-paper[cluster]\" (or pip install {module})") from None
 
 
 class SubmititCell:

@@ -49,7 +49,7 @@ class TrainConfig:
     iterations: int | None = None  # run length in steps where the recipe counts them (epochs follow)
     lr_gamma: float | None = None
     warmup_lr: float | None = None  # a constant rate for the first warmup_iterations steps (He 2015: 0.01)
-    warmup_iterations: int | None = None
+    warmup_iterations: int | None = None  # steps at warmup_lr before the recipe's rate (He 2015 ResNet-110: 400)
     drop_rate: float | None = None  # None: the recipe's (DenseNet: 0.2 without augmentation, 0 with it)
     test_on: str | None = None  # final or best: the weights whose test error is reported (None: the protocol's)
     label_smoothing: float = 0.0
