@@ -1,8 +1,25 @@
 """densenet: DenseNet (Huang et al., CVPR 2017) exactly as the paper specifies it."""
-from .inference import load
-from .models import DenseNet, DenseNetConfig
-from .registry import ModelEntry, create_model, get_entry, list_models, register_model
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that `densenet --help` and `--version` start without torch.
+_LAZY = {"load": ".inference", "DenseNet": ".models", "DenseNetConfig": ".models", "ModelEntry": ".registry",
+         "create_model": ".registry", "get_entry": ".registry", "list_models": ".registry",
+         "register_model": ".registry"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "get_entry", "list_models", "load",
            "register_model", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

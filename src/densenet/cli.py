@@ -476,7 +476,10 @@ def _export(args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = "") -> argparse.ArgumentParser:
+    """The parser of every subcommand; with `only`, the arguments of that subcommand alone (the
+    others keep their name and help line): adding a subcommand's arguments may import torch, which
+    `densenet --help` and `--version` do without."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -484,12 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"densenet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        if only == "" or only == name:
+            add_args(p)
     return parser
 
 
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names: its first word that is not an option (the top level takes no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_command_name(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
