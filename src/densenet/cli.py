@@ -207,12 +207,13 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, data=args.data)
     cfg = cfg.resolve()
     pre = info["preprocessing"]
-    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra,
-                         in_memory=pre["source"] == "memory", in_channels=pre["channels"])
+    test_only = args.split == "test"  # the test split alone is read (and SVHN's extra images are not)
+    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra and not test_only,
+                         in_memory=pre["source"] == "memory", in_channels=pre["channels"],
+                         only=("test",) if test_only else None)
     if len(splits.classes) != len(info["classes"]):
         raise UsageError(f"the checkpoint has {len(info['classes'])} classes, the dataset {len(splits.classes)}")
-    train, val, test = select_splits(cfg, splits)
-    data = {"train": train, "val": val, "test": test}[args.split]
+    data = splits.test if test_only else dict(zip(("train", "val"), select_splits(cfg, splits)))[args.split]
     if data is None:
         where = cfg.data or cfg.dataset
         raise UsageError(f"{where} has no {args.split} split" +

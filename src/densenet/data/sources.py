@@ -228,9 +228,12 @@ def _files_by_class(names: list[str], split_dir: str) -> dict[str, list[str]]:
     return {c: sorted(v) for c, v in sorted(by_class.items())}
 
 
-def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None) -> Splits:
+def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None,
+                only: tuple[str, ...] | None = None) -> Splits:
     """An ImageNet-layout folder (train/ and val/ or test/, one sub-folder per class), a directory or a
-    .tar/.tar.gz archive of one. A directory with class sub-folders and no train/ is a training set."""
+    .tar/.tar.gz archive of one. A directory with class sub-folders and no train/ is a training set.
+    With `only` (e.g. ("test",)), the other splits are listed (the classes are train/'s) but not read:
+    they are None."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"image folder {path} does not exist: give a directory with train/ (and val/ or "
@@ -285,7 +288,7 @@ def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None) ->
             images.append(_decode(data, f"{path}/{f}", mode))
         return ImageSet(_stack(images, f"{path}/{splits[split]}"), torch.tensor([y for _, y in items]))
 
-    out = {s: read(s) for s in ("train", "val", "test") if s in splits}
+    out = {s: read(s) for s in ("train", "val", "test") if s in splits and (only is None or s in only)}
     if is_archive:
         tf.close()
-    return Splits(out["train"], out.get("test"), classes, channels, val=out.get("val"))
+    return Splits(out.get("train"), out.get("test"), classes, channels, val=out.get("val"))
