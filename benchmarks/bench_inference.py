@@ -85,6 +85,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import densenet
+    from densenet.export import reference_copy
     from densenet.models import _inference
     from bench_densenet import cpu_name
 
@@ -99,7 +100,7 @@ def main() -> None:
         ours = densenet.create_model(name)
         calibrate(ours, size)
         tv = torchvision_twin(net, ours)
-        ref = densenet.export.reference_copy(ours)
+        ref = reference_copy(ours)
         sess = None if args.no_ort else onnx_session(ours, size, args.threads)
         results[net] = {}
         for batch in batches:

@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {"load": ".inference", "DenseNet": ".models", "DenseNetConfig": ".models", "ModelEntry": ".registry",
          "create_model": ".registry", "get_entry": ".registry", "list_models": ".registry",
          "register_model": ".registry"}
+_SUBMODULES = {"analysis", "cli", "data", "export", "inference", "models", "paper", "registry", "train", "utils",
+               "weights"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "get_entry", "list_models", "load",
            "register_model", "__version__"]
 
@@ -18,6 +20,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:  # `import densenet; densenet.weights.load_model(...)` as before
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
