@@ -237,6 +237,7 @@ def run_cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_eval_on_a_test_split_never_seen_in_training(folder, tmp_path):
     run = tmp_path / "run"
     fit(small(folder, run, epochs=2))
