@@ -32,3 +32,17 @@ def test_unknown_model_is_one_line_error():
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("densenet models: error: unknown model 'densenet12'")
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys, contextlib, io, densenet.cli as c\n"
+            "for argv in (['--version'], ['--help'], ['-h'], []):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        c.main(argv)\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    r = subprocess.run([sys.executable, "-m", "densenet.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "models" in r.stdout and "train" in r.stdout  # every subcommand listed
+    r = subprocess.run([sys.executable, "-m", "densenet.cli", "--version"], capture_output=True, text=True)
+    assert r.stdout.strip() == f"densenet {densenet.__version__}"

@@ -148,3 +148,13 @@ def test_cifar10_archive_reads_through_folder(cifar_archive):
     assert s.train.images.shape == (50000, 3, 32, 32) and s.test is None
     assert s.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert s.train.labels.bincount().tolist() == [5000] * 10
+
+
+def test_only_the_asked_split_of_a_folder_is_read(tmp_path):
+    root = make_folder(tmp_path / "f", per_class=2, test_per_class=2)
+    (root / "train" / CLASSES[1] / "0001.png").write_bytes(b"not an image")  # decoding train/ would fail
+    with pytest.raises(DataError, match="0001.png"):
+        load_splits("folder", root)
+    s = load_splits("folder", root, only=("test",))
+    assert s.train is None and s.val is None and s.classes == list(CLASSES)
+    assert s.test.images.shape == (6, 3, 12, 12) and s.test.labels.tolist() == [0, 0, 1, 1, 2, 2]

@@ -122,6 +122,7 @@ def test_no_grad_and_input_gradients(mode):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+@pytest.mark.slow
 def test_memory_efficient_saves_linear_activation_memory():
     """Bytes kept for the backward pass by autograd: quadratic in block depth in the plain mode,
     linear with memory_efficient (plus the block buffers, which are linear by construction)."""
@@ -181,6 +182,7 @@ def _ddp_worker(rank, world, init_file, result_file, mode):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES[1:], ids=["fused-memeff", "reference-memeff"])
 def test_memory_efficient_under_ddp(tmp_path, mode):
     """Two gloo processes: DDP's averaged gradients equal the mean of each half's own gradients."""

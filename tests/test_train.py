@@ -118,6 +118,7 @@ def _interrupt_at(monkeypatch, epoch, step):
     monkeypatch.setattr(Batches, "iterate", iterate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch, step", [(0, 1), (1, 0)], ids=["mid-epoch", "epoch-boundary"])
 def test_interrupted_and_resumed_run_ends_bitwise_identical(folder, tmp_path, monkeypatch, epoch, step):
     fit(small(folder, tmp_path / "straight", drop_rate=0.1))
@@ -173,6 +174,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("die_at", [3, 4], ids=["writing-weights", "writing-state"])
 def test_kill_9_during_checkpoint_write_leaves_last_checkpoint_loadable(folder, tmp_path, die_at):
     run = tmp_path / "run"
@@ -201,6 +203,7 @@ def test_crafted_state_file_is_refused(folder, tmp_path):
 
 # --- torchrun ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_agree_with_one(folder, tmp_path):
     """torchrun --nproc_per_node 2 on the CPU (gloo): each process takes half of every global batch.
     One process that splits each batch into the same two halves (--accumulate 2, so that BN sees the
@@ -231,6 +234,7 @@ def run_cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_eval_on_a_test_split_never_seen_in_training(folder, tmp_path):
     run = tmp_path / "run"
     fit(small(folder, run, epochs=2))
@@ -276,6 +280,7 @@ def test_cifar10_archive_trains_through_folder(cifar_archive, tmp_path):
     assert cfg["val_size"] == 5000 and cfg["augment"] == "auto"
 
 
+@pytest.mark.slow
 def test_streamed_folder_with_imagenet_preprocessing(folder, tmp_path):
     """The ImageNet path (random-resized crops streamed through worker processes; evaluation by a
     resize and a centre crop, or ten crops) on a small folder."""
@@ -317,6 +322,7 @@ def test_a_new_run_never_overwrites_an_old_one(folder, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(run).items())
 
 
+@pytest.mark.slow
 def test_best_validation_model_is_tested_where_the_paper_does(folder, tmp_path, monkeypatch):
     """SVHN: the paper tests the model of lowest validation error, not the final one."""
     import dataclasses

@@ -3,6 +3,7 @@ prefixes, files without num_batches_tracked) give torchvision's outputs; mismatc
 loading never executes code from the file."""
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 
@@ -16,6 +17,7 @@ from densenet.weights import CheckpointError, convert_state_dict, read_state_dic
 OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
+@functools.lru_cache(maxsize=None)  # built once per network: the tests only read it
 def randomised_torchvision(name, num_classes=1000):
     torch.manual_seed(1)
     tv = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
@@ -34,7 +36,7 @@ def to_old_style(sd):
     return {OLD_KEY.sub(lambda m: f"{m.group(1)}.{m.group(2)}", k): v for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("name", ["densenet121", "densenet161"])
+@pytest.mark.parametrize("name", ["densenet121", pytest.param("densenet161", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("style", ["current", "old", "dataparallel_old_no_nbt"])
 def test_torchvision_checkpoint_gives_torchvision_outputs(tmp_path, name, style):
     tv = randomised_torchvision(name)

@@ -1,9 +1,29 @@
 """densenet: DenseNet (Huang et al., CVPR 2017) exactly as the paper specifies it."""
-from .inference import load
-from .models import DenseNet, DenseNetConfig
-from .pretrained import create_transform, resolve_data_config
-from .registry import ModelEntry, create_model, get_entry, list_models, register_model
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that `densenet --help` and `--version` start without torch.
+_LAZY = {"load": ".inference", "DenseNet": ".models", "DenseNetConfig": ".models", "ModelEntry": ".registry",
+         "create_model": ".registry", "get_entry": ".registry", "list_models": ".registry",
+         "register_model": ".registry", "create_transform": ".pretrained", "resolve_data_config": ".pretrained"}
+_SUBMODULES = {"analysis", "cli", "data", "export", "hub", "inference", "models", "paper", "pretrained", "recipes",
+               "registry", "train", "utils", "weights"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "create_transform", "get_entry",
            "list_models", "load", "register_model", "resolve_data_config", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:  # `import densenet; densenet.weights.load_model(...)` as before
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

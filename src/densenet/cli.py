@@ -313,17 +313,23 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, data=args.data)
     cfg = cfg.resolve()
     pre = info["preprocessing"]
-    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra,
-                         in_memory=pre["source"] == "memory", in_channels=pre["channels"])
+    # the test split alone is read (and SVHN's extra images are not), unless BN statistics need training images
+    test_only = args.split == "test" and not args.recalibrate_bn
+    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra and not test_only,
+                         in_memory=pre["source"] == "memory", in_channels=pre["channels"],
+                         only=("test",) if test_only else None)
     if len(splits.classes) != len(info["classes"]):
         raise UsageError(f"the checkpoint has {len(info['classes'])} classes, the dataset {len(splits.classes)}")
-    train, val, test = select_splits(cfg, splits)
-    data = {"train": train, "val": val, "test": test}[args.split]
+    if test_only:
+        data, train, val = splits.test, None, None
+    else:
+        train, val, test = select_splits(cfg, splits)
+        data = {"train": train, "val": val, "test": test}[args.split]
     if data is None:
         where = cfg.data or cfg.dataset
-        if args.split == "test" and val is not None and not cfg.val_size:  # ImageNet layout: train/ and val/
-            raise UsageError(f"{where} has no test/ folder: its val/ folder is the evaluation split "
-                             f"(ImageNet's layout); use --split val")
+        if args.split == "test" and (test_only or val is not None and not cfg.val_size):
+            raise UsageError(f"{where} has no test split (a folder needs a test/ folder); in ImageNet's layout "
+                             f"(train/ and val/) the val/ folder is the evaluation split: use --split val")
         raise UsageError(f"{where} has no {args.split} split" +
                          (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
     batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
@@ -734,7 +740,10 @@ def _export(args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = "") -> argparse.ArgumentParser:
+    """The parser of every subcommand; with `only`, the arguments of that subcommand alone (the
+    others keep their name and help line): adding a subcommand's arguments may import torch, which
+    `densenet --help` and `--version` do without."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -744,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        if only == "" or only == name:
+            add_args(p)
     return parser
 
 
@@ -774,13 +785,18 @@ def _out_of_memory(e: BaseException) -> bool:
         "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
 
 
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names: its first word that is not an option (the top level takes no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DENSENET_DEBUG"))
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
-    parser = build_parser()
+    parser = build_parser(only=_command_name(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -8,12 +8,18 @@ count the network, not an implementation of it.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+
+# Parameters and multiply-adds of every registered variant at its paper's size, counted once by
+# write_counts() (tests/test_models.py checks them against a recount), so
+# that `densenet models` does not build and count 41 networks at every call.
+COUNTS_FILE = Path(__file__).with_name("model_counts.json")
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -21,8 +27,10 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 @torch.no_grad()
-def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> FlopCounterMode:
-    """A flop counter that has seen one forward pass of the reference path, in evaluation mode."""
+def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1):
+    """A flop counter (FlopCounterMode) that has seen one forward pass of the reference path, in evaluation mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     fused = [m for m in model.modules() if getattr(m, "fused", False) is True]
     model.eval()
@@ -81,18 +89,48 @@ class ModelRow:
         return asdict(self)
 
 
-def model_table(names: list[str] | None = None) -> list[ModelRow]:
-    """One row per registered variant, built at the paper's classifier size and input size."""
-    from ..registry import create_model, get_entry, list_models
+def recount(name: str) -> tuple[int, int]:
+    """(parameters, multiply-adds per image) of a registered variant at its paper's classifier and input size."""
+    from ..registry import create_model, get_entry
 
+    e = get_entry(name)
+    with torch.device("meta"):  # counts need shapes only: no memory, no initialisation cost
+        model = create_model(name, num_classes=e.num_classes)
+    return count_params(model), count_macs(model, e.input_size)
+
+
+def stored_counts() -> dict[str, tuple[int, int]]:
+    """The counts of COUNTS_FILE: name -> (parameters, multiply-adds)."""
+    try:
+        data = json.loads(COUNTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: (int(v["params"]), int(v["macs"])) for name, v in data.items()}
+
+
+def write_counts(path: Path = COUNTS_FILE) -> dict[str, tuple[int, int]]:
+    """Recount every registered variant and store the figures (run after changing a network)."""
+    from ..registry import list_models
+    from ..utils.atomic import write_text_atomic
+
+    counts = {name: recount(name) for name in list_models()}
+    lines = [f'  {json.dumps(n)}: {{"params": {p}, "macs": {m}}}' for n, (p, m) in counts.items()]
+    write_text_atomic(path, "{\n" + ",\n".join(lines) + "\n}\n")
+    return counts
+
+
+def model_table(names: list[str] | None = None) -> list[ModelRow]:
+    """One row per registered variant, built at the paper's classifier size and input size; the stored
+    counts where there are some (variants registered by the user are counted here)."""
+    from ..registry import get_entry, list_models
+
+    stored = stored_counts()
     rows = []
     for name in names or list_models():
         e = get_entry(name)
-        with torch.device("meta"):  # counts need shapes only: no memory, no initialisation cost
-            model = create_model(name, num_classes=e.num_classes)
-        rows.append(ModelRow(name, e.family, e.input_size, e.num_classes, count_params(model),
-                             count_macs(model, e.input_size), e.paper_params, e.paper_gmacs, e.description,
-                             e.params_tolerance, PUBLISHED_GMACS.get(name)))
+        params, macs = stored[name] if name in stored else recount(name)
+        rows.append(ModelRow(name, e.family, e.input_size, e.num_classes, params, macs, e.paper_params,
+                             e.paper_gmacs, e.description, e.params_tolerance, PUBLISHED_GMACS.get(name)))
     return rows
 
 

@@ -51,8 +51,9 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def load_splits(name: str, path=None, *, download: bool = False, svhn_extra: bool = True,
-                in_memory: bool | None = None, in_channels: int = 3) -> Splits:
-    """The official splits of a dataset, read from `path`."""
+                in_memory: bool | None = None, in_channels: int = 3, only: tuple[str, ...] | None = None) -> Splits:
+    """The official splits of a dataset, read from `path`; of an image folder, only the splits in `only`
+    are decoded (the others are None)."""
     from pathlib import Path
 
     from . import sources
@@ -70,7 +71,8 @@ def load_splits(name: str, path=None, *, download: bool = False, svhn_extra: boo
         return sources.load_digits()
     if download:
         raise DataError(f"--download is not available for {name!r}: give the folder with --data")
-    return sources.load_folder(p, channels=in_channels, in_memory=False if name == "imagenet" else in_memory)
+    return sources.load_folder(p, channels=in_channels, in_memory=False if name == "imagenet" else in_memory,
+                               only=only)
 
 
 __all__ = ["AUGMENTATIONS", "DATASETS", "DataError", "DatasetSpec", "ImageSet", "Normalization", "Splits",

@@ -497,10 +497,12 @@ def _read_archive(path: Path) -> dict[str, bytes]:
     return files
 
 
-def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None) -> Splits:
+def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None,
+                only: tuple[str, ...] | None = None) -> Splits:
     """An ImageNet-layout folder (train/ and val/ or test/, one sub-folder per class), a directory or a
     .tar/.tar.gz archive of one. A directory with class sub-folders and no train/ is a training set.
-    Links to directories are followed."""
+    Links to directories are followed. With `only` (e.g. ("test",)), the other splits are listed (the
+    classes are train/'s) but not decoded: they are None."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"image folder {path} does not exist: give a directory with train/ (and val/ or "
@@ -569,5 +571,5 @@ def load_folder(path: Path, channels: int = 3, in_memory: bool | None = None) ->
                 break
         return ImageSet(_stack(images, f"{path}/{splits[split]}", is_archive), torch.tensor([y for _, y in items]))
 
-    out = {s: read(s) for s in ("train", "val", "test") if s in splits}
-    return Splits(out["train"], out.get("test"), classes, channels, val=out.get("val"))
+    out = {s: read(s) for s in ("train", "val", "test") if s in splits and (only is None or s in only)}
+    return Splits(out.get("train"), out.get("test"), classes, channels, val=out.get("val"))

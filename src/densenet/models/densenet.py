@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types
-from . import _fused
+from . import _fused, _inference
 from .common import ClassifierMixin, FeatureInfo, check_image_batch
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
@@ -208,6 +208,8 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
+        if self.fused and not self.training and _inference.block_applies(self, layers, x0):  # eval, no autograd
+            return _inference.dense_block_forward(self, layers, x0)
         # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
         # the fused path's autograd Functions and shared buffer are not traceable
         if self.fused and _fused.supported(layers) and not torch.jit.is_tracing():
@@ -231,6 +233,8 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and _inference.transition_applies(self, x):
+            return _inference.transition_forward(self, x)
         st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics
         if st is not None and _fused.transition_supported(self, st):
             return _fused.transition_forward(self, st, x)

@@ -1,0 +1,106 @@
+"""Training speed on the CPU under each instruction set: this package against torchvision, and the
+fraction of the machine's fp32 matrix-multiply peak the training step reaches.
+
+    PYTHONPATH=src python benchmarks/bench_isa.py                       # native ISA and AVX2, CIFAR
+    PYTHONPATH=src python benchmarks/bench_isa.py --nets cifar,imagenet --rounds 3
+
+Each ISA runs in its own process (oneDNN and MKL read ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS at
+start-up; AVX2 is how an AVX2-only machine is measured on an AVX-512 one). Inside a process, the
+configurations step in interleaved rounds, so that load from other processes hits all of them alike;
+the best step is reported with its ratio to torchvision NCHW and channels_last of the same process.
+Peak: the best of repeated 2048x2048 float32 torch.mm at the same thread count. A training step is
+counted as 3x the forward multiply-adds (forward, and backward for inputs and weights), 2 FLOPs each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+IMPLS = ["ours", "tv", "tv-cl"]
+
+
+def gemm_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def worker(args) -> None:
+    import torch
+
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    from bench_densenet import NETS, Trainer
+
+    from densenet.analysis.complexity import stored_counts
+
+    torch.set_num_threads(args.threads)
+    out = {"gemm_gflops": gemm_peak(args.threads)}
+    for net in args.nets.split(","):
+        trainers = {impl: Trainer(net, impl, argparse.Namespace(device="cpu", compile=False, amp=None))
+                    for impl in IMPLS}
+        for tr in trainers.values():
+            tr.step()  # warm-up
+        for _ in range(args.rounds):
+            for tr in trainers.values():
+                tr.times.append(tr.step())
+        batch = NETS[net]["batch"]
+        best = {impl: batch / min(tr.times) for impl, tr in trainers.items()}
+        macs = stored_counts()[NETS[net]["model"]][1]
+        out[net] = {"img_s": best, "gflops": best["ours"] * 3 * 2 * macs / 1e9}
+        out["gemm_gflops"] = max(out["gemm_gflops"], gemm_peak(args.threads))
+        del trainers
+    print(json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="cifar")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isas", default="native,avx2")
+    p.add_argument("--json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, HERE)
+    from bench_densenet import cpu_name
+
+    import datetime
+
+    results = {"date": datetime.date.today().isoformat(), "machine": cpu_name(), "threads": args.threads}
+    print(f"# {results['date']}  {results['machine']}, {args.threads} threads")
+    for isa in args.isas.split(","):
+        env = {**os.environ, **ISAS[isa]}
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--nets", args.nets, "--rounds",
+               str(args.rounds), "--threads", str(args.threads)]
+        r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results[isa] = r
+        for net in args.nets.split(","):
+            s = r[net]["img_s"]
+            print(f"{isa:6s} {net:8s} ours {s['ours']:.1f} img/s, tv {s['tv']:.1f}, tv-cl {s['tv-cl']:.1f}: "
+                  f"{s['ours'] / s['tv']:.2f}x tv, {s['ours'] / s['tv-cl']:.2f}x tv-cl; "
+                  f"{r[net]['gflops']:.1f} GFLOP/s = {r[net]['gflops'] / r['gemm_gflops']:.0%} of the "
+                  f"{r['gemm_gflops']:.0f} GFLOP/s sgemm peak", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The eval-mode path (models/_inference.py): equal to the reference path, taken exactly when it should be."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import densenet
+from densenet.models import _inference
+from densenet.models.densenet import DenseNet, DenseNetConfig
+
+
+def calibrated(cfg: DenseNetConfig, size: int) -> DenseNet:
+    """A small network whose BN running statistics are those of real activations (not 0 and 1)."""
+    m = DenseNet(cfg)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # cumulative average
+            with torch.no_grad():
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(4, cfg.in_channels, size, size))
+    return m.eval()
+
+
+def reference(m: DenseNet) -> DenseNet:
+    ref = copy.deepcopy(m)
+    for mod in ref.modules():
+        if hasattr(mod, "fused"):
+            mod.fused = False
+    return ref
+
+
+def spy(monkeypatch) -> list:
+    calls = []
+    real = _inference.dense_block_forward
+    monkeypatch.setattr(_inference, "dense_block_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+CONFIGS = {
+    "bc": (DenseNetConfig(growth_rate=6, block_config=(3, 4, 2), num_classes=7), 11),  # odd sizes: pooling floors
+    "plain": (DenseNetConfig(growth_rate=5, block_config=(2, 3), bottleneck=False, compression=1.0), 8),
+    "imagenet": (DenseNetConfig(growth_rate=4, block_config=(2, 2, 2, 2), stem="imagenet", num_init_features=8,
+                                num_classes=5), 64),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_eval_path_equals_the_reference_path(name, batch, monkeypatch):
+    cfg, size = CONFIGS[name]
+    m = calibrated(cfg, size)
+    ref = reference(m)
+    x = torch.randn(batch, cfg.in_channels, size, size)
+    calls = spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(x)
+        got = m(x)
+        assert len(calls) == len(cfg.block_config)  # the eval path ran, the reference did not
+        got_cl = m(x.contiguous(memory_format=torch.channels_last))
+        with torch.inference_mode():
+            got_inf = m(x)
+    assert want.abs().max() > 0.1
+    for g in (got, got_cl, got_inf):
+        torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+    m64, x64 = m.double(), x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(m64(x64), ref.double()(x64), atol=1e-10, rtol=1e-10)
+
+
+def test_folded_weights_follow_training_and_loading(monkeypatch):
+    cfg, size = CONFIGS["bc"]
+    m = calibrated(cfg, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        m(x)  # fold and cache
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.train()
+    m(x).square().mean().backward()
+    opt.step()  # changes weights and running statistics in place
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), reference(m)(x), atol=1e-4, rtol=1e-4)
+        other = calibrated(cfg, size)
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(m(x), reference(other)(x), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_hooks_and_training_take_the_other_paths(monkeypatch):
+    cfg, size = CONFIGS["bc"]
+    m = calibrated(cfg, size)
+    x = torch.randn(2, 3, size, size)
+    calls = spy(monkeypatch)
+    out = m(x)  # eval mode with autograd (e.g. Grad-CAM, adversarial inputs): the fused path
+    out.sum().backward()
+    assert calls == [] and m.features.conv0.weight.grad is not None
+    seen = []
+    h = m.features.denseblock1.denselayer2.conv2.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        m(x)
+    assert len(calls) == 2 and seen == [1]  # a hook inside block 1: its modules are called, the others fold
+    calls.clear()
+    h.remove()
+    with torch.no_grad():
+        m.train()(x)
+        assert calls == []
+        m.eval()(x)
+        assert len(calls) == 3
+
+
+def test_a_loaded_checkpoint_takes_the_eval_path(tmp_path, monkeypatch):
+    from densenet.weights import load_model, save_model
+
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, num_classes=3)
+    path = save_model(m, tmp_path / "model.safetensors", {"model_args": {"depth": 16, "num_classes": 3}})
+    loaded, _ = load_model(path)  # what densenet.load, `densenet predict` and `densenet eval` call
+    x = torch.randn(1, 3, 32, 32)
+    calls = spy(monkeypatch)
+    with torch.no_grad():  # densenet.inference.predict's forward pass
+        got = loaded(x)
+    assert len(calls) == 3
+    torch.testing.assert_close(got, reference(m).eval()(x).detach(), atol=1e-4, rtol=1e-4)
