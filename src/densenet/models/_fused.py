@@ -301,6 +301,41 @@ class _BNReLUInput:
         return gw.to(w.dtype), gb.to(w.dtype)
 
 
+class _Needs:
+    """ctx.needs_input_grad by the names of forward's arguments (`ARGS` of each Function), followed by
+    the chunks x_0 ... x_{l-1}; of these only the newest, x_{l-1}, ever takes a gradient (`newest`):
+    see "Backward order" in the module docstring."""
+
+    def __init__(self, ctx, names: tuple[str, ...]):
+        flags = ctx.needs_input_grad
+        self._names = names
+        self._flags = dict(zip(names, flags))
+        self._chunks = len(flags) - len(names)
+        self.newest = self._chunks > 0 and bool(flags[-1])
+
+    def __getattr__(self, name: str) -> bool:
+        try:
+            return self._flags[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def gradients(self, grads: dict) -> tuple:
+        """The tuple backward returns: grads[name] for the arguments that need one, None elsewhere."""
+        named = tuple(grads.get(n) if self._flags[n] else None for n in self._names)
+        chunks = (None,) * max(self._chunks - 1, 0) + ((grads.get("newest") if self.newest else None,)
+                                                        if self._chunks else ())
+        return named + chunks
+
+
+def _no_double_backward() -> None:
+    """Higher-order gradients (backward with create_graph=True, e.g. a gradient penalty) would need the
+    backward pass to be differentiable; the fused nodes compute it in place, outside autograd."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused dense block does not support higher-order gradients (backward with "
+                           "create_graph=True, e.g. a gradient penalty); build the model with fused=False "
+                           "(create_model(..., fused=False)), which computes the same function and supports them")
+
+
 def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
     """dL/dx for channels [lo, hi), once every reader has added to it: (B, hi - lo, H, W), channels_last
     like the convolution output it is the gradient of."""
@@ -350,40 +385,42 @@ class _LayerInput(Function):
         ctx.save_for_backward(w, conv_w_dt)
         return out
 
+    ARGS = ("st", "c", "mean", "var", "w", "b", "eps", "conv_w", "padding")  # forward's, then *chunks
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st, c = ctx.st, ctx.c
         st.check_unmodified()
         w, conv_w = ctx.saved_tensors
         z = _BNReLUInput.z(ctx)
-        need = ctx.needs_input_grad
-        need_x = any(need[9:]) or need[4] or need[5]
+        need = _Needs(ctx, _LayerInput.ARGS)
+        need_x = need.newest or need.w or need.b  # (only the newest chunk takes a gradient: see above)
         g = g.to(ctx.dt)
-        gw = gb = gconv = gnew = None
+        grads = {}
         if ctx.one_by_one:
             g2 = _pixel_major(g)  # (N, o)
-            if need[7]:
-                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
             if need_x:
                 gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
         else:
             bhw = st.buf.shape[1:]
-            gz4, gconv, _ = torch.ops.aten.convolution_backward(
+            gz4, grads["conv_w"], _ = torch.ops.aten.convolution_backward(
                 g, z.view(c, *bhw).permute(1, 0, 2, 3), conv_w, None, [1, 1], list(ctx.padding), [1, 1], False,
-                [0, 0], 1, [need_x, need[7], False])
+                [0, 0], 1, [need_x, need.conv_w, False])
             if need_x:
                 gz = st.workspace("gz", c, ctx.dt)
                 gz.view(c, *bhw).copy_(gz4.permute(1, 0, 2, 3))
         if need_x:
-            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
-            if need[-1]:  # every reader of x_{l-1} has now run backward: its gradient is complete
-                gnew = _finished_grad(st, ctx.lo, c)
+            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+            if need.newest:  # every reader of x_{l-1} has now run backward: its gradient is complete
+                grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:  # the first layer: the block's backward pass is over
             st.release()
-        gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        n_chunks = len(need) - 9
-        return (None, None, None, None, gw if need[4] else None, gb if need[5] else None, None,
-                gconv, None) + (None,) * (n_chunks - 1) + (gnew,)
+        if grads.get("conv_w") is not None:
+            grads["conv_w"] = grads["conv_w"].to(ctx.conv_dtype)
+        return need.gradients(grads)
 
 
 class _RecomputedLayer(Function):
@@ -422,14 +459,17 @@ class _RecomputedLayer(Function):
         ctx.save_for_backward(w1, conv1_w, w2, conv2_w, *masks)
         return out
 
+    ARGS = ("st", "c", "mean", "var", "w1", "b1", "eps1", "conv1_w", "bn2", "w2", "b2", "conv2_w", "p")
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st, c, dt = ctx.st, ctx.c, ctx.dt
         st.check_unmodified()
         w1, conv1_w, w2, conv2_w, *masks = ctx.saved_tensors
         training2, mean2, var2, invstd2, scale2, shift2, eps2 = ctx.bn2
-        need = ctx.needs_input_grad
-        need_x = any(need[13:]) or need[4] or need[5]
+        need = _Needs(ctx, _RecomputedLayer.ARGS)
+        need_x = need.newest or need.w1 or need.b1
         g = g.to(dt)
         if ctx.p > 0:
             g = _undrop(g, masks[1], ctx.p)
@@ -439,31 +479,29 @@ class _RecomputedLayer(Function):
             y = _undrop(y, masks[0], ctx.p)
         u = _scale_shift_relu(y, scale2, shift2)
         gu, gconv2, _ = torch.ops.aten.convolution_backward(
-            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need[11], False])
+            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need.conv2_w, False])
         del g
         torch.ops.aten.threshold_backward.grad_input(gu, u, 0, grad_input=gu)
         del u
         gy, gw2, gb2 = torch.ops.aten.native_batch_norm_backward(
             gu, y, w2, mean2, var2, mean2 if training2 else None, invstd2 if training2 else None, training2, eps2,
-            [True, need[9], need[10]])
+            [True, need.w2, need.b2])
         del gu, y
         if ctx.p > 0:
             gy = _undrop(gy, masks[0], ctx.p)
         gy2 = _pixel_major(gy)  # (N, 4k)
-        gconv1 = torch.mm(gy2.t(), z.t()).view_as(conv1_w) if need[7] else None
-        gw1 = gb1 = gnew = None
+        grads = {"w2": gw2, "b2": gb2, "conv2_w": gconv2}
+        if need.conv1_w:
+            grads["conv1_w"] = torch.mm(gy2.t(), z.t()).view_as(conv1_w)
         if need_x:
             gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
-            gw1, gb1 = _BNReLUInput.backward(ctx, gz, z, w1)
-            if need[-1]:
-                gnew = _finished_grad(st, ctx.lo, c)
+            grads["w1"], grads["b1"] = _BNReLUInput.backward(ctx, gz, z, w1)
+            if need.newest:
+                grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:
             st.release()
-        cast = (lambda t, ref: None if t is None else t.to(ref.dtype))
-        n_chunks = len(need) - 13
-        return ((None, None, None, None, cast(gw1, w1) if need[4] else None, cast(gb1, w1) if need[5] else None, None,
-                 cast(gconv1, conv1_w) if need[7] else None, None, cast(gw2, w2), cast(gb2, w2),
-                 cast(gconv2, conv2_w), None) + (None,) * (n_chunks - 1) + (gnew,))
+        like = {"w1": w1, "b1": w1, "conv1_w": conv1_w, "w2": w2, "b2": w2, "conv2_w": conv2_w}
+        return need.gradients({k: v if v is None or k not in like else v.to(like[k].dtype) for k, v in grads.items()})
 
 
 def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -502,15 +540,17 @@ class _BlockOutput(Function):
         # Python's collector cannot free (it leaked every step's buffers: +20 MB per step).
         return st.out.view_as(st.out)
 
+    ARGS = ("st",)
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st = ctx.st
         st.check_unmodified()
         c = st.buf.shape[0]
         st.add_grad(None if g is None else g.permute(1, 0, 2, 3).reshape(c, st.n))
-        n_chunks = len(ctx.needs_input_grad) - 1
-        gnew = _finished_grad(st, ctx.lo, c) if ctx.needs_input_grad[-1] else None
-        return (None,) + (None,) * (n_chunks - 1) + (gnew,)
+        need = _Needs(ctx, _BlockOutput.ARGS)
+        return need.gradients({"newest": _finished_grad(st, ctx.lo, c) if need.newest else None})
 
 
 class _TransitionInput(Function):
@@ -538,37 +578,41 @@ class _TransitionInput(Function):
         ctx.save_for_backward(w, conv_w_dt)
         return out
 
+    ARGS = ("st", "mean", "var", "w", "b", "eps", "conv_w", "pool_first", "block_out")
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st = ctx.st
         st.check_unmodified()
         c = st.buf.shape[0]
         w, conv_w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x = need[3] or need[4] or need[8]
+        need = _Needs(ctx, _TransitionInput.ARGS)
+        need_x = need.w or need.b or need.block_out
         g = g.to(ctx.dt)
         o = conv_w.shape[0]
-        gw = gb = gconv = None
+        grads = {}
         z = _BNReLUInput.z(ctx)
         if ctx.pool_first:
             zp = _avg_pool2(z.view(c, *ctx.bhw))
             g2 = g.permute(1, 0, 2, 3).reshape(o, -1)  # (o, N/4)
-            if need[6]:
-                gconv = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
             if need_x:
                 gzp = torch.mm(conv_w.view(o, c).t(), g2).view(ctx.pooled_shape)
                 gz = st.workspace("gz", c, ctx.dt)
                 _avg_pool2_backward(gzp, gz.view(c, *ctx.bhw))
         else:
             g2 = _pixel_major(g)
-            if need[6]:
-                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)
             if need_x:
                 gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
-        if need_x:
-            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
-        gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        return (None, None, None, gw if need[3] else None, gb if need[4] else None, None, gconv, None, None)
+        if need_x:  # dL/d(block output) goes into the block's gradient buffer, not through block_out
+            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+        if grads.get("conv_w") is not None:
+            grads["conv_w"] = grads["conv_w"].to(ctx.conv_dtype)
+        return need.gradients(grads)
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
