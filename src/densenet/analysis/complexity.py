@@ -24,7 +24,7 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> FlopCounterMode:
     """A flop counter that has seen one forward pass of the reference path, in evaluation mode."""
     was_training = model.training
-    fused = [m for m in model.modules() if getattr(m, "fused", False) is True]
+    fused = {m: m.fused for m in model.modules() if getattr(m, "fused", False) not in (False, None)}
     model.eval()
     try:
         for m in fused:
@@ -35,8 +35,8 @@ def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size:
             model(x)
     finally:
         model.train(was_training)
-        for m in fused:
-            m.fused = True
+        for m, setting in fused.items():
+            m.fused = setting
     return counter
 
 
