@@ -80,19 +80,23 @@ class _Pool:
     A fresh tensor of tens of MB costs page faults on first touch on the CPU (glibc returns large
     blocks to the system when they are freed), which measured slower than the work done in it
     (BENCHMARKS.md). A state takes what it needs and gives it back when the block's backward pass
-    (or its forward pass, without autograd) is over; two states alive at once simply allocate."""
+    (or its forward pass, without autograd) is over; two states alive at once simply allocate.
+    Only on the CPU: on a GPU PyTorch's caching allocator reuses freed blocks without page faults, and
+    memory held here between steps would count against the next step's peak."""
 
     def __init__(self):
         self.free: dict[tuple, torch.Tensor] = {}
 
     def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=device)
         t = self.free.pop((kind, dtype, device), None)
         if t is None or t.numel() < numel:
             t = torch.empty(numel, dtype=dtype, device=device)
         return t
 
     def give(self, kind: str, t: torch.Tensor) -> None:
-        if t.is_inference():  # made under torch.inference_mode: unusable by a later training step
+        if t.is_inference() or t.device.type != "cpu":  # inference tensors: unusable by a later training step
             return
         key = (kind, t.dtype, t.device)
         if key not in self.free or self.free[key].numel() < t.numel():
@@ -239,7 +243,10 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
 
 def _var_mean(x: torch.Tensor):
     """Biased variance and mean of each row of x (k, N), in two passes: torch.var_mean is 4x slower
-    on such rows on the CPU (BENCHMARKS.md)."""
+    on such rows on the CPU (BENCHMARKS.md). On a GPU its one-pass reduction is the faster (and
+    allocates no (k, N) temporary)."""
+    if x.device.type == "cuda":
+        return torch.var_mean(x, 1, correction=0)
     mean = x.mean(1)
     return torch.sub(x, mean[:, None]).square_().mean(1), mean
 
