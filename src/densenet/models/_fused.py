@@ -39,6 +39,24 @@ The transition after a block is another reader of the whole buffer
 (`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
+
+Backward order (the invariant the in-place gradient buffer relies on). Every node of a block takes
+the chunks x_0 ... x_{l-1} it reads as inputs, so autograd runs the block's nodes in exactly the
+reverse order of their creation: the transition (`_TransitionInput`) or `_BlockOutput` first (it starts
+the gradient buffer), then layer L, L-1, ..., 1. Hence when layer l + 1's node has run, every reader
+of x_l has added its part (layer l + 1 is the last reader in backward order), so dL/dx_l is complete:
+that node returns it as the gradient of its newest chunk x_l (`_finished_grad`), the only chunk that
+ever takes a gradient, and autograd carries it into layer l's own nodes (dropout, norm2, conv2).
+The first layer's node (lo == 0) ends the block's backward pass and gives the scratch memory back.
+Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
+returned gradients by those names. The backward passes compute in place, outside autograd, so
+higher-order gradients raise an error that names fused=False (`_no_double_backward`).
+
+Under torch.compile none of this runs: `dense_block_traceable` writes the same arithmetic as plain
+operations, which the compiler traces as one graph (no graph breaks) and fuses itself.
+
+On a GPU the same code runs; `_Pool` (a CPU page-fault workaround) is bypassed there, and batch
+statistics use torch.var_mean (one pass).
 """
 from __future__ import annotations
 
