@@ -39,28 +39,20 @@ def test_float32_matches_the_reference_path(name, kw, mode, channels_last, exact
         torch.testing.assert_close(other.eval()(xo), plain.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
-def test_autocast_matches_the_reference_path(mode, dtype):
-    """Under CUDA autocast the fused path computes what the reference path does to the precision of
-    the autocast type: outputs within 5e-2 and gradients within 5% of their largest entry."""
+def test_fp16_autocast_outputs_match_the_reference_path(mode):
+    """Under CUDA fp16 autocast (bf16: test_fused.py with --device cuda) the fused path's outputs, in
+    training and evaluation, equal the reference path's to fp16 precision; gradient accuracy against
+    float64: test_fused.py::test_autocast_gradients_as_accurate_as_the_reference_path --device cuda."""
     x = torch.randn(8, 3, 32, 32, device=CUDA)
     plain = build32("densenet_bc_100_k12", dict(depth=22), fused=False)
     fused = build32("densenet_bc_100_k12", dict(depth=22), **mode)
     fused.load_state_dict(plain.state_dict())
-    grads = []
-    for m in (fused, plain):
-        m.train().zero_grad()
-        with torch.autocast("cuda", dtype=dtype):
-            y = m(x)
-        assert y.dtype == dtype
-        y.float().square().mean().backward()
-        grads.append({n: p.grad.float() for n, p in m.named_parameters()})
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-            grads[-1]["eval"] = m.eval()(x).float()
-    for n in grads[1]:
-        ref = grads[1][n]
-        torch.testing.assert_close(grads[0][n], ref, rtol=0.05, atol=0.05 * ref.abs().max().item() + 1e-6, msg=n)
+    for train in (True, False):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            a, b = fused.train(train)(x), plain.train(train)(x)
+        assert a.dtype == b.dtype == torch.float16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
 
 
 def test_sync_batchnorm_model_takes_the_reference_path():

@@ -210,6 +210,9 @@ class _BlockState:
             self.rows(0, self.buf.shape[0], self.grad).add_(g)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and per-channel affine maps in float32 (float64 for float64 models)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -246,13 +249,14 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
     per-channel operands (BENCHMARKS.md)."""
     c = x.shape[0]
     dst = out if out.dtype == x.dtype else torch.empty_like(x)
-    if w.dtype != x.dtype or mean.dtype != x.dtype:  # e.g. bfloat16 maps of float32 weights under autocast
-        _, scale, shift = _affine(mean, var, w, b, eps, _acc_dtype(x.dtype))
-        torch.addcmul(shift.to(x.dtype)[:, None], x, scale.to(x.dtype)[:, None], out=dst)
-    else:
-        torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
-                                             out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0),
-                                             save_invstd=x.new_empty(0))
+    params = (w, b, mean, var)
+    if len({t.dtype for t in params}) > 1:  # e.g. float32 statistics of a float16 model: all in float32
+        w, b, mean, var = (t.to(_acc_dtype(x.dtype)) for t in params)
+    # float16/bfloat16 maps with float32 parameters (autocast): the kernel computes (x - mean) * invstd
+    # in float32; x * scale + shift in the maps' own precision lost most digits when |mean| >> std
+    torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
+                                         out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0, dtype=mean.dtype),
+                                         save_invstd=x.new_empty(0, dtype=mean.dtype))
     if dst is not out:
         out.copy_(dst)
     return out.relu_()
@@ -384,8 +388,12 @@ def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
     out_rows = out.permute(1, 0, 2, 3).view(hi - lo, st.n)  # the same memory as a (k, N) matrix
     if st.mean is not None:
         a = (2.0 / st.n) * st.dvar[lo:hi]
-        b0 = st.dmean[lo:hi] / st.n - a * st.mean[lo:hi]
-        torch.addcmul(b0.to(g.dtype)[:, None], st.rows(lo, hi), a.to(g.dtype)[:, None], out=out_rows)
+        if g.dtype in _LOW_PRECISION:  # a * (x - mean) + dmean / n: centred first, no cancellation
+            torch.sub(st.rows(lo, hi), st.mean[lo:hi].to(g.dtype)[:, None], out=out_rows)
+            out_rows.mul_(a.to(g.dtype)[:, None]).add_((st.dmean[lo:hi] / st.n).to(g.dtype)[:, None])
+        else:
+            b0 = st.dmean[lo:hi] / st.n - a * st.mean[lo:hi]
+            torch.addcmul(b0.to(g.dtype)[:, None], st.rows(lo, hi), a.to(g.dtype)[:, None], out=out_rows)
         out_rows.add_(g)
     else:
         out_rows.copy_(g)
@@ -488,7 +496,7 @@ class _RecomputedLayer(Function):
             else:
                 mean2, var2 = bn2.running_mean, bn2.running_var
             invstd2, scale2, shift2 = _affine(mean2, var2, w2, b2, bn2.eps, _acc_dtype(st.buf.dtype))
-            u = _scale_shift_relu(y, scale2, shift2)
+            u = _scale_shift_relu(y, scale2, shift2, mean2)
             out = F.conv2d(u, conv2_w, padding=1)
             if p > 0:
                 out, m2 = _dropped(out, p)
@@ -516,7 +524,7 @@ class _RecomputedLayer(Function):
         y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
         if ctx.p > 0:
             y = _undrop(y, masks[0], ctx.p)
-        u = _scale_shift_relu(y, scale2, shift2)
+        u = _scale_shift_relu(y, scale2, shift2, mean2)
         gu, gconv2, _ = torch.ops.aten.convolution_backward(
             g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need.conv2_w, False])
         del g
@@ -543,11 +551,16 @@ class _RecomputedLayer(Function):
         return need.gradients({k: v if v is None or k not in like else v.to(like[k].dtype) for k, v in grads.items()})
 
 
-def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """relu(y * scale + shift) per channel of a channels_last y: the same operations forward and in
-    the recomputation, so the recomputed maps are bitwise those of the forward pass."""
+    the recomputation, so the recomputed maps are bitwise those of the forward pass. In float16 and
+    bfloat16, (y - mean) * scale + beta: centred first, as batch norm computes it."""
     y2 = _pixel_major(y)  # (N, C): the channel is the contiguous dimension
-    u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
+    if y.dtype in _LOW_PRECISION:
+        beta = shift + mean.to(shift.dtype) * scale
+        u = torch.sub(y2, mean.to(y.dtype)).mul_(scale.to(y.dtype)).add_(beta.to(y.dtype)).relu_()
+    else:
+        u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
     return u.view(y.shape[0], y.shape[2], y.shape[3], -1).permute(0, 3, 1, 2)
 
 
