@@ -23,3 +23,54 @@ def cifar_archive() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- device selection and markers -------------------------------------------------------------------------
+# `pytest --device cuda` (or DENSENET_TEST_DEVICE=cuda) runs the tests that take the `device` fixture on
+# that device; tests marked `cuda` need a GPU and skip cleanly without one; `slow` tests (torch.compile
+# with inductor, ...) run with --run-slow (or DENSENET_RUN_SLOW=1). benchmarks/gpu_check.py runs both.
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("DENSENET_TEST_DEVICE", "cpu"),
+                     help="device for the tests that take the `device` fixture: cpu, cuda, cuda:1 "
+                          "(default: $DENSENET_TEST_DEVICE or cpu)")
+    parser.addoption("--run-slow", action="store_true", default=os.environ.get("DENSENET_RUN_SLOW") == "1",
+                     help="also run the tests marked slow (or DENSENET_RUN_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 CPU cores (run with --run-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = torch.cuda.is_available()
+    slow = config.getoption("--run-slow")
+    for item in items:
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow or DENSENET_RUN_SLOW=1"))
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the model tests run on (--device / DENSENET_TEST_DEVICE); a test asking for an
+    unavailable CUDA device skips."""
+    name = request.config.getoption("--device")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        pytest.exit(f"--device {name!r} is not a device: use cpu, cuda or cuda:N", returncode=4)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but PyTorch sees no CUDA device")
+    return dev
+
+
+@pytest.fixture
+def exact_cuda():
+    """Float32 on a GPU as exact as on the CPU: no TF32 in matrix products and convolutions."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

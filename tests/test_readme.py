@@ -3,7 +3,7 @@
 Every `$ densenet ...` line of README.md parses (no invented or misspelt options); the commands that
 need no data run for real as written (models, profile, reproduce --dry-run); the first screen (install
 -> trained model -> figure -> exported file) and the Deploy block run for real in a fresh folder, the
-training shortened to one epoch on 128 images. DENSENET_SLOW=1 also runs the first screen exactly as
+training shortened to one epoch on 128 images. --run-slow (or DENSENET_RUN_SLOW=1) also runs the first screen exactly as
 written (30 epochs: minutes on 2 CPU cores)."""
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def test_every_readme_command_parses(cmd, monkeypatch):
     build_parser().parse_args(densenet_argv(cmd))  # argparse errors exit: a misspelt option fails here
 
 
-SLOW = pytest.mark.skipif(not os.environ.get("DENSENET_SLOW"), reason="set DENSENET_SLOW=1: minutes on 2 cores")
+SLOW = pytest.mark.slow  # minutes on 2 cores: run with --run-slow (tests/conftest.py)
 # `models` counts every registered network (covered by test_cli) and the table2 dry run 27 cells: slow
-CHEAP = [pytest.param(c, marks=[pytest.mark.slow, SLOW]) if densenet_argv(c)[0] == "models" or "table2" in c else c
+CHEAP = [pytest.param(c, marks=[SLOW]) if densenet_argv(c)[0] == "models" or "table2" in c else c
          for c in ALL if densenet_argv(c)[0] in ("models", "profile") or "--dry-run" in c]
 
 

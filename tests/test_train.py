@@ -352,3 +352,39 @@ def test_reproduce_cells_follow_the_papers_protocol(tmp_path):
     folder = make_folder(tmp_path / "c10folder", per_class=1, test_per_class=0)
     f = cell_config(Cell("densenet_40_k12", "C10", 0), {"cifar10": str(folder)}, 2, None, tmp_path)
     assert (f.dataset, f.val_size, f.drop_rate) == ("folder", 5000, 0.2)
+
+
+def _train_compiled_cli(folder, run, *extra):
+    from densenet.cli import main
+
+    return main(["train", "--model", "densenet_bc_100_k12", "--model-arg", "depth=10", "--model-arg",
+                 "growth_rate=6", "--dataset", "folder", "--data", str(folder), "--epochs", "1", "--batch-size",
+                 "16", "--val-size", "8", "--no-progress", "--no-tensorboard", "--compile", "--out", str(run),
+                 *extra])
+
+
+def test_compile_trains_end_to_end(folder, tmp_path, monkeypatch):
+    """`densenet train --compile`: the compiled network in the loop (Dynamo and AOTAutograd; inductor's
+    code generation is the slow test below), weights saved without torch.compile's `_orig_mod.` prefix,
+    and they load into an uncompiled model."""
+    real = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real(m, backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)  # no recompiling for the test
+    run = tmp_path / "run"
+    assert _train_compiled_cli(folder, run) == 0 and compiled
+    assert not any(k.startswith("_orig_mod") for k in weights(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_loss"] == summary["train_loss"]  # finite
+    model, _ = densenet.weights.load_model(run / "last")  # loads (strictly) into an uncompiled model
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(2, 3, 12, 12))).all()
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_end_to_end(folder, tmp_path):
+    r = run_cli("train", "--model", "densenet_bc_100_k12", "--model-arg", "depth=10", "--dataset", "folder",
+                "--data", str(folder), "--epochs", "1", "--batch-size", "16", "--val-size", "9", "--no-progress",
+                "--no-tensorboard", "--compile", "--out", str(tmp_path / "run"), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1

@@ -32,7 +32,7 @@ def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size:
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
-    fused = [m for m in model.modules() if getattr(m, "fused", False) is True]
+    fused = {m: m.fused for m in model.modules() if getattr(m, "fused", False) not in (False, None)}
     model.eval()
     try:
         for m in fused:
@@ -43,8 +43,8 @@ def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size:
             model(x)
     finally:
         model.train(was_training)
-        for m in fused:
-            m.fused = True
+        for m, setting in fused.items():
+            m.fused = setting
     return counter
 
 

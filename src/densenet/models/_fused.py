@@ -39,15 +39,47 @@ The transition after a block is another reader of the whole buffer
 (`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
+
+Backward order (the invariant the in-place gradient buffer relies on). Every node of a block takes
+the chunks x_0 ... x_{l-1} it reads as inputs, so autograd runs the block's nodes in exactly the
+reverse order of their creation: the transition (`_TransitionInput`) or `_BlockOutput` first (it starts
+the gradient buffer), then layer L, L-1, ..., 1. Hence when layer l + 1's node has run, every reader
+of x_l has added its part (layer l + 1 is the last reader in backward order), so dL/dx_l is complete:
+that node returns it as the gradient of its newest chunk x_l (`_finished_grad`), the only chunk that
+ever takes a gradient, and autograd carries it into layer l's own nodes (dropout, norm2, conv2).
+The first layer's node (lo == 0) ends the block's backward pass and gives the scratch memory back.
+Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
+returned gradients by those names. The backward passes compute in place, outside autograd, so
+higher-order gradients raise an error that names fused=False (`_no_double_backward`).
+
+Under torch.compile none of this runs: `dense_block_traceable` writes the same arithmetic as plain
+operations, which the compiler traces as one graph (no graph breaks) and fuses itself.
+
+On a GPU the same code runs; `_Pool` (a CPU page-fault workaround) is bypassed there, and batch
+statistics use torch.var_mean (one pass).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
+
+
+# Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
+# cpu: the fused path, 1.6-2x torchvision's training throughput (BENCHMARKS.md, "Results").
+# Devices not listed (cuda until benchmarks/gpu_check.py has measured it) take the fused path too: it
+# computes the same function, and its activation memory is linear in depth where the reference
+# path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
+FUSED_BY_DEVICE: dict[str, bool] = {"cpu": True}
+
+
+def default_fused(device: torch.device) -> bool:
+    """Whether fused="auto" takes the fused path on `device` (FUSED_BY_DEVICE)."""
+    return FUSED_BY_DEVICE.get(device.type, True)
 
 
 def supported(layers) -> bool:
@@ -66,19 +98,23 @@ class _Pool:
     A fresh tensor of tens of MB costs page faults on first touch on the CPU (glibc returns large
     blocks to the system when they are freed), which measured slower than the work done in it
     (BENCHMARKS.md). A state takes what it needs and gives it back when the block's backward pass
-    (or its forward pass, without autograd) is over; two states alive at once simply allocate."""
+    (or its forward pass, without autograd) is over; two states alive at once simply allocate.
+    Only on the CPU: on a GPU PyTorch's caching allocator reuses freed blocks without page faults, and
+    memory held here between steps would count against the next step's peak."""
 
     def __init__(self):
         self.free: dict[tuple, torch.Tensor] = {}
 
     def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=device)
         t = self.free.pop((kind, dtype, device), None)
         if t is None or t.numel() < numel:
             t = torch.empty(numel, dtype=dtype, device=device)
         return t
 
     def give(self, kind: str, t: torch.Tensor) -> None:
-        if t.is_inference():  # made under torch.inference_mode: unusable by a later training step
+        if t.is_inference() or t.device.type != "cpu":  # inference tensors: unusable by a later training step
             return
         key = (kind, t.dtype, t.device)
         if key not in self.free or self.free[key].numel() < t.numel():
@@ -174,6 +210,9 @@ class _BlockState:
             self.rows(0, self.buf.shape[0], self.grad).add_(g)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and per-channel affine maps in float32 (float64 for float64 models)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -210,13 +249,14 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
     per-channel operands (BENCHMARKS.md)."""
     c = x.shape[0]
     dst = out if out.dtype == x.dtype else torch.empty_like(x)
-    if w.dtype != x.dtype or mean.dtype != x.dtype:  # e.g. bfloat16 maps of float32 weights under autocast
-        _, scale, shift = _affine(mean, var, w, b, eps, _acc_dtype(x.dtype))
-        torch.addcmul(shift.to(x.dtype)[:, None], x, scale.to(x.dtype)[:, None], out=dst)
-    else:
-        torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
-                                             out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0),
-                                             save_invstd=x.new_empty(0))
+    params = (w, b, mean, var)
+    if len({t.dtype for t in params}) > 1:  # e.g. float32 statistics of a float16 model: all in float32
+        w, b, mean, var = (t.to(_acc_dtype(x.dtype)) for t in params)
+    # float16/bfloat16 maps with float32 parameters (autocast): the kernel computes (x - mean) * invstd
+    # in float32; x * scale + shift in the maps' own precision lost most digits when |mean| >> std
+    torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
+                                         out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0, dtype=mean.dtype),
+                                         save_invstd=x.new_empty(0, dtype=mean.dtype))
     if dst is not out:
         out.copy_(dst)
     return out.relu_()
@@ -225,7 +265,10 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
 
 def _var_mean(x: torch.Tensor):
     """Biased variance and mean of each row of x (k, N), in two passes: torch.var_mean is 4x slower
-    on such rows on the CPU (BENCHMARKS.md)."""
+    on such rows on the CPU (BENCHMARKS.md). On a GPU its one-pass reduction is the faster (and
+    allocates no (k, N) temporary)."""
+    if x.device.type == "cuda":
+        return torch.var_mean(x, 1, correction=0)
     mean = x.mean(1)
     return torch.sub(x, mean[:, None]).square_().mean(1), mean
 
@@ -301,6 +344,41 @@ class _BNReLUInput:
         return gw.to(w.dtype), gb.to(w.dtype)
 
 
+class _Needs:
+    """ctx.needs_input_grad by the names of forward's arguments (`ARGS` of each Function), followed by
+    the chunks x_0 ... x_{l-1}; of these only the newest, x_{l-1}, ever takes a gradient (`newest`):
+    see "Backward order" in the module docstring."""
+
+    def __init__(self, ctx, names: tuple[str, ...]):
+        flags = ctx.needs_input_grad
+        self._names = names
+        self._flags = dict(zip(names, flags))
+        self._chunks = len(flags) - len(names)
+        self.newest = self._chunks > 0 and bool(flags[-1])
+
+    def __getattr__(self, name: str) -> bool:
+        try:
+            return self._flags[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def gradients(self, grads: dict) -> tuple:
+        """The tuple backward returns: grads[name] for the arguments that need one, None elsewhere."""
+        named = tuple(grads.get(n) if self._flags[n] else None for n in self._names)
+        chunks = (None,) * max(self._chunks - 1, 0) + ((grads.get("newest") if self.newest else None,)
+                                                        if self._chunks else ())
+        return named + chunks
+
+
+def _no_double_backward() -> None:
+    """Higher-order gradients (backward with create_graph=True, e.g. a gradient penalty) would need the
+    backward pass to be differentiable; the fused nodes compute it in place, outside autograd."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused dense block does not support higher-order gradients (backward with "
+                           "create_graph=True, e.g. a gradient penalty); build the model with fused=False "
+                           "(create_model(..., fused=False)), which computes the same function and supports them")
+
+
 def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
     """dL/dx for channels [lo, hi), once every reader has added to it: (B, hi - lo, H, W), channels_last
     like the convolution output it is the gradient of."""
@@ -310,8 +388,12 @@ def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
     out_rows = out.permute(1, 0, 2, 3).view(hi - lo, st.n)  # the same memory as a (k, N) matrix
     if st.mean is not None:
         a = (2.0 / st.n) * st.dvar[lo:hi]
-        b0 = st.dmean[lo:hi] / st.n - a * st.mean[lo:hi]
-        torch.addcmul(b0.to(g.dtype)[:, None], st.rows(lo, hi), a.to(g.dtype)[:, None], out=out_rows)
+        if g.dtype in _LOW_PRECISION:  # a * (x - mean) + dmean / n: centred first, no cancellation
+            torch.sub(st.rows(lo, hi), st.mean[lo:hi].to(g.dtype)[:, None], out=out_rows)
+            out_rows.mul_(a.to(g.dtype)[:, None]).add_((st.dmean[lo:hi] / st.n).to(g.dtype)[:, None])
+        else:
+            b0 = st.dmean[lo:hi] / st.n - a * st.mean[lo:hi]
+            torch.addcmul(b0.to(g.dtype)[:, None], st.rows(lo, hi), a.to(g.dtype)[:, None], out=out_rows)
         out_rows.add_(g)
     else:
         out_rows.copy_(g)
@@ -350,40 +432,42 @@ class _LayerInput(Function):
         ctx.save_for_backward(w, conv_w_dt)
         return out
 
+    ARGS = ("st", "c", "mean", "var", "w", "b", "eps", "conv_w", "padding")  # forward's, then *chunks
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st, c = ctx.st, ctx.c
         st.check_unmodified()
         w, conv_w = ctx.saved_tensors
         z = _BNReLUInput.z(ctx)
-        need = ctx.needs_input_grad
-        need_x = any(need[9:]) or need[4] or need[5]
+        need = _Needs(ctx, _LayerInput.ARGS)
+        need_x = need.newest or need.w or need.b  # (only the newest chunk takes a gradient: see above)
         g = g.to(ctx.dt)
-        gw = gb = gconv = gnew = None
+        grads = {}
         if ctx.one_by_one:
             g2 = _pixel_major(g)  # (N, o)
-            if need[7]:
-                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
             if need_x:
                 gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
         else:
             bhw = st.buf.shape[1:]
-            gz4, gconv, _ = torch.ops.aten.convolution_backward(
+            gz4, grads["conv_w"], _ = torch.ops.aten.convolution_backward(
                 g, z.view(c, *bhw).permute(1, 0, 2, 3), conv_w, None, [1, 1], list(ctx.padding), [1, 1], False,
-                [0, 0], 1, [need_x, need[7], False])
+                [0, 0], 1, [need_x, need.conv_w, False])
             if need_x:
                 gz = st.workspace("gz", c, ctx.dt)
                 gz.view(c, *bhw).copy_(gz4.permute(1, 0, 2, 3))
         if need_x:
-            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
-            if need[-1]:  # every reader of x_{l-1} has now run backward: its gradient is complete
-                gnew = _finished_grad(st, ctx.lo, c)
+            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+            if need.newest:  # every reader of x_{l-1} has now run backward: its gradient is complete
+                grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:  # the first layer: the block's backward pass is over
             st.release()
-        gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        n_chunks = len(need) - 9
-        return (None, None, None, None, gw if need[4] else None, gb if need[5] else None, None,
-                gconv, None) + (None,) * (n_chunks - 1) + (gnew,)
+        if grads.get("conv_w") is not None:
+            grads["conv_w"] = grads["conv_w"].to(ctx.conv_dtype)
+        return need.gradients(grads)
 
 
 class _RecomputedLayer(Function):
@@ -412,7 +496,7 @@ class _RecomputedLayer(Function):
             else:
                 mean2, var2 = bn2.running_mean, bn2.running_var
             invstd2, scale2, shift2 = _affine(mean2, var2, w2, b2, bn2.eps, _acc_dtype(st.buf.dtype))
-            u = _scale_shift_relu(y, scale2, shift2)
+            u = _scale_shift_relu(y, scale2, shift2, mean2)
             out = F.conv2d(u, conv2_w, padding=1)
             if p > 0:
                 out, m2 = _dropped(out, p)
@@ -422,14 +506,17 @@ class _RecomputedLayer(Function):
         ctx.save_for_backward(w1, conv1_w, w2, conv2_w, *masks)
         return out
 
+    ARGS = ("st", "c", "mean", "var", "w1", "b1", "eps1", "conv1_w", "bn2", "w2", "b2", "conv2_w", "p")
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st, c, dt = ctx.st, ctx.c, ctx.dt
         st.check_unmodified()
         w1, conv1_w, w2, conv2_w, *masks = ctx.saved_tensors
         training2, mean2, var2, invstd2, scale2, shift2, eps2 = ctx.bn2
-        need = ctx.needs_input_grad
-        need_x = any(need[13:]) or need[4] or need[5]
+        need = _Needs(ctx, _RecomputedLayer.ARGS)
+        need_x = need.newest or need.w1 or need.b1
         g = g.to(dt)
         if ctx.p > 0:
             g = _undrop(g, masks[1], ctx.p)
@@ -437,40 +524,43 @@ class _RecomputedLayer(Function):
         y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
         if ctx.p > 0:
             y = _undrop(y, masks[0], ctx.p)
-        u = _scale_shift_relu(y, scale2, shift2)
+        u = _scale_shift_relu(y, scale2, shift2, mean2)
         gu, gconv2, _ = torch.ops.aten.convolution_backward(
-            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need[11], False])
+            g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need.conv2_w, False])
         del g
         torch.ops.aten.threshold_backward.grad_input(gu, u, 0, grad_input=gu)
         del u
         gy, gw2, gb2 = torch.ops.aten.native_batch_norm_backward(
             gu, y, w2, mean2, var2, mean2 if training2 else None, invstd2 if training2 else None, training2, eps2,
-            [True, need[9], need[10]])
+            [True, need.w2, need.b2])
         del gu, y
         if ctx.p > 0:
             gy = _undrop(gy, masks[0], ctx.p)
         gy2 = _pixel_major(gy)  # (N, 4k)
-        gconv1 = torch.mm(gy2.t(), z.t()).view_as(conv1_w) if need[7] else None
-        gw1 = gb1 = gnew = None
+        grads = {"w2": gw2, "b2": gb2, "conv2_w": gconv2}
+        if need.conv1_w:
+            grads["conv1_w"] = torch.mm(gy2.t(), z.t()).view_as(conv1_w)
         if need_x:
             gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
-            gw1, gb1 = _BNReLUInput.backward(ctx, gz, z, w1)
-            if need[-1]:
-                gnew = _finished_grad(st, ctx.lo, c)
+            grads["w1"], grads["b1"] = _BNReLUInput.backward(ctx, gz, z, w1)
+            if need.newest:
+                grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:
             st.release()
-        cast = (lambda t, ref: None if t is None else t.to(ref.dtype))
-        n_chunks = len(need) - 13
-        return ((None, None, None, None, cast(gw1, w1) if need[4] else None, cast(gb1, w1) if need[5] else None, None,
-                 cast(gconv1, conv1_w) if need[7] else None, None, cast(gw2, w2), cast(gb2, w2),
-                 cast(gconv2, conv2_w), None) + (None,) * (n_chunks - 1) + (gnew,))
+        like = {"w1": w1, "b1": w1, "conv1_w": conv1_w, "w2": w2, "b2": w2, "conv2_w": conv2_w}
+        return need.gradients({k: v if v is None or k not in like else v.to(like[k].dtype) for k, v in grads.items()})
 
 
-def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """relu(y * scale + shift) per channel of a channels_last y: the same operations forward and in
-    the recomputation, so the recomputed maps are bitwise those of the forward pass."""
+    the recomputation, so the recomputed maps are bitwise those of the forward pass. In float16 and
+    bfloat16, (y - mean) * scale + beta: centred first, as batch norm computes it."""
     y2 = _pixel_major(y)  # (N, C): the channel is the contiguous dimension
-    u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
+    if y.dtype in _LOW_PRECISION:
+        beta = shift + mean.to(shift.dtype) * scale
+        u = torch.sub(y2, mean.to(y.dtype)).mul_(scale.to(y.dtype)).add_(beta.to(y.dtype)).relu_()
+    else:
+        u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
     return u.view(y.shape[0], y.shape[2], y.shape[3], -1).permute(0, 3, 1, 2)
 
 
@@ -502,15 +592,17 @@ class _BlockOutput(Function):
         # Python's collector cannot free (it leaked every step's buffers: +20 MB per step).
         return st.out.view_as(st.out)
 
+    ARGS = ("st",)
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st = ctx.st
         st.check_unmodified()
         c = st.buf.shape[0]
         st.add_grad(None if g is None else g.permute(1, 0, 2, 3).reshape(c, st.n))
-        n_chunks = len(ctx.needs_input_grad) - 1
-        gnew = _finished_grad(st, ctx.lo, c) if ctx.needs_input_grad[-1] else None
-        return (None,) + (None,) * (n_chunks - 1) + (gnew,)
+        need = _Needs(ctx, _BlockOutput.ARGS)
+        return need.gradients({"newest": _finished_grad(st, ctx.lo, c) if need.newest else None})
 
 
 class _TransitionInput(Function):
@@ -538,37 +630,41 @@ class _TransitionInput(Function):
         ctx.save_for_backward(w, conv_w_dt)
         return out
 
+    ARGS = ("st", "mean", "var", "w", "b", "eps", "conv_w", "pool_first", "block_out")
+
     @staticmethod
     def backward(ctx, g):
+        _no_double_backward()
         st = ctx.st
         st.check_unmodified()
         c = st.buf.shape[0]
         w, conv_w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x = need[3] or need[4] or need[8]
+        need = _Needs(ctx, _TransitionInput.ARGS)
+        need_x = need.w or need.b or need.block_out
         g = g.to(ctx.dt)
         o = conv_w.shape[0]
-        gw = gb = gconv = None
+        grads = {}
         z = _BNReLUInput.z(ctx)
         if ctx.pool_first:
             zp = _avg_pool2(z.view(c, *ctx.bhw))
             g2 = g.permute(1, 0, 2, 3).reshape(o, -1)  # (o, N/4)
-            if need[6]:
-                gconv = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
             if need_x:
                 gzp = torch.mm(conv_w.view(o, c).t(), g2).view(ctx.pooled_shape)
                 gz = st.workspace("gz", c, ctx.dt)
                 _avg_pool2_backward(gzp, gz.view(c, *ctx.bhw))
         else:
             g2 = _pixel_major(g)
-            if need[6]:
-                gconv = torch.mm(g2.t(), z.t()).view_as(conv_w)
+            if need.conv_w:
+                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)
             if need_x:
                 gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
-        if need_x:
-            gw, gb = _BNReLUInput.backward(ctx, gz, z, w)
-        gconv = gconv.to(ctx.conv_dtype) if gconv is not None else None
-        return (None, None, None, gw if need[3] else None, gb if need[4] else None, None, gconv, None, None)
+        if need_x:  # dL/d(block output) goes into the block's gradient buffer, not through block_out
+            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+        if grads.get("conv_w") is not None:
+            grads["conv_w"] = grads["conv_w"].to(ctx.conv_dtype)
+        return need.gradients(grads)
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -619,6 +715,63 @@ def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool)
     if not out.requires_grad:
         st.release()
     return out
+
+
+def dense_block_traceable(layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+    """The fused block's function in plain, differentiable PyTorch operations: what torch.compile traces.
+
+    The autograd Functions above share a Python state object and write into buffers in place, which
+    the compiler cannot see through (a graph break per node). Here the same arithmetic is written
+    functionally and the compiler does the fusing: batch statistics once per feature map, shared by
+    every reader (concatenated, not recomputed: O(L) reductions instead of O(L^2)); each reader's BN a
+    per-channel affine map of the concatenation followed by ReLU; the gradient through the shared
+    statistics is autograd's. Running statistics move once per step, as in the eager fused path. With
+    memory_efficient the BN-ReLU-Conv1x1 of each layer is checkpointed (recomputed in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    training = layers[0].norm1.training
+    n = x0.shape[0] * x0.shape[2] * x0.shape[3]
+    if training and n == 1:
+        raise ValueError("BatchNorm in training mode needs more than one value per channel: "
+                         f"got a batch of {x0.shape[0]} with {x0.shape[2]}x{x0.shape[3]} maps; "
+                         "use a larger batch or model.eval()")
+    acc = _acc_dtype(x0.dtype)
+    feats, means, variances = [x0], [], []
+
+    def add_stats(x):
+        if training:
+            xf = x.to(acc)
+            mean = xf.mean((0, 2, 3))
+            means.append(mean)
+            variances.append((xf - mean[None, :, None, None]).square().mean((0, 2, 3)))
+
+    add_stats(x0)
+    for layer in layers:
+        bn = layer.norm1
+        if training:
+            mean, var = torch.cat(means), torch.cat(variances)
+            with torch.no_grad():
+                _update_running_stats(bn, mean.detach(), var.detach(), n)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        part = functools.partial(_traced_layer_input, bn.weight, bn.bias, bn.eps, layer.conv1)
+        if memory_efficient and torch.is_grad_enabled():
+            y = checkpoint(part, mean, var, *feats, use_reentrant=False)
+        else:
+            y = part(mean, var, *feats)
+        new = layer.rest(y)
+        add_stats(new)
+        feats.append(new)
+    return torch.cat(feats, 1)
+
+
+def _traced_layer_input(w, b, eps, conv: nn.Conv2d, mean, var, *feats) -> torch.Tensor:
+    """conv(relu(x * scale + shift)) of the concatenation x, scale and shift from shared statistics."""
+    x = torch.cat(feats, 1)
+    _, scale, shift = _affine(mean, var, w, b, eps, _acc_dtype(x.dtype))
+    dt = _compute_dtype(x)
+    z = torch.addcmul(shift.to(dt)[None, :, None, None], x.to(dt), scale.to(dt)[None, :, None, None]).relu()
+    return conv(z)
 
 
 def _version(t: torch.Tensor) -> int:

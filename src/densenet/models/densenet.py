@@ -56,7 +56,9 @@ class DenseNetConfig:
     in_channels: int = 3
     stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 conv; or 7x7/2 conv, BN, ReLU, 3x3/2 max pool
     memory_efficient: bool = False  # recompute each layer's BN-ReLU-Conv input in the backward pass
-    fused: bool = True  # shared feature buffer and shared BN statistics (exact; see _fused.py)
+    # shared feature buffer and shared BN statistics (exact; see _fused.py); "auto": the path measured
+    # faster on the device the model runs on (_fused.FUSED_BY_DEVICE), the fused one on the CPU
+    fused: bool | Literal["auto"] = "auto"
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
 
@@ -208,11 +210,14 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
-        if self.fused and not self.training and _inference.block_applies(self, layers, x0):  # eval, no autograd
+        fused = _fused.default_fused(x0.device) if self.fused == "auto" else self.fused
+        if fused and not self.training and _inference.block_applies(self, layers, x0):  # eval, no autograd
             return _inference.dense_block_forward(self, layers, x0)
         # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
         # the fused path's autograd Functions and shared buffer are not traceable
-        if self.fused and _fused.supported(layers) and not torch.jit.is_tracing():
+        if fused and _fused.supported(layers) and not torch.jit.is_tracing():
+            if torch.compiler.is_compiling():  # torch.compile: the same arithmetic, written functionally
+                return _fused.dense_block_traceable(layers, x0, self.memory_efficient)
             return _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
         features = [x0]
         for layer in layers:
@@ -233,6 +238,8 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # no block state to read: the compiler sees this module
+            return super().forward(x)
         if not self.training and _inference.transition_applies(self, x):
             return _inference.transition_forward(self, x)
         st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics

@@ -484,18 +484,20 @@ class Trainer:
 
     def _forward_backward(self, net, x, y, scaler, autocast) -> tuple[float, int]:
         """Gradients of the batch's mean loss, in `accumulate` micro-batches; (loss sum, correct)."""
-        loss_sum, correct = 0.0, 0
         chunks = list(zip(x.chunk(self.cfg.accumulate), y.chunk(self.cfg.accumulate)))
+        stats = []  # (loss, correct) of each micro-batch, read from the device once per step (one sync)
         for i, (xc, yc) in enumerate(chunks):
             sync = i == len(chunks) - 1 or not hasattr(net, "no_sync")
             with contextlib.nullcontext() if sync else net.no_sync():  # DDP: all-reduce once per step
                 with autocast():
                     out = net(xc)
                     loss = F.cross_entropy(out.float(), yc, label_smoothing=self.cfg.label_smoothing)
+                # fp16: the GradScaler scales the loss up so that small gradients survive in float16
                 scaler.scale(loss * (len(yc) / len(y))).backward()
-            loss_sum += loss.item() * len(yc)
-            correct += (out.argmax(1) == yc).sum().item()
-        return loss_sum, correct
+            stats += [loss.detach(), (out.argmax(1) == yc).sum().to(loss.dtype)]
+        values = torch.stack(stats).tolist()
+        loss_sum = sum(v * len(yc) for v, (_, yc) in zip(values[0::2], chunks))
+        return loss_sum, int(sum(values[1::2]))
 
     def _report(self, row, epoch, epochs, run, writer):
         parts = [f"epoch {epoch}/{epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
