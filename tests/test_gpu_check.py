@@ -21,7 +21,7 @@ def test_tiny_cpu_run_writes_json_and_table(gpu_check, tmp_path, capsys):
     out = tmp_path / "check.json"
     code = gpu_check.main(["--device", "cpu", "--tiny", "--threads", "1", "--sections", "train,real",
                            "--configs", "tv,ours,ours-reference", "--data", str(tmp_path / "none.tar.gz"),
-                           "--json", str(out)])
+                           "--json", str(out), "--budget-s", "100000"])  # no item cut by the clock
     assert code == 0
     res = json.loads(out.read_text())
     assert res["meta"]["device"] == "cpu" and not res["errors"]
@@ -42,6 +42,6 @@ def test_memory_step_counts_a_training_step(gpu_check):
 def test_budget_skips_items_instead_of_overrunning(gpu_check, tmp_path):
     out = tmp_path / "check.json"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--budget-s", "0", "--sections", "train,memory",
-                           "--json", str(out)]) == 0
+                           "--json", str(out), "--budget-s", "100000"])  # no item cut by the clock == 0
     res = json.loads(out.read_text())
     assert "eager_cifar" not in res and len(res["skipped"]) == 3  # eager cifar, memory at two depths

@@ -208,7 +208,7 @@ def test_missing_launcher_package_is_one_line(tmp_path, monkeypatch, capsys):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    with pytest.raises(LauncherError, match=r'pip install "densenet\[cluster\]"'):
+    with pytest.raises(LauncherError, match=r'pip install "densenet-paper\[cluster\]"'):
         launch([tiny_job(tmp_path, "x")], LaunchOptions(launcher="ray"), tmp_path)
 
 

@@ -36,7 +36,10 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def _plain_bn(bn) -> bool:
-    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_var is not None
+    # a BN left in training mode inside an eval-mode model (BN re-estimation, frozen-backbone recipes)
+    # normalises by batch statistics and updates its running ones: not foldable
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_var is not None \
+        and not bn.training
 
 
 def _plain_conv(conv) -> bool:
