@@ -71,6 +71,19 @@ def test_a_cell_runs_once_then_is_skipped_and_a_busy_cell_gives_way(tmp_path):
     assert r["outcome"] == "busy" and "job 7" in r["error"] and not (Path(other.run_dir) / "summary.json").exists()
 
 
+def test_a_cell_trained_by_hand_is_running_and_the_launcher_gives_way(tmp_path):
+    from densenet.train.lock import DirLock
+
+    job = tiny_job(tmp_path, "by-hand")
+    with DirLock(job.run_dir):  # what `densenet train --out RUN` holds while it trains
+        st = cell_state(job.run_dir)
+        assert st.state == "running" and f"pid {os.getpid()}" in st.detail
+        r = run_cell(job)
+    assert r["outcome"] == "busy" and str(os.getpid()) in r["error"]
+    assert not (Path(job.run_dir) / "error.json").exists() and not (Path(job.run_dir) / "summary.json").exists()
+    assert run_cell(job)["outcome"] == "done"  # once that run has let go
+
+
 def test_a_failed_cell_says_why_and_pending_cells_say_where(tmp_path):
     job = tiny_job(tmp_path, "bad")
     job = CellJob(job.key, job.run_dir, {**job.config, "dataset": "folder", "data": str(tmp_path / "nowhere")})

@@ -52,6 +52,10 @@ def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
             err, split = summary.get("val_top1_error"), "val"
         return state("done", f"{split} error {err:.2f}%" if isinstance(err, (int, float)) else "finished")
     who = holder(run)
+    if who is None:  # trained outside the launcher (e.g. `densenet train --out` by hand): the run's own lock
+        from ..train.lock import holder as run_holder
+
+        who = run_holder(run)
     if who is not None:
         where = f"on {who.get('host', '?')}, pid {who.get('pid', '?')}"
         if who.get("job_id"):

@@ -166,11 +166,20 @@ def run_cell(job: CellJob, launcher: str = "local", job_id: str | None = None) -
                 return {"key": job.key, "outcome": "busy", "error": str(e)}
         if (run / SUMMARY_FILE).is_file():  # done, perhaps by another attempt while this one waited
             return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
-        return {"key": job.key, "outcome": "done", "summary": _attempt(job, run, held)}
+        from ..train.lock import LockedError, holder as run_holder
+
+        if run_holder(run) is not None:  # trained outside the launcher now (the run's own lock, train/lock.py)
+            return {"key": job.key, "outcome": "busy", "error": f"{run} is being trained by another process "
+                                                                  f"({run_holder(run)})"}
+        try:
+            return {"key": job.key, "outcome": "done", "summary": _attempt(job, run, held)}
+        except LockedError as e:  # taken by hand between the check and the start: that run goes on
+            return {"key": job.key, "outcome": "busy", "error": str(e)}
 
 
 def _attempt(job: CellJob, run: Path, held: Held) -> dict:
     from ..train import TrainConfig, TrainingStopped, fit
+    from ..train.lock import LockedError
 
     with contextlib.suppress(FileNotFoundError):
         (run / ERROR_FILE).unlink()
@@ -183,6 +192,8 @@ def _attempt(job: CellJob, run: Path, held: Held) -> dict:
         return fit(TrainConfig.from_dict(job.config), resume=str(run) if resume else None)
     except TrainingStopped as e:
         _record_error(run, str(e), e.exit_code, held)
+        raise
+    except LockedError:  # another process trains the run: not a failure of this cell
         raise
     except BaseException as e:
         text = str(e) or type(e).__name__
