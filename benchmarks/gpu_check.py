@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     p.add_argument("--tests-s", type=float, default=170, help="at most this long for the tests (s)")
     p.add_argument("--sections", help="comma-separated subset of: tests, train (and infer), memory, real, compiled "
                                       "(default: all on a GPU; train,memory,real on the CPU)")
-    p.add_argument("--data", default=str(ROOT / ".devdata" / "cifar10-train.tar.gz"),
+    p.add_argument("--data", default=None,
                    help="the CIFAR-10 training archive for the real training (default: .devdata/, else ../shared/data/)")
     p.add_argument("--real-epochs", type=int, default=3)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
@@ -403,9 +403,10 @@ def main(argv=None) -> int:
             return 2
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if not Path(args.data).is_file():
+    if args.data is None:  # not given: where the GPU machine carries it, else the shared folder beside the checkout
+        carried = ROOT / ".devdata" / "cifar10-train.tar.gz"
         shared = ROOT.parent / "shared" / "data" / "cifar10-train.tar.gz"
-        args.data = str(shared) if shared.is_file() else args.data
+        args.data = str(shared if not carried.is_file() and shared.is_file() else carried)
     sections = set((args.sections or ("tests,train,memory,real,compiled" if args.device.startswith("cuda")
                                       else "train,memory,real")).split(","))
     run = Run(args)
