@@ -104,3 +104,18 @@ def test_local_folder_in_the_hub_layout_and_clear_errors(offline_hub, tmp_path):
         densenet.create_model("densenet_bc_100_k12", pretrained="hf-hub:nobody/nothing")
     with pytest.raises(ValueError, match="densenet.create_model or densenet.load"):
         densenet.hub.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_save_pretrained_refuses_a_run_directory(tmp_path):
+    """A run's config.json is its training's: save_pretrained must not overwrite it."""
+    import densenet
+    from densenet import hub
+
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / "config.json").write_text('{"dataset": "digits"}\n')
+    model = densenet.create_model("densenet_bc_100_k12", num_classes=3, depth=10, growth_rate=4)
+    with pytest.raises(ValueError, match="not a Hub export"):
+        hub.save_pretrained(model, run)
+    assert (run / "config.json").read_text() == '{"dataset": "digits"}\n'
+    assert not (run / "model.safetensors").exists()

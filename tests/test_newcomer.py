@@ -162,7 +162,7 @@ def test_run_files_and_exports_are_readable_by_others_under_umask_022(tmp_path, 
     files = [p for p in [*out.rglob("*"), tmp_path / "m.pt"] if p.is_file() and not p.is_symlink()]
     names = {p.name for p in files}
     assert {"config.json", "metrics.jsonl", "model.safetensors", "state.safetensors", "m.pt"} <= names
-    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {str(p): "0o644" for p in files}
 
 
 # --- the distribution name -------------------------------------------------------------------------------

@@ -58,11 +58,27 @@ def save_pretrained(model: nn.Module | str | Path, directory: str | Path,
         model, info = load_model(model)
     config = _describe(model, info)
     directory = Path(directory)
+    _check_own(directory)
     meta = {k: config[k] for k in ("model_args", "classes", "preprocessing") if config[k] is not None}
     save_model(model, directory / MODEL_FILE, meta)
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     write_text_atomic(directory / "README.md", _card(config))
     return directory
+
+
+def _check_own(directory: Path) -> None:
+    """Refuse a folder whose files are not a Hub export of ours (a run directory above all: its
+    config.json is the training's), instead of overwriting them."""
+    from .train.checkpoint import RUN_FILES
+
+    cfg = directory / CONFIG_FILE
+    try:
+        ours = cfg.is_file() and json.loads(cfg.read_text()).get("library") == LIBRARY
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if (directory / "last").exists() or (directory / "ckpt").exists() or (cfg.is_file() and not ours):
+        raise ValueError(f"{directory} holds files that are not a Hub export of {LIBRARY} (e.g. a training "
+                         f"run: {', '.join(RUN_FILES[:3])}); give an empty or new folder")
 
 
 def _card(config: dict[str, Any]) -> str:

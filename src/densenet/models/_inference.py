@@ -148,10 +148,10 @@ def _bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, out: torch.Tensor) -> torch.Te
 class FrozenOutput:
     """What a transition reading an eval-mode block's output needs: the block buffer, (C, B, H, W)."""
 
-    __slots__ = ("buf", "out")
+    __slots__ = ("buf",)  # not the output itself: it holds this record (no reference cycle)
 
-    def __init__(self, buf, out):
-        self.buf, self.out = buf, out
+    def __init__(self, buf):
+        self.buf = buf
 
 
 def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Tensor:
@@ -177,13 +177,13 @@ def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Ten
             new = F.conv2d(z.view(c, b, h, w).permute(1, 0, 2, 3), w2, padding=pad)
         buf[c:c + k].copy_(new.permute(1, 0, 2, 3))
         c += k
-    out._frozen_block_output = FrozenOutput(buf, out)
+    out._frozen_block_output = FrozenOutput(buf)
     return out
 
 
 def transition_applies(transition: nn.Module, x: torch.Tensor) -> bool:
     st = getattr(x, "_frozen_block_output", None)
-    if st is None or st.out is not x or not _eligible(x, transition):
+    if st is None or not _eligible(x, transition):
         return False
     return _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and type(transition.conv) is nn.Conv2d \
         and transition.conv.kernel_size == (1, 1) and _plain_conv(transition.conv) \

@@ -131,8 +131,10 @@ class RunDir:
                                       f"{self.path / 'ckpt'} (the run only deletes what it wrote)")
             shutil.rmtree(target)
         self._record(written | {name})  # first the record, then the directory: a kill between leaves no orphan
+        made = False
         try:
-            target.mkdir(parents=True)
+            target.mkdir(parents=True)  # fails if another process made it meanwhile: then it is not ours
+            made = True
             weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             with atomic_write(target / MODEL_FILE) as tmp:
                 save_file(weights, str(tmp), metadata=meta)
@@ -144,7 +146,8 @@ class RunDir:
                 save_file(tensors, str(tmp), metadata=state_meta)
             _fsync_dir(target)
         except Exception as e:  # disk full, quota, permissions: `last` still names the previous checkpoint
-            shutil.rmtree(target, ignore_errors=True)
+            if made:
+                shutil.rmtree(target, ignore_errors=True)
             last = self.resolve("last")
             raise CheckpointError(f"could not write checkpoint {target} ({type(e).__name__}: {e}); "
                                   + (f"{self.path / 'last'} still names the complete checkpoint {last.name}"

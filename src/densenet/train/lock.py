@@ -138,9 +138,9 @@ class DirLock:
                 os.link(tmp, self.path)  # atomic, and the lock file never exists without its holder in it
             except FileExistsError:
                 who = _read(self.path)
-                if who is None or who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
-                    self.path.unlink(missing_ok=True)  # unreadable, or left by a dead process on this host
-                    continue
+                if who is not None and who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
+                    self.path.unlink(missing_ok=True)  # left by a dead process on this host (an unreadable
+                    continue                           # one may be a holder mid-write elsewhere: not ours)
                 raise LockedError(_describe(self.path, who) + "; wait for it to finish, or stop it (if no "
                                   "such process runs, delete the lock file)", who) from None
             finally:
