@@ -32,7 +32,8 @@ def setting(default: Any = None, help: str = "", *, default_factory: Any = None)
 class TrainConfig:
     # what to train
     model: str = setting("densenet_bc_100_k12", "a registered name (`densenet models`)")
-    model_args: dict[str, ModelArg] = setting(help="overrides of the model's options: depth, growth_rate, ...",
+    model_args: dict[str, ModelArg] = setting(help="overrides of the model's options: depth, growth_rate, ... "
+                                                   "(default: none: the registered network as it is)",
                                               default_factory=dict)
     dataset: str = setting("digits", "cifar10, cifar100, svhn, imagenet, folder, digits")
     data: str | None = setting(None, "where the dataset is (a folder, or a .tar.gz for `folder`) "
