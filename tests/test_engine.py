@@ -53,9 +53,11 @@ def test_build_model_passes_the_rate_only_to_networks_with_dropout(capsys):
 
 def test_every_config_field_has_help_that_states_its_default():
     from densenet.cli import _with_default
+    from densenet.train.config import SETTING_HELP
 
+    assert list(SETTING_HELP) == [f.name for f in dataclasses.fields(TrainConfig)]  # each once, in order
     for f in dataclasses.fields(TrainConfig):
-        assert f.metadata.get("help"), f.name
+        assert SETTING_HELP[f.name], f.name
         text = _with_default(f)
         assert "default" in text, (f.name, text)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -67,12 +69,13 @@ def test_every_config_field_has_help_that_states_its_default():
 
 def test_train_help_is_built_from_the_config_fields():
     from densenet.cli import build_parser
+    from densenet.train.config import SETTING_HELP
 
     train = build_parser("train")._subparsers._group_actions[0].choices["train"]
     helps = {a.dest: a.help for a in train._actions}
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model_args":
-            assert helps[f.name].startswith(f.metadata["help"]), f.name
+            assert helps[f.name].startswith(SETTING_HELP[f.name]), f.name
 
 
 # --- dataset sizes: one place --------------------------------------------------------------------------------

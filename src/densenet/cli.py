@@ -76,12 +76,14 @@ _MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size
 
 
 def _with_default(f) -> str:
-    """A TrainConfig field's help text (its metadata) with the field's default, as argparse's
+    """A TrainConfig field's help text (config.SETTING_HELP) with the field's default, as argparse's
     %(default)s would show it (the options themselves stay unset); a None default is explained in
     the text itself."""
     import dataclasses
 
-    h = f.metadata.get("help", "")
+    from .train.config import SETTING_HELP
+
+    h = SETTING_HELP[f.name]
     if f.default is dataclasses.MISSING or f.default is None or "default" in h:
         return h
     default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default

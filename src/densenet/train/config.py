@@ -20,82 +20,54 @@ from ..utils.validate import check_types
 ModelArg = int | float | bool | str | list
 
 
-def setting(default: Any = None, help: str = "", *, default_factory: Any = None) -> Any:
-    """A TrainConfig field with its help text as data: `densenet train --help` shows it, with the
-    default appended where the text does not already say it."""
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
+    """One run's settings; `densenet train --help` shows each with its help text from SETTING_HELP."""
+
     # what to train
-    model: str = setting("densenet_bc_100_k12", "a registered name (`densenet models`)")
-    model_args: dict[str, ModelArg] = setting(help="overrides of the model's options: depth, growth_rate, ... "
-                                                   "(default: none: the registered network as it is)",
-                                              default_factory=dict)
-    dataset: str = setting("digits", "cifar10, cifar100, svhn, imagenet, folder, digits")
-    data: str | None = setting(None, "where the dataset is (a folder, or a .tar.gz for `folder`) "
-                                     "(default: none; every dataset but digits needs one)")
-    download: bool = setting(False, "fetch CIFAR/SVHN into `data` (needs a network)")
-    svhn_extra: bool = setting(True, "train on train + extra, as the paper")
-    in_memory: bool | None = setting(None, "folder datasets: hold decoded images in memory "
-                                           "(default: small images are held)")
-    val_size: int | None = setting(None, "images held out of train for validation "
-                                         "(default: the recipe's: 5,000 for CIFAR, 6,000 for SVHN)")
-    split_seed: int = setting(0, "seeds the validation split alone: every run of a dataset validates on the "
-                                 "same images")
-    train_subset: int | None = setting(None, "train on the first N images of the shuffled train split "
-                                             "(quick runs) (default: all)")
-    augment: str | None = setting(None, "cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by "
-                                        "image size) (default: the dataset's recipe)")
-    image_size: int = setting(224, "streamed folders: training crop and evaluation centre crop")
-    resize: int = setting(256, "streamed folders: evaluation resizes the shorter side to this, then crops")
+    model: str = "densenet_bc_100_k12"  # a registered name (`densenet models`)
+    model_args: dict[str, ModelArg] = field(default_factory=dict)  # overrides: depth, growth_rate, ...
+    dataset: str = "digits"  # cifar10, cifar100, svhn, imagenet, folder, digits
+    data: str | None = None  # where the dataset is (a folder, or a .tar.gz for `folder`)
+    download: bool = False  # fetch CIFAR/SVHN into `data` (needs a network)
+    svhn_extra: bool = True  # train on train + extra, as the paper
+    in_memory: bool | None = None  # folder datasets: hold decoded images in memory (None: small images do)
+    val_size: int | None = None  # images held out of train for validation (recipe: 5,000 for CIFAR)
+    split_seed: int = 0  # seeds the validation split alone: every run of a dataset validates on the same images
+    train_subset: int | None = None  # train on the first N images of the shuffled train split (quick runs)
+    augment: str | None = None  # cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size)
+    image_size: int = 224  # streamed folders: training crop and evaluation centre crop
+    resize: int = 256  # streamed folders: evaluation resizes the shorter side to this, then crops
     # the recipe (None: the value of the model's recipe for the dataset, `densenet.recipes`)
-    recipe: str = setting("auto", "auto (by model and dataset), dataset (DenseNet's for the dataset), or a "
-                                  "recipe name")
-    epochs: int | None = setting(None, "epochs to train (default: the recipe's: 300 CIFAR, 40 SVHN, 90 ImageNet, "
-                                       "30 digits)")
-    batch_size: int | None = setting(None, "global batch, split across processes under torchrun "
-                                           "(default: the dataset's recipe)")
-    lr: float | None = setting(None, "initial learning rate, multiplied by --lr-gamma at --milestones "
-                                     "(default: the recipe's: 0.1; WRN on SVHN 0.01)")
-    momentum: float | None = setting(None, "SGD momentum (default: the recipe's: 0.9)")
-    nesterov: bool | None = setting(None, "Nesterov momentum (default: the recipe's: on for DenseNet as the "
-                                          "authors' code, off for He 2015's ResNets)")
-    weight_decay: float | None = setting(None, "L2 penalty on every parameter (default: the recipe's: 1e-4; "
-                                               "WRN and ResNeXt 5e-4)")
-    milestones: tuple[float, ...] | None = setting(None, "lr x lr_gamma after this many epochs (< 1: fraction of "
-                                                         "the run) (default: the dataset's recipe)")
-    milestone_unit: str | None = setting(None, "epochs, or iterations (He 2015/2016 decay at 32k and 48k steps) "
-                                               "(default: the recipe's)")
-    iterations: int | None = setting(None, "run length in steps where the recipe counts them (epochs follow) "
-                                           "(default: the recipe's)")
-    lr_gamma: float | None = setting(None, "factor of the learning rate at each milestone (default: the recipe's: "
-                                           "0.1; WRN on CIFAR 0.2)")
-    warmup_lr: float | None = setting(None, "a constant rate for the first warmup_iterations steps "
-                                            "(default: the recipe's; He 2015: 0.01)")
-    warmup_iterations: int | None = setting(None, "steps at warmup_lr before the recipe's rate (default: the "
-                                                  "recipe's: 0; He 2015 ResNet-110: 400)")
-    drop_rate: float | None = setting(None, "dropout after each convolution (default: the paper's rule, 0.2 "
-                                            "without augmentation and 0 with it; digits: 0)")
-    test_on: str | None = setting(None, "final or best: the weights whose test error is reported "
-                                        "(default: the protocol's)")
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (0: none, as the paper)")
-    accumulate: int = setting(1, "split each batch into this many micro-batches (BN then sees the micro-batches)")
+    recipe: str = "auto"  # auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name
+    epochs: int | None = None
+    batch_size: int | None = None  # global batch, split across processes under torchrun
+    lr: float | None = None  # 0.1 in every recipe but WRN on SVHN (0.01)
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    milestones: tuple[float, ...] | None = None  # lr x lr_gamma after this many epochs (< 1: fraction of the run)
+    milestone_unit: str | None = None  # epochs, or iterations (He 2015/2016 decay at 32k and 48k steps)
+    iterations: int | None = None  # run length in steps where the recipe counts them (epochs follow)
+    lr_gamma: float | None = None
+    warmup_lr: float | None = None  # a constant rate for the first warmup_iterations steps (He 2015: 0.01)
+    warmup_iterations: int | None = None  # steps at warmup_lr before the recipe's rate (He 2015 ResNet-110: 400)
+    drop_rate: float | None = None  # None: the recipe's (DenseNet: 0.2 without augmentation, 0 with it)
+    test_on: str | None = None  # final or best: the weights whose test error is reported (None: the protocol's)
+    label_smoothing: float = 0.0
+    accumulate: int = 1  # split each batch into this many micro-batches (BN then sees the micro-batches)
     # how to run it
-    seed: int = setting(0, "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    amp: str = setting("none", "none, bf16, fp16")
-    channels_last: bool = setting(False, "the model and its batches in channels-last memory format")
-    compile: bool = setting(False, "torch.compile the model")
-    sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun)")
-    workers: int = setting(4, "data-loading processes for streamed folders")
-    eval_batch_size: int = setting(256, "batch of validation and test")
-    out: str | None = setting(None, "run directory: checkpoints, config, metrics (default: none: nothing is saved)")
-    tensorboard: bool = setting(True, "write TensorBoard logs when tensorboard is installed")
-    progress: bool = setting(True, "a progress bar per epoch")
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    amp: str = "none"  # none, bf16, fp16
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (torchrun)
+    workers: int = 4  # data-loading processes for streamed folders
+    eval_batch_size: int = 256
+    out: str | None = None  # run directory: checkpoints, config, metrics
+    tensorboard: bool = True  # write TensorBoard logs when tensorboard is installed
+    progress: bool = True  # a progress bar per epoch
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -256,6 +228,58 @@ class TrainConfig:
             return cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+SETTING_HELP: dict[str, str] = {  # `densenet train --help` (the default is appended where not said)
+    "model": "a registered name (`densenet models`)",
+    "model_args": "overrides of the model's options: depth, growth_rate, ... (default: none: the registered network "
+        "as it is)",
+    "dataset": "cifar10, cifar100, svhn, imagenet, folder, digits",
+    "data": "where the dataset is (a folder, or a .tar.gz for `folder`) (default: none; every dataset but digits "
+        "needs one)",
+    "download": "fetch CIFAR/SVHN into `data` (needs a network)",
+    "svhn_extra": "train on train + extra, as the paper",
+    "in_memory": "folder datasets: hold decoded images in memory (default: small images are held)",
+    "val_size": "images held out of train for validation (default: the recipe's: 5,000 for CIFAR, 6,000 for SVHN)",
+    "split_seed": "seeds the validation split alone: every run of a dataset validates on the same images",
+    "train_subset": "train on the first N images of the shuffled train split (quick runs) (default: all)",
+    "augment": "cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size) (default: the "
+        "dataset's recipe)",
+    "image_size": "streamed folders: training crop and evaluation centre crop",
+    "resize": "streamed folders: evaluation resizes the shorter side to this, then crops",
+    "recipe": "auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name",
+    "epochs": "epochs to train (default: the recipe's: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
+    "batch_size": "global batch, split across processes under torchrun (default: the dataset's recipe)",
+    "lr": "initial learning rate, multiplied by --lr-gamma at --milestones (default: the recipe's: 0.1; WRN on SVHN "
+        "0.01)",
+    "momentum": "SGD momentum (default: the recipe's: 0.9)",
+    "nesterov": "Nesterov momentum (default: the recipe's: on for DenseNet as the authors' code, off for He 2015's "
+        "ResNets)",
+    "weight_decay": "L2 penalty on every parameter (default: the recipe's: 1e-4; WRN and ResNeXt 5e-4)",
+    "milestones": "lr x lr_gamma after this many epochs (< 1: fraction of the run) (default: the dataset's recipe)",
+    "milestone_unit": "epochs, or iterations (He 2015/2016 decay at 32k and 48k steps) (default: the recipe's)",
+    "iterations": "run length in steps where the recipe counts them (epochs follow) (default: the recipe's)",
+    "lr_gamma": "factor of the learning rate at each milestone (default: the recipe's: 0.1; WRN on CIFAR 0.2)",
+    "warmup_lr": "a constant rate for the first warmup_iterations steps (default: the recipe's; He 2015: 0.01)",
+    "warmup_iterations": "steps at warmup_lr before the recipe's rate (default: the recipe's: 0; He 2015 "
+        "ResNet-110: 400)",
+    "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation and 0 with "
+        "it; digits: 0)",
+    "test_on": "final or best: the weights whose test error is reported (default: the protocol's)",
+    "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
+    "accumulate": "split each batch into this many micro-batches (BN then sees the micro-batches)",
+    "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
+    "device": "auto, cpu, cuda, cuda:1, mps",
+    "amp": "none, bf16, fp16",
+    "channels_last": "the model and its batches in channels-last memory format",
+    "compile": "torch.compile the model",
+    "sync_bn": "SyncBatchNorm across processes (torchrun)",
+    "workers": "data-loading processes for streamed folders",
+    "eval_batch_size": "batch of validation and test",
+    "out": "run directory: checkpoints, config, metrics (default: none: nothing is saved)",
+    "tensorboard": "write TensorBoard logs when tensorboard is installed",
+    "progress": "a progress bar per epoch",
+}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
