@@ -233,8 +233,7 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
 
 @dataclass
 class RunState:
-    """Everything one run holds, built by `Trainer`'s phases in order and changed only by the loop:
-    what trains (`net`: the model under DDP and torch.compile; `model`: the module itself, which is
+    """Everything one run holds, filled in by `Trainer`'s phases in order: what trains (`net`: the model under DDP and torch.compile; `model`: the module itself, which is
     checkpointed and evaluated) and where the run stands (`epoch` done, `step` into the next one,
     `best` validation so far, the running `sums` of an epoch interrupted mid-way)."""
 
@@ -422,7 +421,7 @@ class Trainer:
                 is_best = self._validate(s, row)
                 s.sums, s.step = None, 0
                 if s.dist.is_main:
-                    self._report(row, s.epoch, cfg.epochs, s.run, s.writer)
+                    self._report(s, row)
                 self._save(s, s.epoch, 0, None, is_best)
                 summary = {"epochs": s.epoch, **row}
                 if stop.signal is not None and s.epoch < cfg.epochs:
@@ -580,18 +579,19 @@ class Trainer:
                                   f"{', '.join(bad[:3])}): training stopped without saving them; {self._kept()}. "
                                   f"Lower --lr, or try --amp none.", 3)
 
-    def _report(self, row, epoch, epochs, run, writer):
-        parts = [f"epoch {epoch}/{epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
+    def _report(self, s: RunState, row: dict[str, Any]) -> None:
+        """The epoch's line on stderr, its row in metrics.jsonl/.csv and TensorBoard."""
+        parts = [f"epoch {s.epoch}/{s.cfg.epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
                  f"train err {row['train_error']:.2f}%"]
         if "val_top1_error" in row:
             parts.append(f"val err {row['val_top1_error']:.2f}%")
         parts += [f"{row['images_per_s']:.0f} img/s", f"data wait {100 * row['data_wait_frac']:.1f}%"]
         print("  ".join(parts), file=sys.stderr)
-        if run:
-            run.append_metrics(row)
-            logs.write_csv(run.path)
-        if writer:
-            logs.log_epoch(writer, row, epoch)
+        if s.run:
+            s.run.append_metrics(row)
+            logs.write_csv(s.run.path)
+        if s.writer:
+            logs.log_epoch(s.writer, row, s.epoch)
 
 
 def _tensorboard(run: RunDir | None, cfg: TrainConfig):
