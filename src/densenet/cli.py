@@ -72,47 +72,20 @@ def _models(args: argparse.Namespace) -> int:
 
 # --- densenet train -------------------------------------------------------------------------------------
 
-def _config_field_help() -> dict[str, str]:
-    """The one-line comments beside TrainConfig's fields, as help texts (written once, in config.py)."""
-    import inspect
-    import re
-
-    from .train.config import TrainConfig
-
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
 _MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size": int}
-# settings whose line in config.py carries no comment: their help here
-_MORE_HELP = {"epochs": "epochs to train (recipe: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
-              "lr": "initial learning rate, multiplied by --lr-gamma at --milestones (default: the recipe's: 0.1; "
-                    "WRN on SVHN 0.01)",
-              "momentum": "SGD momentum (default: the recipe's: 0.9)",
-              "nesterov": "Nesterov momentum (default: the recipe's: on for DenseNet as the authors' code, off for "
-                          "He 2015's ResNets)",
-              "weight_decay": "L2 penalty on every parameter (default: the recipe's: 1e-4; WRN and ResNeXt 5e-4)",
-              "lr_gamma": "factor of the learning rate at each milestone (default: the recipe's: 0.1; WRN on CIFAR 0.2)",
-              "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
-              "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
-              "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation "
-                           "and 0 with it; digits: 0)"}
 
 
-def _with_default(h: str, f) -> str:
-    """A help text with the setting's default, as argparse's %(default)s would (options stay unset)."""
+def _with_default(f) -> str:
+    """A TrainConfig field's help text (config.SETTING_HELP) with the field's default, as argparse's
+    %(default)s would show it (the options themselves stay unset); a None default is explained in
+    the text itself."""
     import dataclasses
 
-    if f.default is dataclasses.MISSING or "default" in h:
+    from .train.config import SETTING_HELP
+
+    h = SETTING_HELP[f.name]
+    if f.default is dataclasses.MISSING or f.default is None or "default" in h:
         return h
-    if f.default is None:
-        recipe = f.name in ("batch_size", "milestones", "augment") and "recipe" not in h
-        subset = " (default: all)" if f.name == "train_subset" else ""
-        return h + (" (default: the dataset's recipe)" if recipe else subset)
     default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
     return f"{h} (default: {default})"
 
@@ -127,14 +100,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset options stay unset: the config file or the resumed run decides
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (command-line options win)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
-    helps = _config_field_help()
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_args":
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        h = _with_default(_MORE_HELP.get(f.name) or helps.get(f.name, ""), f)
+        h = _with_default(f)
         if f.name == "dataset":
             h += " | " + "; ".join(f"{n}: {d.description}" for n, d in DATASETS.items())
         if kind in (bool, bool | None):
@@ -562,7 +534,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         dataset = SETTING_DATA[c.setting][0]
         with torch.device("meta"):
             macs = count_macs(create_model(c.model, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
-        n_train = cfg.known_train_images() or {"svhn": 604_388}.get(dataset, 50_000) - (cfg.val_size or 0)
+        n_train = cfg.known_train_images(dataset)  # the setting's dataset, also where given as a folder
         macs_run = cost(cfg, macs, n_train)
         total += macs_run
         st = cell_state(c.path(out)).state

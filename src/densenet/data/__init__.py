@@ -22,14 +22,21 @@ class DatasetSpec:
     description: str = ""
     test_on: str = "final"  # the weights whose test error is reported: the final epoch's, or the best validation's
     drop_rate: float | None = None  # None: the paper's rule (0.2 without augmentation, else 0)
+    train_images: int | None = None  # the official training set's size (None: counted when loaded)
+    extra_images: int = 0  # SVHN's extra set, trained on beside train as the paper (--svhn-extra)
+
+    def train_size(self, extra: bool = True) -> int | None:
+        """Images of the official training split, before any hold-out (None: known once loaded)."""
+        return None if self.train_images is None else self.train_images + (self.extra_images if extra else 0)
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec("cifar10", 300, 64, (0.5, 0.75), 5000, "cifar", "stats",
+    DatasetSpec("cifar10", 300, 64, (0.5, 0.75), 5000, "cifar", "stats", train_images=50_000,
                 description="CIFAR-10, official python format (torchvision); C10+ by default, --augment none for C10"),
-    DatasetSpec("cifar100", 300, 64, (0.5, 0.75), 5000, "cifar", "stats",
+    DatasetSpec("cifar100", 300, 64, (0.5, 0.75), 5000, "cifar", "stats", train_images=50_000,
                 description="CIFAR-100, official python format; C100+ by default"),
-    DatasetSpec("svhn", 40, 64, (0.5, 0.75), 6000, "none", "div255", test_on="best",
+    DatasetSpec("svhn", 40, 64, (0.5, 0.75), 6000, "none", "div255", test_on="best", train_images=73_257,
+                extra_images=531_131,
                 description="SVHN train + extra (604,388 images), official .mat files; no augmentation; "
                             "the model of lowest validation error is tested"),
     DatasetSpec("imagenet", 90, 256, (30, 60), 0, "imagenet", "imagenet",

@@ -93,6 +93,7 @@ class ResNetConfig:
         object.__setattr__(self, "scaling", tuple(float(s) for s in self.scaling))
         need(len(self.layers) >= 1 and all(n >= 1 for n in self.layers),
              f"layers needs at least one stage of at least one unit, got {self.layers}")
+        need(sum(self.layers) <= 10_000, f"at most 10,000 units in all, got {sum(self.layers):,}")  # as DenseNet's
         need(len(self.planes) == len(self.layers) and all(p >= 1 for p in self.planes),
              f"planes needs one positive width per stage ({len(self.layers)}), got {self.planes}")
         need(self.groups >= 1 and self.width_per_group >= 1, "groups (C) and width_per_group (d) must be >= 1")

@@ -22,6 +22,8 @@ ModelArg = int | float | bool | str | list
 
 @dataclass
 class TrainConfig:
+    """One run's settings; `densenet train --help` shows each with its help text from SETTING_HELP."""
+
     # what to train
     model: str = "densenet_bc_100_k12"  # a registered name (`densenet models`)
     model_args: dict[str, ModelArg] = field(default_factory=dict)  # overrides: depth, growth_rate, ...
@@ -119,10 +121,11 @@ class TrainConfig:
             return None
         return recipe_for(self.model, self.dataset) if self.recipe == "auto" else get_recipe(self.recipe)
 
-    def known_train_images(self) -> int | None:
-        """Training images of a dataset of known size after the hold-out (None: counted when loaded)."""
-        n = {"cifar10": 50_000, "cifar100": 50_000,
-             "svhn": 73_257 + (531_131 if self.svhn_extra else 0)}.get(self.dataset)
+    def known_train_images(self, dataset: str | None = None) -> int | None:
+        """Training images of a dataset of known size after the hold-out (None: counted when loaded).
+        `dataset`: the named dataset whose images these are, where they are read as a `folder` (the
+        CIFAR-10 archive of `densenet reproduce --data cifar10=cifar10.tar.gz`)."""
+        n = get_dataset_spec(dataset or self.dataset).train_size(extra=self.svhn_extra)
         if n is None or self.val_size is None:
             return None
         n -= self.val_size
@@ -225,6 +228,58 @@ class TrainConfig:
             return cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+SETTING_HELP: dict[str, str] = {  # `densenet train --help` (the default is appended where not said)
+    "model": "a registered name (`densenet models`)",
+    "model_args": "overrides of the model's options: depth, growth_rate, ... (default: none: the registered network "
+        "as it is)",
+    "dataset": "cifar10, cifar100, svhn, imagenet, folder, digits",
+    "data": "where the dataset is (a folder, or a .tar.gz for `folder`) (default: none; every dataset but digits "
+        "needs one)",
+    "download": "fetch CIFAR/SVHN into `data` (needs a network)",
+    "svhn_extra": "train on train + extra, as the paper",
+    "in_memory": "folder datasets: hold decoded images in memory (default: small images are held)",
+    "val_size": "images held out of train for validation (default: the recipe's: 5,000 for CIFAR, 6,000 for SVHN)",
+    "split_seed": "seeds the validation split alone: every run of a dataset validates on the same images",
+    "train_subset": "train on the first N images of the shuffled train split (quick runs) (default: all)",
+    "augment": "cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size) (default: the "
+        "dataset's recipe)",
+    "image_size": "streamed folders: training crop and evaluation centre crop",
+    "resize": "streamed folders: evaluation resizes the shorter side to this, then crops",
+    "recipe": "auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name",
+    "epochs": "epochs to train (default: the recipe's: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
+    "batch_size": "global batch, split across processes under torchrun (default: the dataset's recipe)",
+    "lr": "initial learning rate, multiplied by --lr-gamma at --milestones (default: the recipe's: 0.1; WRN on SVHN "
+        "0.01)",
+    "momentum": "SGD momentum (default: the recipe's: 0.9)",
+    "nesterov": "Nesterov momentum (default: the recipe's: on for DenseNet as the authors' code, off for He 2015's "
+        "ResNets)",
+    "weight_decay": "L2 penalty on every parameter (default: the recipe's: 1e-4; WRN and ResNeXt 5e-4)",
+    "milestones": "lr x lr_gamma after this many epochs (< 1: fraction of the run) (default: the dataset's recipe)",
+    "milestone_unit": "epochs, or iterations (He 2015/2016 decay at 32k and 48k steps) (default: the recipe's)",
+    "iterations": "run length in steps where the recipe counts them (epochs follow) (default: the recipe's)",
+    "lr_gamma": "factor of the learning rate at each milestone (default: the recipe's: 0.1; WRN on CIFAR 0.2)",
+    "warmup_lr": "a constant rate for the first warmup_iterations steps (default: the recipe's; He 2015: 0.01)",
+    "warmup_iterations": "steps at warmup_lr before the recipe's rate (default: the recipe's: 0; He 2015 "
+        "ResNet-110: 400)",
+    "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation and 0 with "
+        "it; digits: 0)",
+    "test_on": "final or best: the weights whose test error is reported (default: the protocol's)",
+    "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
+    "accumulate": "split each batch into this many micro-batches (BN then sees the micro-batches)",
+    "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
+    "device": "auto, cpu, cuda, cuda:1, mps",
+    "amp": "none, bf16, fp16",
+    "channels_last": "the model and its batches in channels-last memory format",
+    "compile": "torch.compile the model",
+    "sync_bn": "SyncBatchNorm across processes (torchrun)",
+    "workers": "data-loading processes for streamed folders",
+    "eval_batch_size": "batch of validation and test",
+    "out": "run directory: checkpoints, config, metrics (default: none: nothing is saved)",
+    "tensorboard": "write TensorBoard logs when tensorboard is installed",
+    "progress": "a progress bar per epoch",
+}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The one training loop: `train_one_epoch`, `evaluate`, `fit`.
+"""The one training loop: `fit` (phases of `Trainer` over a `RunState`), `evaluate`.
 
 `fit` builds everything from a TrainConfig, resumes from a run directory when asked, checkpoints at
 every epoch (and on Ctrl-C / SIGTERM, mid-epoch), stops on a non-finite loss without overwriting the
@@ -130,21 +130,19 @@ def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_c
 # --- model -----------------------------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[nn.Module, dict]:
-    """The model and the exact arguments that rebuild it (stored in every checkpoint)."""
+    """The model and the exact arguments that rebuild it (stored in every checkpoint). The config's
+    dropout rate goes to networks that declare a dropout option (`recipes.has_dropout`: DenseNets,
+    WRNs); the others (He 2015/2016's ResNets, ResNeXts) train without, said in a note where a rate
+    was asked for. A `drop_rate` given in model_args always reaches the builder."""
     from ..recipes import has_dropout
 
     args = {"num_classes": num_classes, "in_channels": in_channels, **cfg.model_args}
-    if cfg.drop_rate or has_dropout(cfg.model):  # the recipe's rate, 0 included, wins over the registry's
+    if has_dropout(cfg.model):  # the recipe's rate, 0 included, wins over the registry's
         args.setdefault("drop_rate", cfg.drop_rate or 0.0)
-    try:
-        return create_model(cfg.model, **args), args
-    except ValueError as e:
-        if "drop_rate" in str(e) and "drop_rate" not in cfg.model_args and "drop_rate" in args:
-            del args["drop_rate"]  # a network without dropout (e.g. ResNet): the recipe's 0.2 does not apply
-            model = create_model(cfg.model, **args)  # another error: raised without a misleading note
-            print(f"note: {cfg.model} has no dropout option; training it without dropout", file=sys.stderr)
-            return model, args
-        raise
+    model = create_model(cfg.model, **args)
+    if cfg.drop_rate and "drop_rate" not in args:  # noted once the model is built: no note before another error
+        print(f"note: {cfg.model} has no dropout option; training it without dropout", file=sys.stderr)
+    return model, args
 
 
 class StepSchedule:
@@ -234,8 +232,50 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
 
 
 @dataclass
+class RunState:
+    """Everything one run holds, filled in by `Trainer`'s phases in order: what trains (`net`: the model under DDP and torch.compile; `model`: the module itself, which is
+    checkpointed and evaluated) and where the run stands (`epoch` done, `step` into the next one,
+    `best` validation so far, the running `sums` of an epoch interrupted mid-way)."""
+
+    cfg: TrainConfig
+    dist: Distributed
+    device: torch.device
+    data: RunData
+    model: nn.Module
+    model_args: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: StepSchedule
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    meta: dict  # model metadata written with every checkpoint
+    run: RunDir | None = None
+    net: nn.Module | None = None
+    writer: Any = None
+    epoch: int = 0
+    step: int = 0
+    best: dict | None = None
+    sums: dict | None = None
+    best_state: dict | None = None  # test_on best: the best validation epoch's weights, in memory
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch."""
+        return len(self.data.train)
+
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                else contextlib.nullcontext())
+
+    def evaluate_split(self, split) -> dict[str, float]:
+        cfg = self.cfg
+        return evaluate(self.model, evaluation_batches(split, self.data.preprocessing, cfg.eval_batch_size, self.device,
+                                                       channels_last=cfg.channels_last, workers=cfg.workers),
+                        self.autocast)
+
+
+@dataclass
 class Trainer:
-    """State of one run; `fit()` drives it."""
+    """One run; `fit()` drives it through its phases (see `_fit`)."""
 
     cfg: TrainConfig
     resume: str | None = None
@@ -249,9 +289,277 @@ class Trainer:
             raise CheckpointError(f"{self.resume} is not a run directory to resume (it does not exist)")
         try:  # one process per run directory: a second `--out X` or `--resume X` is refused, naming the first
             with DirLock(where) if where and dist.is_main else contextlib.nullcontext():
-                return self._fit(cfg, dist)
+                return self._fit(dist)
         finally:
             dist.close()
+
+    def _fit(self, dist: Distributed) -> dict[str, Any]:
+        """The whole run, top to bottom."""
+        device = self._check_request(dist)
+        s = self._build(dist, device)  # data, model, optimizer: the state at epoch 0
+        if self.resume:
+            finished = self._resume(s)
+            if finished is not None:
+                return finished  # the run had done all its epochs: its summary
+        self._start(s)  # config.json, DDP, torch.compile, TensorBoard
+        summary = self._loop(s)  # each epoch: train, validate, report, checkpoint
+        self._test(s, summary)
+        return self._finish(s, summary)
+
+    # --- the phases, in order ---------------------------------------------------------------------------
+
+    def _check_request(self, dist: Distributed) -> torch.device:
+        """Refuse what cannot run before any work; a new run directory is claimed here."""
+        cfg = self.cfg
+        device = dist.device(cfg.device)
+        if cfg.sync_bn and device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs)")
+        if cfg.batch_size % (dist.world_size * cfg.accumulate):
+            raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
+                             f"x {cfg.accumulate} micro-batch(es)")
+        if cfg.out and not self.resume:
+            if RunDir(cfg.out).resolve("last") is not None:
+                raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
+                                 f"or give another --out")
+            if dist.is_main:
+                RunDir(cfg.out).start_new()  # refuses a directory with another run's files in it
+        return device
+
+    def _build(self, dist: Distributed, device: torch.device) -> RunState:
+        """Seed, data, model, optimizer, in this order (the order fixes what the seed draws)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        in_channels = int(cfg.model_args.get("in_channels", 3))
+        data = build_data(cfg, device, dist, in_channels)
+        if cfg.epochs is None:  # a recipe that counts iterations, on a dataset of unknown size: now known
+            cfg = self.cfg = cfg.resolve(train_images=len(data.train.data))
+        model, model_args = build_model(cfg, len(data.classes), data.in_channels)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and dist.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer, scheduler = make_optimizer(cfg, model)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        meta = model_metadata(cfg.model, model_args, data.classes, data.preprocessing, cfg.to_dict())
+        return RunState(cfg, dist, device, data, model, model_args, optimizer, scheduler, scaler, amp_dtype, meta,
+                        run=RunDir(cfg.out) if cfg.out else None)
+
+    def _resume(self, s: RunState) -> dict[str, Any] | None:
+        """Load the last checkpoint of the run being resumed into `s` (weights, optimizer, scaler, RNG,
+        where it stood); the run's summary instead where it had finished."""
+        cfg, run = s.cfg, RunDir(self.resume)
+        weights, tensors, state = run.load_state("last")
+        where = run.resolve("last")
+        problem = describe_mismatch(s.model.state_dict(), weights)
+        if problem:
+            raise CheckpointError(f"{where} does not fit the model {cfg.model} {s.model_args}: {problem}")
+        t = state["train"]
+        saved_epochs = run.read_config().get("epochs")
+        if cfg.epochs < t["epoch"] <= (saved_epochs if isinstance(saved_epochs, int) else -1) and t["step"] < s.steps:
+            raise CheckpointError(f"{self.resume} has done {t['epoch']} epochs, more than the {cfg.epochs} asked "
+                                  f"for: give --epochs {t['epoch']} or more")
+        if not (t["epoch"] < cfg.epochs and t["step"] < s.steps or t["epoch"] == cfg.epochs and t["step"] == 0):
+            raise CheckpointError(f"{where}/state.safetensors is damaged: epoch {t['epoch']}, step {t['step']} "
+                                  f"lies outside this run's {cfg.epochs} epochs of {s.steps} steps")
+        if t["epoch"] == cfg.epochs:  # finished: nothing to train, nothing to rewrite
+            if s.dist.is_main:
+                print(f"{self.resume} has finished all {cfg.epochs} epochs: nothing to resume "
+                      f"(its summary is {Path(self.resume) / 'summary.json'})", file=sys.stderr)
+            try:
+                return json.loads((Path(self.resume) / "summary.json").read_text())
+            except (OSError, ValueError):
+                return {"epochs": cfg.epochs, "out": str(self.resume)}
+        s.model.load_state_dict(weights)
+        try:
+            s.optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in t and cfg.amp == "fp16":
+                s.scaler.load_state_dict(t["scaler"])
+            set_rng_state(tensors)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{where}/state.safetensors does not fit this run's optimizer "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        s.epoch, s.step, s.best, s.sums = t["epoch"], t["step"], t.get("best"), t.get("sums")
+        if s.dist.is_main:
+            print(f"resuming {self.resume} at epoch {s.epoch + 1}, step {s.step}", file=sys.stderr)
+        s.run = run
+        return None
+
+    def _start(self, s: RunState) -> None:
+        """The run directory's config and metrics; the model wrapped for DDP and torch.compile."""
+        if s.run and s.dist.is_main:
+            s.run.write_config(s.cfg.to_dict())
+            s.run.truncate_metrics(s.epoch)
+        s.net = s.model
+        if s.dist.world_size > 1:
+            # stochastic depth leaves the dropped units' parameters without gradients in a step
+            skips = any(getattr(m, "survival_prob", 1.0) < 1.0 for m in s.model.modules())
+            ids = [s.device.index] if s.device.type == "cuda" else None
+            s.net = nn.parallel.DistributedDataParallel(s.model, device_ids=ids, find_unused_parameters=skips)
+        if s.cfg.compile:
+            s.net = torch.compile(s.net)
+        self._run = s.run
+        s.writer = _tensorboard(s.run, s.cfg) if s.dist.is_main else None
+
+    def _loop(self, s: RunState) -> dict[str, Any]:
+        """Epochs from where the run stands to cfg.epochs; returns the last epoch's summary."""
+        cfg, summary = s.cfg, {}
+        with _StopFlag() as stop:
+            while s.epoch < cfg.epochs:
+                lr = s.scheduler.lr(s.epoch, s.step, s.steps)
+                t0 = time.perf_counter()
+                stopped_at = self._train_epoch(s, stop)
+                if stopped_at is not None:
+                    self._stop_mid_epoch(s, stop, stopped_at)
+                s.epoch += 1
+                row = {"epoch": s.epoch, "lr": logs.clean_lr(lr), "train_loss": s.sums["loss"] / s.sums["n"],
+                       "train_error": 100.0 * (1 - s.sums["correct"] / s.sums["n"]),
+                       "images_per_s": s.sums["n"] / max(s.sums["time"], 1e-9),
+                       "data_wait_frac": s.sums["wait"] / max(s.sums["time"], 1e-9),
+                       "epoch_time_s": time.perf_counter() - t0}
+                is_best = self._validate(s, row)
+                s.sums, s.step = None, 0
+                if s.dist.is_main:
+                    self._report(s, row)
+                self._save(s, s.epoch, 0, None, is_best)
+                summary = {"epochs": s.epoch, **row}
+                if stop.signal is not None and s.epoch < cfg.epochs:
+                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} after epoch {s.epoch}; "
+                                          + (f"continue with `densenet train --resume {s.run.path}`" if s.run else
+                                             "no --out given: nothing saved"), 128 + stop.signal)
+        return summary
+
+    def _test(self, s: RunState, summary: dict[str, Any]) -> None:
+        """Test error of the weights the protocol reports (test_on: the final or the best validation epoch's)."""
+        data = s.data
+        if data.test is None or not len(data.test):
+            return
+        if s.cfg.test_on == "best" and s.best is not None and data.val is not None:
+            if s.best_state is None and s.run is not None:  # resumed after the best epoch: from its checkpoint
+                s.best_state = read_state_dict(s.run.path / "best" / MODEL_FILE)[0]
+            if s.best_state is not None:
+                s.model.load_state_dict(s.best_state)
+                summary["test_weights"] = f"best validation error (epoch {s.best['epoch']})"
+        summary.setdefault("test_weights", "final epoch")
+        t = s.evaluate_split(data.test)
+        summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
+                        "test_images": t["images"]})
+
+    def _finish(self, s: RunState, summary: dict[str, Any]) -> dict[str, Any]:
+        """summary.json, TensorBoard's hyperparameters and the summary line."""
+        summary["best"] = s.best
+        summary["out"] = str(s.run.path) if s.run else None
+        if s.writer:
+            logs.log_end(s.writer, s.cfg.to_dict(), summary)
+            s.writer.close()
+        if s.dist.is_main:
+            if s.run:
+                write_text_atomic(s.run.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+            print(_summary_line(summary), file=sys.stderr)
+        return summary
+
+    # --- the steps of an epoch ------------------------------------------------------------------------------
+
+    def _train_epoch(self, s: RunState, stop: _StopFlag) -> int | None:
+        """One epoch from step `s.step`, adding to `s.sums`; the step it stopped at (Ctrl-C / SIGTERM),
+        or None at the epoch's end."""
+        from tqdm import tqdm
+
+        cfg, dist, batches, epoch = s.cfg, s.dist, s.data.train, s.epoch
+        s.net.train()
+        sums = s.sums = dict(s.sums or {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0, "wait": 0.0})
+        bar = tqdm(total=len(batches), initial=s.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and dist.is_main), leave=False, file=sys.stderr, dynamic_ncols=True)
+        it = batches.iterate(epoch, s.step)
+        step = s.step
+        t_prev = time.perf_counter()
+        try:
+            while True:
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    break
+                t_data = time.perf_counter()
+                s.scheduler.apply(epoch, step, len(batches))
+                s.optimizer.zero_grad(set_to_none=True)
+                loss_sum, correct = self._forward_backward(s.net, x, y, s.scaler, s.autocast)
+                if not math.isfinite(loss_sum):
+                    raise TrainingStopped(
+                        f"the loss became {loss_sum / len(y)} at epoch {epoch + 1}, step {step + 1}: training "
+                        f"stopped; {self._kept()}. Lower --lr, or try --amp none.", 3)
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+                sums["loss"] += loss_sum
+                sums["correct"] += correct
+                sums["n"] += len(y)
+                now = time.perf_counter()
+                sums["wait"] += t_data - t_prev
+                sums["time"] += now - t_prev
+                t_prev = now
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
+                                acc=f"{100 * sums['correct'] / sums['n']:.1f}%",
+                                img_s=f"{sums['n'] * dist.world_size / sums['time']:.0f}", refresh=False)
+                if dist.any(stop.signal is not None) and step < len(batches):
+                    return step
+        finally:
+            bar.close()
+        if dist.world_size > 1:  # every process reports the whole global batch's loss and accuracy
+            s.sums = dist.sum_dict(sums, ("loss", "correct", "n"))
+        return None
+
+    def _forward_backward(self, net, x, y, scaler, autocast) -> tuple[float, int]:
+        """Gradients of the batch's mean loss, in `accumulate` micro-batches; (loss sum, correct)."""
+        chunks = list(zip(x.chunk(self.cfg.accumulate), y.chunk(self.cfg.accumulate)))
+        stats = []  # (loss, correct) of each micro-batch, read from the device once per step (one sync)
+        for i, (xc, yc) in enumerate(chunks):
+            sync = i == len(chunks) - 1 or not hasattr(net, "no_sync")
+            with contextlib.nullcontext() if sync else net.no_sync():  # DDP: all-reduce once per step
+                with autocast():
+                    out = net(xc)
+                    loss = F.cross_entropy(out.float(), yc, label_smoothing=self.cfg.label_smoothing)
+                # fp16: the GradScaler scales the loss up so that small gradients survive in float16
+                scaler.scale(loss * (len(yc) / len(y))).backward()
+            stats += [loss.detach(), (out.argmax(1) == yc).sum().to(loss.dtype)]
+        values = torch.stack(stats).tolist()
+        loss_sum = sum(v * len(yc) for v, (_, yc) in zip(values[0::2], chunks))
+        return loss_sum, int(sum(values[1::2]))
+
+    def _validate(self, s: RunState, row: dict[str, Any]) -> bool:
+        """Validation error into `row`; whether this epoch is the best so far (without validation: every
+        epoch is). test_on best keeps the best epoch's weights in memory."""
+        if s.data.val is None or not len(s.data.val):
+            return True
+        v = s.evaluate_split(s.data.val)
+        row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
+        if not (s.best is None or v["top1_error"] < s.best["val_top1_error"]):
+            return False
+        s.best = {"epoch": s.epoch, "val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"]}
+        if s.cfg.test_on == "best":  # SVHN, stochastic depth: the best validation model is tested
+            s.best_state = {k: t.detach().clone() for k, t in s.model.state_dict().items()}
+        return True
+
+    def _save(self, s: RunState, epoch: int, step: int, sums: dict | None, is_best: bool = False) -> None:
+        """A checkpoint of the run at (epoch, step), `last` (and `best`); refused if anything is non-finite."""
+        self._check_finite(s.model, epoch, step or None)  # on every rank: DDP keeps them equal
+        if s.run is None or not s.dist.is_main:
+            return
+        state = {"epoch": epoch, "step": step, "best": s.best, "sums": sums}
+        if s.cfg.amp == "fp16":
+            state["scaler"] = s.scaler.state_dict()
+        s.run.save(epoch * s.steps + step, s.model, s.optimizer, s.meta, state, best=is_best)
+
+    def _stop_mid_epoch(self, s: RunState, stop: _StopFlag, step: int):
+        """Ctrl-C / SIGTERM in an epoch: every process saves where it stands, then the run stops."""
+        s.dist.barrier()
+        self._save(s, s.epoch, step, s.sums)
+        where = f" in {s.run.path}" if s.run else ""
+        raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} at epoch {s.epoch + 1}, "
+                              f"step {step}/{s.steps}; a resumable checkpoint is saved{where}"
+                              + (f": continue with `densenet train --resume {s.run.path}`" if s.run else
+                                 " (no --out given: nothing saved)"), 128 + stop.signal)
 
     def _kept(self) -> str:
         """What survives a stop: said truly, also when nothing was saved yet."""
@@ -271,246 +579,19 @@ class Trainer:
                                   f"{', '.join(bad[:3])}): training stopped without saving them; {self._kept()}. "
                                   f"Lower --lr, or try --amp none.", 3)
 
-    def _fit(self, cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
-        device = dist.device(cfg.device)
-        if cfg.sync_bn and device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs)")
-        if cfg.batch_size % (dist.world_size * cfg.accumulate):
-            raise ValueError(f"--batch-size {cfg.batch_size} must divide into {dist.world_size} process(es) "
-                             f"x {cfg.accumulate} micro-batch(es)")
-        if cfg.out and not self.resume:
-            if RunDir(cfg.out).resolve("last") is not None:
-                raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
-                                 f"or give another --out")
-            if dist.is_main:
-                RunDir(cfg.out).start_new()  # refuses a directory with another run's files in it
-        torch.manual_seed(cfg.seed)
-        in_channels = int(cfg.model_args.get("in_channels", 3))
-        data = build_data(cfg, device, dist, in_channels)
-        if cfg.epochs is None:  # a recipe that counts iterations, on a dataset of unknown size: now known
-            cfg = self.cfg = cfg.resolve(train_images=len(data.train.data))
-        model, model_args = build_model(cfg, len(data.classes), data.in_channels)
-        model.to(device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if cfg.sync_bn and dist.world_size > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer, scheduler = make_optimizer(cfg, model)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-        run = RunDir(cfg.out) if cfg.out else None
-        meta = model_metadata(cfg.model, model_args, data.classes, data.preprocessing, cfg.to_dict())
-        epoch, start_step, best, sums = 0, 0, None, None
-        if self.resume:
-            weights, tensors, state = RunDir(self.resume).load_state("last")
-            where = RunDir(self.resume).resolve("last")
-            problem = describe_mismatch(model.state_dict(), weights)
-            if problem:
-                raise CheckpointError(f"{where} does not fit the model {cfg.model} {model_args}: {problem}")
-            t = state["train"]
-            steps = len(data.train)
-            saved_epochs = RunDir(self.resume).read_config().get("epochs")
-            if cfg.epochs < t["epoch"] <= (saved_epochs if isinstance(saved_epochs, int) else -1) and t["step"] < steps:
-                raise CheckpointError(f"{self.resume} has done {t['epoch']} epochs, more than the {cfg.epochs} asked "
-                                      f"for: give --epochs {t['epoch']} or more")
-            if not (t["epoch"] < cfg.epochs and t["step"] < steps or t["epoch"] == cfg.epochs and t["step"] == 0):
-                raise CheckpointError(f"{where}/state.safetensors is damaged: epoch {t['epoch']}, step {t['step']} "
-                                      f"lies outside this run's {cfg.epochs} epochs of {steps} steps")
-            if t["epoch"] == cfg.epochs:  # finished: nothing to train, nothing to rewrite
-                if dist.is_main:
-                    print(f"{self.resume} has finished all {cfg.epochs} epochs: nothing to resume "
-                          f"(its summary is {Path(self.resume) / 'summary.json'})", file=sys.stderr)
-                try:
-                    return json.loads((Path(self.resume) / "summary.json").read_text())
-                except (OSError, ValueError):
-                    return {"epochs": cfg.epochs, "out": str(self.resume)}
-            model.load_state_dict(weights)
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-                if "scaler" in state["train"] and cfg.amp == "fp16":
-                    scaler.load_state_dict(state["train"]["scaler"])
-                set_rng_state(tensors)
-            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
-                raise CheckpointError(f"{where}/state.safetensors does not fit this run's optimizer "
-                                      f"({type(e).__name__}: {str(e)[:200]})") from None
-            epoch, start_step, best, sums = t["epoch"], t["step"], t.get("best"), t.get("sums")
-            if dist.is_main:
-                print(f"resuming {self.resume} at epoch {epoch + 1}, step {start_step}", file=sys.stderr)
-            run = RunDir(self.resume)
-        if run and dist.is_main:
-            run.write_config(cfg.to_dict())
-            run.truncate_metrics(epoch)
-        net = model
-        if dist.world_size > 1:
-            # stochastic depth leaves the dropped units' parameters without gradients in a step
-            skips = any(getattr(m, "survival_prob", 1.0) < 1.0 for m in model.modules())
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      find_unused_parameters=skips)
-        if cfg.compile:
-            net = torch.compile(net)
-        self._run = run
-        writer = _tensorboard(run, cfg) if dist.is_main else None
-        steps = len(data.train)
-
-        def save(epoch_: int, step_: int, sums_, is_best=False):
-            self._check_finite(model, epoch_, step_ or None)  # on every rank: DDP keeps them equal
-            if run is None or not dist.is_main:
-                return
-            state = {"epoch": epoch_, "step": step_, "best": best, "sums": sums_}
-            if cfg.amp == "fp16":
-                state["scaler"] = scaler.state_dict()
-            run.save(epoch_ * steps + step_, model, optimizer, meta, state, best=is_best)
-
-        summary: dict[str, Any] = {}
-        test_on_best = cfg.test_on == "best"  # SVHN, stochastic depth: the best validation model is tested
-        best_state = None
-        with _StopFlag() as stop:
-            while epoch < cfg.epochs:
-                lr = scheduler.lr(epoch, start_step, steps)
-                t0 = time.perf_counter()
-                sums, stopped_at = self._train_epoch(net, data.train, optimizer, scaler, autocast, epoch,
-                                                     start_step, sums, stop, dist, scheduler)
-                if stopped_at is not None:
-                    dist.barrier()
-                    save(epoch, stopped_at, sums)
-                    where = f" in {run.path}" if run else ""
-                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, "
-                                          f"step {stopped_at}/{steps}; a resumable checkpoint is saved{where}"
-                                          + (f": continue with `densenet train --resume {run.path}`" if run else
-                                             " (no --out given: nothing saved)"),
-                                          128 + stop.signal)
-                epoch += 1
-                row = {"epoch": epoch, "lr": logs.clean_lr(lr), "train_loss": sums["loss"] / sums["n"],
-                       "train_error": 100.0 * (1 - sums["correct"] / sums["n"]),
-                       "images_per_s": sums["n"] / max(sums["time"], 1e-9),
-                       "data_wait_frac": sums["wait"] / max(sums["time"], 1e-9),
-                       "epoch_time_s": time.perf_counter() - t0}
-                if data.val is not None and len(data.val):
-                    v = evaluate(model, evaluation_batches(data.val, data.preprocessing, cfg.eval_batch_size,
-                                                           device, channels_last=cfg.channels_last,
-                                                           workers=cfg.workers), autocast)
-                    row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
-                    is_best = best is None or v["top1_error"] < best["val_top1_error"]
-                    if is_best:
-                        best = {"epoch": epoch, "val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"]}
-                        if test_on_best:
-                            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-                else:
-                    is_best = True
-                sums, start_step = None, 0
-                if dist.is_main:
-                    self._report(row, epoch, cfg.epochs, run, writer)
-                save(epoch, 0, None, is_best)
-                summary = {"epochs": epoch, **row}
-                if stop.signal is not None and epoch < cfg.epochs:
-                    raise TrainingStopped(f"stopped by {signal.Signals(stop.signal).name} after epoch {epoch}; "
-                                          + (f"continue with `densenet train --resume {run.path}`" if run else
-                                             "no --out given: nothing saved"), 128 + stop.signal)
-        if data.test is not None and len(data.test):
-            if test_on_best and best is not None and data.val is not None:
-                if best_state is None and run is not None:  # resumed after the best epoch: from its checkpoint
-                    best_state = read_state_dict(run.path / "best" / MODEL_FILE)[0]
-                if best_state is not None:
-                    model.load_state_dict(best_state)
-                    summary["test_weights"] = f"best validation error (epoch {best['epoch']})"
-            summary.setdefault("test_weights", "final epoch")
-            t = evaluate(model, evaluation_batches(data.test, data.preprocessing, cfg.eval_batch_size, device,
-                                                   channels_last=cfg.channels_last, workers=cfg.workers), autocast)
-            summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
-                            "test_images": t["images"]})
-        summary["best"] = best
-        summary["out"] = str(run.path) if run else None
-        if writer:
-            logs.log_end(writer, cfg.to_dict(), summary)
-            writer.close()
-        if dist.is_main:
-            if run:
-                write_text_atomic(run.path / "summary.json", json.dumps(summary, indent=2) + "\n")
-            print(_summary_line(summary), file=sys.stderr)
-        return summary
-
-    def _train_epoch(self, net, batches, optimizer, scaler, autocast, epoch, start, sums, stop, dist, schedule=None):
-        """One epoch from step `start`; returns (running sums, step it stopped at or None)."""
-        from tqdm import tqdm
-
-        net.train()
-        sums = dict(sums or {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0, "wait": 0.0})
-        bar = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.cfg.progress and dist.is_main), leave=False, file=sys.stderr,
-                   dynamic_ncols=True)
-        it = batches.iterate(epoch, start)
-        step = start
-        t_prev = time.perf_counter()
-        try:
-            while True:
-                try:
-                    x, y = next(it)
-                except StopIteration:
-                    break
-                t_data = time.perf_counter()
-                if schedule is not None:
-                    schedule.apply(epoch, step, len(batches))
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, correct = self._forward_backward(net, x, y, scaler, autocast)
-                if not math.isfinite(loss_sum):
-                    raise TrainingStopped(
-                        f"the loss became {loss_sum / len(y)} at epoch {epoch + 1}, step {step + 1}: training "
-                        f"stopped; {self._kept()}. Lower --lr, or try --amp none.", 3)
-                scaler.step(optimizer)
-                scaler.update()
-                sums["loss"] += loss_sum
-                sums["correct"] += correct
-                sums["n"] += len(y)
-                now = time.perf_counter()
-                sums["wait"] += t_data - t_prev
-                sums["time"] += now - t_prev
-                t_prev = now
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
-                                acc=f"{100 * sums['correct'] / sums['n']:.1f}%",
-                                img_s=f"{sums['n'] * dist.world_size / sums['time']:.0f}", refresh=False)
-                if dist.any(stop.signal is not None) and step < len(batches):
-                    return sums, step
-        finally:
-            bar.close()
-        if dist.world_size > 1:  # every process reports the whole global batch's loss and accuracy
-            sums = dist.sum_dict(sums, ("loss", "correct", "n"))
-        return sums, None
-
-    def _forward_backward(self, net, x, y, scaler, autocast) -> tuple[float, int]:
-        """Gradients of the batch's mean loss, in `accumulate` micro-batches; (loss sum, correct)."""
-        chunks = list(zip(x.chunk(self.cfg.accumulate), y.chunk(self.cfg.accumulate)))
-        stats = []  # (loss, correct) of each micro-batch, read from the device once per step (one sync)
-        for i, (xc, yc) in enumerate(chunks):
-            sync = i == len(chunks) - 1 or not hasattr(net, "no_sync")
-            with contextlib.nullcontext() if sync else net.no_sync():  # DDP: all-reduce once per step
-                with autocast():
-                    out = net(xc)
-                    loss = F.cross_entropy(out.float(), yc, label_smoothing=self.cfg.label_smoothing)
-                # fp16: the GradScaler scales the loss up so that small gradients survive in float16
-                scaler.scale(loss * (len(yc) / len(y))).backward()
-            stats += [loss.detach(), (out.argmax(1) == yc).sum().to(loss.dtype)]
-        values = torch.stack(stats).tolist()
-        loss_sum = sum(v * len(yc) for v, (_, yc) in zip(values[0::2], chunks))
-        return loss_sum, int(sum(values[1::2]))
-
-    def _report(self, row, epoch, epochs, run, writer):
-        parts = [f"epoch {epoch}/{epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
+    def _report(self, s: RunState, row: dict[str, Any]) -> None:
+        """The epoch's line on stderr, its row in metrics.jsonl/.csv and TensorBoard."""
+        parts = [f"epoch {s.epoch}/{s.cfg.epochs}", f"lr {row['lr']:.4g}", f"train loss {row['train_loss']:.4f}",
                  f"train err {row['train_error']:.2f}%"]
         if "val_top1_error" in row:
             parts.append(f"val err {row['val_top1_error']:.2f}%")
         parts += [f"{row['images_per_s']:.0f} img/s", f"data wait {100 * row['data_wait_frac']:.1f}%"]
         print("  ".join(parts), file=sys.stderr)
-        if run:
-            run.append_metrics(row)
-            logs.write_csv(run.path)
-        if writer:
-            logs.log_epoch(writer, row, epoch)
+        if s.run:
+            s.run.append_metrics(row)
+            logs.write_csv(s.run.path)
+        if s.writer:
+            logs.log_epoch(s.writer, row, s.epoch)
 
 
 def _tensorboard(run: RunDir | None, cfg: TrainConfig):

@@ -1,0 +1,123 @@
+"""The training loop's pieces that need no training: how a model is built from a config, the help
+texts of `densenet train` (data on TrainConfig's fields), and the dataset sizes the cost of a
+`densenet reproduce` grid is counted from. tests/test_train.py and tests/test_reliability.py train."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from densenet.data import DATASETS, get_dataset_spec
+from densenet.recipes import has_dropout
+from densenet.registry import create_model, get_entry, list_models
+from densenet.train.config import TrainConfig
+from densenet.train.engine import build_model
+
+
+# --- build_model: dropout goes where the network declares it ------------------------------------------------
+
+ONE_PER_FAMILY = list({get_entry(n).family: n for n in reversed(list_models())}.values())
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_has_dropout_is_what_the_builder_accepts(name):
+    """build_model decides by recipes.has_dropout: it must say exactly which builders take drop_rate."""
+    with torch.device("meta"):
+        try:
+            create_model(name, drop_rate=0.1)
+            accepts = True
+        except ValueError as e:
+            assert "drop_rate" in str(e)
+            accepts = False
+    assert has_dropout(name) == accepts, name
+
+
+def test_build_model_passes_the_rate_only_to_networks_with_dropout(capsys):
+    with torch.device("meta"):
+        _, args = build_model(TrainConfig(model="densenet_40_k12", drop_rate=0.2), 10, 3)
+        assert args == {"num_classes": 10, "in_channels": 3, "drop_rate": 0.2}
+        _, args = build_model(TrainConfig(model="densenet_40_k12", drop_rate=0.0), 10, 3)
+        assert args["drop_rate"] == 0.0  # the recipe's 0 wins over the registry's
+        assert "note:" not in capsys.readouterr().err
+        _, args = build_model(TrainConfig(model="resnet20", drop_rate=0.2), 10, 3)
+        assert "drop_rate" not in args
+        assert capsys.readouterr().err == "note: resnet20 has no dropout option; training it without dropout\n"
+        _, args = build_model(TrainConfig(model="resnet20", drop_rate=0.0), 10, 3)
+        assert "drop_rate" not in args and capsys.readouterr().err == ""
+        with pytest.raises(ValueError, match="unknown option drop_rate"):  # asked for by name: the builder says no
+            build_model(TrainConfig(model="resnet20", model_args={"drop_rate": 0.2}), 10, 3)
+
+
+# --- --help from the fields' metadata ------------------------------------------------------------------------
+
+def test_every_config_field_has_help_that_states_its_default():
+    from densenet.cli import _with_default
+    from densenet.train.config import SETTING_HELP
+
+    assert list(SETTING_HELP) == [f.name for f in dataclasses.fields(TrainConfig)]  # each once, in order
+    for f in dataclasses.fields(TrainConfig):
+        assert SETTING_HELP[f.name], f.name
+        text = _with_default(f)
+        assert "default" in text, (f.name, text)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert _with_default(fields["seed"]).endswith("(default: 0)")
+    assert _with_default(fields["tensorboard"]).endswith("(default: on)")
+    assert _with_default(fields["compile"]).endswith("(default: off)")
+    assert "default: the recipe's: 0.1" in _with_default(fields["lr"])
+
+
+def test_train_help_is_built_from_the_config_fields():
+    from densenet.cli import build_parser
+    from densenet.train.config import SETTING_HELP
+
+    train = build_parser("train")._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model_args":
+            assert helps[f.name].startswith(SETTING_HELP[f.name]), f.name
+
+
+# --- dataset sizes: one place --------------------------------------------------------------------------------
+
+def test_known_training_set_sizes():
+    from densenet.data.sources import SVHN_VAL_PER_CLASS
+
+    assert get_dataset_spec("cifar10").train_size() == get_dataset_spec("cifar100").train_size() == 50_000
+    svhn = get_dataset_spec("svhn")
+    assert (svhn.train_size(), svhn.train_size(extra=False)) == (604_388, 73_257)
+    assert "604,388" in svhn.description
+    assert svhn.val_size == 10 * sum(SVHN_VAL_PER_CLASS) == 6_000  # the authors' split: 400 + 200 per class
+    assert all(DATASETS[n].train_size() is None for n in ("imagenet", "folder", "digits"))  # counted when loaded
+    assert TrainConfig(dataset="cifar10", val_size=5_000).known_train_images() == 45_000
+    assert TrainConfig(dataset="svhn", val_size=6_000).known_train_images() == 598_388
+    assert TrainConfig(dataset="svhn", svhn_extra=False, val_size=6_000).known_train_images() == 67_257
+    assert TrainConfig(dataset="cifar10", val_size=0, train_subset=1_000).known_train_images() == 1_000
+    assert TrainConfig(dataset="folder", val_size=5_000).known_train_images() is None
+    assert TrainConfig(dataset="folder", val_size=5_000).known_train_images("cifar10") == 45_000
+    assert TrainConfig(dataset="cifar10").known_train_images() is None  # the hold-out not resolved yet
+
+
+def test_reproduce_cost_counts_the_images_each_cell_trains_on(tmp_path, monkeypatch, capsys):
+    """C10+ trains on all 50,000 images (the paper's protocol), SVHN on train + extra less the
+    authors' 6,000, the CIFAR-10 images given as a folder on 50,000 less a 5,000 hold-out."""
+    import densenet.analysis.reproduce as reproduce
+    from densenet.cli import main
+
+    seen = {}
+    real = reproduce.cost
+
+    def cost(cfg, macs, train_images):
+        seen[(cfg.dataset, cfg.augment)] = train_images
+        return real(cfg, macs, train_images)
+
+    monkeypatch.setattr(reproduce, "cost", cost)
+    grid = ["reproduce", "table2", "--out", str(tmp_path / "g"), "--dry-run", "--epochs", "1",
+            "--only", "densenet_40_k12/C10+", "--only", "densenet_40_k12/SVHN"]
+    assert main(grid) == 0
+    assert seen == {("cifar10", "cifar"): 50_000, ("svhn", "none"): 598_388}
+    (tmp_path / "c10" / "train").mkdir(parents=True)
+    seen.clear()
+    assert main(grid[:-2] + ["--data", f"cifar10={tmp_path / 'c10'}"]) == 0
+    assert seen == {("folder", "cifar"): 45_000}
+    capsys.readouterr()
