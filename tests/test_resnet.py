@@ -14,7 +14,7 @@ import torchvision
 import densenet
 from densenet.analysis import count_macs, count_params
 from densenet.cli import main
-from densenet.models.residual import UNITS, ResNet, ResNetConfig, ZeroPadShortcut
+from densenet.models.resnet import UNITS, ResNet, ResNetConfig, ZeroPadShortcut
 from densenet.weights import CheckpointError
 
 DENSENET_FAMILIES = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)")

@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from .models.common import config_from_options
-from .models.densenet import IMAGENET_BLOCKS, DenseNet, DenseNetConfig, cifar_block_config
+from .models.densenet import densenet_cifar, densenet_imagenet
 from .models.preact import preact_resnet_cifar, wide_resnet
 from .models.resnet import resnet_cifar, resnet_imagenet, resnext_cifar, resnext_imagenet
 
@@ -126,32 +125,6 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
 
 
 # --- DenseNet on CIFAR/SVHN (Table 2) ---------------------------------------------------------------
-
-def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
-                   compression: float = 0.5, **kwargs: Any) -> DenseNet:
-    """A 3-block CIFAR/SVHN DenseNet given by its depth L: n = (L - 4) / 3, or (L - 4) / 6 with bottlenecks."""
-    if "block_config" in kwargs:
-        raise ValueError("give either depth or block_config, not both (depth sets the blocks)")
-    if not isinstance(depth, int) or isinstance(depth, bool):
-        raise ValueError(f"densenet (CIFAR): depth must be an integer, got {depth!r}")
-    blocks = cifar_block_config(depth, bool(bottleneck))
-    return DenseNet(config_from_options(DenseNetConfig, "densenet (CIFAR)", ("depth",), growth_rate=growth_rate,
-                                        block_config=blocks, bottleneck=bottleneck, compression=compression,
-                                        stem="cifar", **kwargs))
-
-
-def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: Any) -> DenseNet:
-    """A 4-block ImageNet DenseNet-BC (Table 1); depth picks the block sizes of 121/169/201/264."""
-    if "block_config" not in kwargs:
-        if not isinstance(depth, int) or depth not in IMAGENET_BLOCKS:
-            raise ValueError(f"depth {depth} is not one of the ImageNet DenseNets: valid depths are "
-                             f"{', '.join(map(str, IMAGENET_BLOCKS))}, or give block_config")
-        kwargs["block_config"] = IMAGENET_BLOCKS[depth]
-    kwargs.setdefault("bottleneck", True)
-    kwargs.setdefault("compression", 0.5)
-    return DenseNet(config_from_options(DenseNetConfig, "densenet (ImageNet)", ("depth",),
-                                        growth_rate=growth_rate, stem="imagenet", **kwargs))
-
 
 def _cifar_entry(name, depth, k, bc, params, gmacs, label):
     def build(**kw):
