@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .utils.validate import needing
+
 _OLD_TORCHVISION_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -266,9 +268,7 @@ def _outputs(model: nn.Module) -> int | None:
 def check_info(info: dict[str, Any], model: nn.Module, path) -> None:
     """Raise CheckpointError unless the class names and the preprocessing in a checkpoint's metadata
     are complete and fit the model: one line naming the field, instead of a failure far away."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{path}: its metadata {what}"[:400])
+    need = needing(f"{path}: its metadata ", error=CheckpointError, limit=400)
 
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..utils.validate import check_types
+from ..utils.validate import check_types, needing
 from . import _fused, _inference
 from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, dropout, init_weights
 
@@ -62,10 +62,7 @@ class DenseNetConfig:
     bn_momentum: float = 0.1
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"DenseNetConfig: {msg}")
-
+        need = needing("DenseNetConfig: ")
         check_types(self, "DenseNetConfig")  # a list or string from a config file: a clear error
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         need(isinstance(self.growth_rate, int) and self.growth_rate >= 1,

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.validate import check_types, needing
 from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, init_weights
 
 # Fig. 4 of He et al. 2016: where BN and ReLU sit. Per variant, the residual branch F with two weight
@@ -97,10 +98,8 @@ class ResNetConfig:
     bn_momentum: float = 0.1
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"ResNetConfig: {msg}")
-
+        need = needing("ResNetConfig: ")
+        check_types(self, "ResNetConfig")  # a list or string from a config file or --model-arg: a clear error
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
         object.__setattr__(self, "planes", tuple(int(p) for p in self.planes))
         object.__setattr__(self, "scaling", tuple(float(s) for s in self.scaling))

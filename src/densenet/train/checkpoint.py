@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..utils.atomic import _fsync_dir, atomic_write, write_text_atomic
+from ..utils.validate import needing
 from ..weights import CheckpointError, read_state_dict
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
@@ -84,10 +85,8 @@ def model_metadata(model_name: str, model_args: dict, classes: list[str], prepro
 
 def check_train_state(plain: dict, tensors: dict[str, torch.Tensor], where) -> None:
     """Raise CheckpointError unless a state file holds what resuming needs, of the right types."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{where} is damaged: {what}; resume from another checkpoint (copy it to "
-                                  f"a new run directory) or start again"[:500])
+    need = needing(f"{where} is damaged: ", "; resume from another checkpoint (copy it to a new run directory) "
+                   "or start again", CheckpointError, limit=500)
 
     def integer(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
