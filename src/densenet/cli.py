@@ -290,7 +290,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.distributed import Distributed
     from .train.engine import evaluate, evaluation_batches, select_splits
-    from .weights import load_model
+    from .saved_model import load_model
 
     from .weights import checkpoint_origin
 
@@ -452,7 +452,7 @@ def _reuse_args(p: argparse.ArgumentParser) -> None:
 def _reuse(args: argparse.Namespace) -> int:
     from .analysis.reuse import feature_reuse, save_reuse
     from .registry import create_model
-    from .weights import load_model
+    from .saved_model import load_model
 
     from .analysis.reuse import network_name, training_note
     from .weights import checkpoint_origin

@@ -52,7 +52,7 @@ def save_pretrained(model: nn.Module | str | Path, directory: str | Path,
     """Write the Hub layout (model.safetensors, config.json, README.md) into `directory`. `model` is a
     model of this package or a checkpoint path (a run directory: its best checkpoint)."""
     from .utils.atomic import write_text_atomic
-    from .weights import load_model, save_model
+    from .saved_model import load_model, save_model
 
     if isinstance(model, (str, Path)):
         model, info = load_model(model)
@@ -127,7 +127,7 @@ def from_pretrained(repo_id: str, map_location: str = "cpu", **kwargs: Any) -> t
     """(model in eval mode, info) from a Hub repository ("org/name", or "hf-hub:org/name") or a local
     folder in its layout. `kwargs` go to huggingface_hub.hf_hub_download (revision, cache_dir,
     local_files_only, token)."""
-    from .weights import load_model
+    from .saved_model import load_model
 
     repo_id = repo_id[len("hf-hub:"):] if repo_id.startswith("hf-hub:") else repo_id
     return load_model(_fetch(repo_id, MODEL_FILE, **kwargs), map_location)
