@@ -342,7 +342,7 @@ def test_best_validation_model_is_tested_where_the_paper_does(folder, tmp_path, 
 def test_reproduce_cells_follow_the_papers_protocol(tmp_path):
     """CIFAR with its test set: the reported run trains on all 50,000 images (no hold-out);
     SVHN: 6,000 held out, the best model tested; CIFAR-10 as a folder without test/: validation."""
-    from densenet.analysis.reproduce import Cell, cell_config
+    from densenet.grid.reproduce import Cell, cell_config
 
     data = {"cifar10": str(tmp_path / "cifar"), "svhn": str(tmp_path / "svhn")}
     c10 = cell_config(Cell("densenet_40_k12", "C10+", 0), data, None, None, tmp_path)
