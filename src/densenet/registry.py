@@ -87,7 +87,7 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),
     `features_only=True` with `out_indices` (a backbone returning its stages' maps, see features.py).
     The model carries `pretrained_cfg`: its input size, mean/std and crop (`resolve_data_config`)."""
-    from .pretrained import pretrained_cfg, resolve_pretrained
+    from .pretrained import resolve_pretrained
 
     entry = get_entry(name)
     if "in_chans" in overrides:
@@ -104,7 +104,7 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     model.model_name, model.model_args = name, model_args
     if source is not None:
         if source.startswith("hf-hub:"):
-            from .hub import load_from_hub
+            from .hub_files import load_from_hub
 
             load_from_hub(model, source[len("hf-hub:"):], reset_classifier=reset_classifier or headless)
         else:
@@ -122,6 +122,38 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     if out_indices is not None:
         raise ValueError("out_indices selects stages of a features_only=True model; pass features_only=True")
     return model
+
+
+def pretrained_cfg(name: str, in_channels: int | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """timm-style preprocessing and provenance of a registered network: input_size, mean, std,
+    crop_pct, crop_mode, interpolation, num_classes, first_conv, classifier, and url/file where
+    published weights exist."""
+    from .pretrained import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_FILES, _TV
+
+    entry = get_entry(name)
+    imagenet = entry.input_size[-1] >= 224
+    c = entry.input_size[0] if in_channels is None else in_channels
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+    if c == 1:  # a 1-channel model loaded from RGB weights sums their filters: gray = equal RGB
+        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
+    elif c != 3:
+        mean, std = (mean * c)[:c], (std * c)[:c]
+    resnet = entry.family.startswith(("ResNet", "ResNeXt", "Pre-activation", "Wide"))
+    cfg: dict[str, Any] = {
+        "architecture": name, "input_size": (c, *entry.input_size[1:]), "mean": mean, "std": std,
+        # ImageNet: resize to 256 then centre-crop 224 (crop_pct 0.875), torchvision's evaluation;
+        # CIFAR/SVHN: the 32x32 image as it is
+        "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center", "interpolation": "bilinear",
+        "num_classes": entry.num_classes if num_classes is None else num_classes,
+        "first_conv": "conv1" if resnet else "features.conv0",
+        "classifier": "fc" if resnet else "classifier",
+        "url": None, "file": None, "source": None, "license": None,
+    }
+    if name in TORCHVISION_FILES:
+        cfg.update(url=_TV + TORCHVISION_FILES[name], file=TORCHVISION_FILES[name], source="torchvision",
+                   license="bsd-3-clause (torchvision)")
+    return cfg
+
 
 
 # --- DenseNet on CIFAR/SVHN (Table 2) ---------------------------------------------------------------
