@@ -133,6 +133,13 @@ def test_every_module_imports_on_its_own():
     assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
 
 
+def test_a_resnet_loads_no_densenet_code():
+    code = ("import sys, densenet.models.resnet, densenet.models.preact\n"
+            "print(sorted(m for m in sys.modules if m in ('densenet.models.densenet', 'densenet.models._fused')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 # (old module, name, new module): names that moved, importable from their old place for one release
 MOVED = [
     ("densenet.models.residual", "ResNet", "densenet.models.resnet"),
