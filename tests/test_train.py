@@ -156,7 +156,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     import safetensors.torch as st
-    from densenet.train import TrainConfig, fit
     calls = {"n": 0}
     real = st.save_file
     def dying_save(tensors, filename, metadata=None):
@@ -167,8 +166,8 @@ KILL_SCRIPT = textwrap.dedent("""
                 f.flush()
             os.kill(os.getpid(), 9)
         return real(tensors, filename, metadata=metadata)
-    import densenet.train.checkpoint as ck
-    ck.save_file = dying_save
+    st.save_file = dying_save  # before the package is imported: every writer of a checkpoint file uses it
+    from densenet.train import TrainConfig, fit
     cfg = TrainConfig.from_dict(__import__("json").loads(sys.argv[1]))
     fit(cfg)
 """)
