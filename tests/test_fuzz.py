@@ -146,8 +146,7 @@ def test_any_command_line_works_or_fails_cleanly(sandbox, argv):
     ["train", "--device", "foo"], ["eval", "--checkpoint", "x", "--device", "foo"],
     ["train", "--milestones", "nan"],
     ["train", "--model", "preact_resnet164", "--depth", "1000001"],  # 333,333 units: refused, not built
-    pytest.param(["train", "--model", "resnet20", "--model-arg", "stem_width=abc"],
-                 marks=pytest.mark.xfail(reason="ResNetConfig checks its types with issue 14's layering work")),
+    ["train", "--model", "resnet20", "--model-arg", "stem_width=abc"],
 ])
 def test_crashes_found_by_fuzzing_are_clear_errors(sandbox, argv):
     code, _, err = run_main(argv)

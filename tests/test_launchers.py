@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from densenet.analysis.gridstatus import cell_state
-from densenet.analysis.launchers import (CellJob, LaunchOptions, LauncherError, RunLocked, SlurmLauncher, acquire,
+from densenet.grid.status import cell_state
+from densenet.grid.launchers import (CellJob, LaunchOptions, LauncherError, RunLocked, SlurmLauncher, acquire,
                                          checkpoint_epoch, holder, launch, run_cell, timeout_minutes, write_launch)
 from densenet.cli import main
 
@@ -145,7 +145,7 @@ def fake_srun(tmp_path: Path, monkeypatch) -> None:
 
 def test_cells_still_queued_are_not_submitted_again(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    import densenet.analysis.launchers as launchers
+    import densenet.grid.launchers as launchers
 
     fake_srun(tmp_path, monkeypatch)
     job = tiny_job(tmp_path, "q")
@@ -157,7 +157,7 @@ def test_cells_still_queued_are_not_submitted_again(tmp_path, monkeypatch):
 
 
 def test_launcher_options_from_a_file_and_the_command_line(tmp_path):
-    from densenet.analysis.launchers import options_from_args
+    from densenet.grid.launchers import options_from_args
     from densenet.cli import build_parser
 
     f = tmp_path / "cluster.toml"

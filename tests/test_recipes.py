@@ -262,7 +262,7 @@ def test_reproduce_dry_run_lists_recipe_and_published_number(capsys, tmp_path):
 
 
 def test_results_table_puts_baselines_and_other_methods_beside_published(tmp_path):
-    from densenet.analysis.reproduce import Cell, write_tables
+    from densenet.grid.reproduce import Cell, write_tables
 
     cell = Cell("wrn_16_8", "C10+", 0)
     cell.path(tmp_path).mkdir(parents=True)
@@ -405,7 +405,7 @@ def test_plots_draw_the_baselines_and_figure3_resnets_beside_the_densenets():
 
 
 def test_reproduce_cell_of_an_iteration_recipe_on_the_cifar_folder(tmp_path):
-    from densenet.analysis.reproduce import Cell, cell_config, describe
+    from densenet.grid.reproduce import Cell, cell_config, describe
 
     folder = make_folder(tmp_path / "c10", per_class=1, test_per_class=0)
     cell = Cell("resnet110", "C10+", 0)

@@ -14,7 +14,7 @@ import torchvision
 import densenet
 from densenet.analysis import count_macs, count_params
 from densenet.cli import main
-from densenet.models.residual import UNITS, ResNet, ResNetConfig, ZeroPadShortcut
+from densenet.models.resnet import UNITS, ResNet, ResNetConfig, ZeroPadShortcut
 from densenet.weights import CheckpointError
 
 DENSENET_FAMILIES = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)")
@@ -502,10 +502,33 @@ def test_bad_inputs_raise_clear_errors(x, match):
     ("resnet20", dict(planes=(64, 32, 16)), "option A zero-pads"),
     ("resnet20", dict(widht=3), "unknown option"),
     ("resnext29_8x64d", dict(groups=4), "cardinality"),
+    # the same type checks as DenseNetConfig: a string or a list from a config file, not a TypeError
+    ("resnet20", dict(stem_width="abc"), "ResNetConfig: stem_width must be an integer, got 'abc'"),
+    ("resnet20", dict(layers="abc"), "ResNetConfig: layers must be a list of integers"),
+    ("wrn_16_4", dict(drop_rate="0.3"), "ResNetConfig: drop_rate must be a finite number"),
+    ("resnet20", dict(gate_bias=float("nan")), "ResNetConfig: gate_bias must be a finite number"),
 ])
 def test_invalid_configurations_raise_clear_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         densenet.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("model, arg, match", [
+    ("resnet20", "stem_width=abc", "ResNetConfig: stem_width must be an integer, got 'abc'"),
+    ("densenet_40_k12", "growth_rate=abc", "DenseNetConfig: growth_rate must be an integer, got 'abc'"),
+])
+def test_a_model_arg_of_the_wrong_type_is_one_line_for_every_family(monkeypatch, capsys, model, arg, match):
+    """`densenet train --model-arg` with a wrong type ends in one line naming the option (not a
+    TypeError traceback), whatever the family; the model is built as fit builds it, on the meta device."""
+    def fake_fit(cfg, resume=None):
+        with torch.device("meta"):
+            densenet.create_model(cfg.model, **cfg.model_args)
+
+    monkeypatch.setattr(densenet.train, "fit", fake_fit)
+    monkeypatch.delenv("DENSENET_DEBUG", raising=False)
+    assert main(["train", "--model", model, "--model-arg", arg, "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_any_input_size_channels_and_classes():

@@ -156,7 +156,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     import safetensors.torch as st
-    from densenet.train import TrainConfig, fit
     calls = {"n": 0}
     real = st.save_file
     def dying_save(tensors, filename, metadata=None):
@@ -167,8 +166,8 @@ KILL_SCRIPT = textwrap.dedent("""
                 f.flush()
             os.kill(os.getpid(), 9)
         return real(tensors, filename, metadata=metadata)
-    import densenet.train.checkpoint as ck
-    ck.save_file = dying_save
+    st.save_file = dying_save  # before the package is imported: every writer of a checkpoint file uses it
+    from densenet.train import TrainConfig, fit
     cfg = TrainConfig.from_dict(__import__("json").loads(sys.argv[1]))
     fit(cfg)
 """)
@@ -342,7 +341,7 @@ def test_best_validation_model_is_tested_where_the_paper_does(folder, tmp_path, 
 def test_reproduce_cells_follow_the_papers_protocol(tmp_path):
     """CIFAR with its test set: the reported run trains on all 50,000 images (no hold-out);
     SVHN: 6,000 held out, the best model tested; CIFAR-10 as a folder without test/: validation."""
-    from densenet.analysis.reproduce import Cell, cell_config
+    from densenet.grid.reproduce import Cell, cell_config
 
     data = {"cifar10": str(tmp_path / "cifar"), "svhn": str(tmp_path / "svhn")}
     c10 = cell_config(Cell("densenet_40_k12", "C10+", 0), data, None, None, tmp_path)

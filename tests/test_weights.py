@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 import densenet
-from densenet.weights import CheckpointError, convert_state_dict, read_state_dict, save_model
+from densenet.saved_model import load_model, model_metadata, save_model
+from densenet.weights import CheckpointError, convert_state_dict, read_state_dict
 
 OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
@@ -110,6 +111,34 @@ def test_own_checkpoint_roundtrip(tmp_path):
     for k, v in m.state_dict().items():
         assert torch.equal(m2.state_dict()[k], v), k
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("name, args", [("densenet_bc_100_k12", {"depth": 16, "num_classes": 3}),
+                                        ("resnet20", {"depth": 8, "num_classes": 3})])
+def test_save_model_writes_what_load_model_reads(tmp_path, name, args):
+    """One writer of the model file: what save_model writes, load_model rebuilds (name, arguments,
+    weights and running statistics), for every family; before, save_model left out model_args."""
+    torch.manual_seed(0)
+    m = densenet.create_model(name, **args).train()
+    m(torch.randn(4, 3, 32, 32))  # move the running statistics
+    m.eval()
+    path = save_model(m, tmp_path / "model.safetensors", {"classes": ["a", "b", "c"]})
+    loaded, info = load_model(path)
+    assert info["model"] == name and info["model_args"] == args and info["classes"] == ["a", "b", "c"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # the same metadata as a training checkpoint's, which goes through the same writer
+    assert read_state_dict(path)[1] == model_metadata(name, args, ["a", "b", "c"])
+    assert densenet.weights.load_model is load_model and densenet.weights.save_model is save_model  # old path
+
+
+def test_save_model_refuses_a_model_load_model_could_not_rebuild(tmp_path):
+    with pytest.raises(ValueError, match="create_model"):
+        save_model(densenet.DenseNet(densenet.DenseNetConfig(block_config=(1,))), tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_compile_prefix_is_stripped():

@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {"load": ".inference", "DenseNet": ".models", "DenseNetConfig": ".models", "ModelEntry": ".registry",
          "create_model": ".registry", "get_entry": ".registry", "list_models": ".registry",
          "register_model": ".registry", "create_transform": ".pretrained", "resolve_data_config": ".pretrained"}
-_SUBMODULES = {"analysis", "cli", "data", "export", "hub", "inference", "models", "paper", "pretrained", "recipes",
-               "registry", "train", "utils", "weights"}
+_SUBMODULES = {"analysis", "cli", "data", "export", "grid", "hub", "inference", "models", "paper", "pretrained",
+               "recipes", "registry", "saved_model", "train", "utils", "weights"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "create_transform", "get_entry",
            "list_models", "load", "register_model", "resolve_data_config", "__version__"]
 

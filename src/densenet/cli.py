@@ -262,7 +262,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.distributed import Distributed
     from .train.engine import evaluate, evaluation_batches, select_splits
-    from .weights import load_model
+    from .saved_model import load_model
 
     from .weights import checkpoint_origin
 
@@ -424,7 +424,7 @@ def _reuse_args(p: argparse.ArgumentParser) -> None:
 def _reuse(args: argparse.Namespace) -> int:
     from .analysis.reuse import feature_reuse, save_reuse
     from .registry import create_model
-    from .weights import load_model
+    from .saved_model import load_model
 
     from .analysis.reuse import network_name, training_note
     from .weights import checkpoint_origin
@@ -464,9 +464,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from .analysis.reproduce import GRIDS
+    from .grid.reproduce import GRIDS
 
-    from .analysis.launchers import add_launcher_args
+    from .grid.launchers import add_launcher_args
 
     p.add_argument("grid", choices=[*GRIDS, "status"], help="; ".join(f"{k}: {v['about']}" for k, v in GRIDS.items())
                    + "; status: the state of each cell of a grid directory (then rebuilds results.md)")
@@ -496,10 +496,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     import torch
 
     from .analysis.complexity import count_macs
-    from .analysis.gridstatus import cell_state, write_grid
-    from .analysis.launchers import CellJob, launch, options_from_args, run_cell
-    from .analysis.launchers import check as check_launcher
-    from .analysis.reproduce import cell_config, cost, describe, grid_cells, write_tables
+    from .grid.status import cell_state, write_grid
+    from .grid.launchers import CellJob, launch, options_from_args, run_cell
+    from .grid.launchers import check as check_launcher
+    from .grid.reproduce import cell_config, cost, describe, grid_cells, write_tables
     from .paper import SETTING_DATA
     from .registry import create_model
     from .train import TrainingStopped
@@ -594,8 +594,8 @@ def _reproduce_status(args: argparse.Namespace) -> int:
     """Each cell's state from its run directory alone; results.md rebuilt from the finished cells."""
     from pathlib import Path
 
-    from .analysis.gridstatus import cell_state, format_table, read_grid
-    from .analysis.reproduce import GRIDS, Cell, grid_cells, write_tables
+    from .grid.status import cell_state, format_table, read_grid
+    from .grid.reproduce import GRIDS, Cell, grid_cells, write_tables
 
     if args.target in GRIDS:
         if not args.out:

@@ -83,7 +83,7 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
 def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, **kwargs: Any) -> dict[str, Any]:
     """Export a model trained by this package, at the image size and channels of its preprocessing,
     with its class names and preprocessing as metadata."""
-    from .weights import load_model
+    from .saved_model import load_model
 
     model, info = load_model(checkpoint)
     pre = info.get("preprocessing")

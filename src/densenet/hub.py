@@ -18,19 +18,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from .hub_files import LIBRARY, _fetch, _hf, load_from_hub  # noqa: F401 (load_from_hub: public here too)
 from .weights import MODEL_FILE
 
 CONFIG_FILE = "config.json"
-LIBRARY = "densenet-paper"
-
-
-def _hf():
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ValueError("the Hugging Face Hub needs the huggingface_hub package: "
-                         "pip install 'densenet-paper[hub]'") from None
-    return huggingface_hub
 
 
 def _describe(model: nn.Module, info: dict[str, Any] | None) -> dict[str, Any]:
@@ -52,7 +43,7 @@ def save_pretrained(model: nn.Module | str | Path, directory: str | Path,
     """Write the Hub layout (model.safetensors, config.json, README.md) into `directory`. `model` is a
     model of this package or a checkpoint path (a run directory: its best checkpoint)."""
     from .utils.atomic import write_text_atomic
-    from .weights import load_model, save_model
+    from .saved_model import load_model, save_model
 
     if isinstance(model, (str, Path)):
         model, info = load_model(model)
@@ -107,37 +98,14 @@ def push_to_hub(model: nn.Module | str | Path, repo_id: str, *, info: dict[str, 
                                      commit_message=commit_message))
 
 
-def _fetch(repo_id: str, filename: str, **kwargs: Any) -> Path:
-    local = Path(repo_id).expanduser()
-    if local.is_dir():  # a folder in the Hub's layout (save_pretrained, or a clone of the repository)
-        if not (local / filename).is_file():
-            raise ValueError(f"{local} has no {filename}: not a folder written by densenet.hub.save_pretrained")
-        return local / filename
-    hf = _hf()
-    try:
-        return Path(hf.hf_hub_download(repo_id, filename, library_name=LIBRARY, **kwargs))
-    except Exception as e:  # the library's errors for a missing repo, file, network or token
-        raise ValueError(f"could not get {filename} of {repo_id!r} from the Hugging Face Hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check the "
-                         f"name, your network (offline: HF_HUB_OFFLINE=1 reads the local cache) and, for a "
-                         f"private repository, your token") from None
-
-
 def from_pretrained(repo_id: str, map_location: str = "cpu", **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, info) from a Hub repository ("org/name", or "hf-hub:org/name") or a local
     folder in its layout. `kwargs` go to huggingface_hub.hf_hub_download (revision, cache_dir,
     local_files_only, token)."""
-    from .weights import load_model
+    from .saved_model import load_model
 
     repo_id = repo_id[len("hf-hub:"):] if repo_id.startswith("hf-hub:") else repo_id
     return load_model(_fetch(repo_id, MODEL_FILE, **kwargs), map_location)
-
-
-def load_from_hub(model: nn.Module, repo_id: str, *, reset_classifier: bool = False, **kwargs: Any) -> nn.Module:
-    """Load a Hub repository's weights into `model` (create_model's `pretrained="hf-hub:org/repo"`)."""
-    from .weights import load_pretrained
-
-    return load_pretrained(model, _fetch(repo_id, MODEL_FILE, **kwargs), reset_classifier=reset_classifier)
 
 
 __all__ = ["from_pretrained", "load_from_hub", "push_to_hub", "save_pretrained"]

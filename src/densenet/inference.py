@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from .data.sources import IMAGE_SUFFIXES, DataError, _decode, convert_image, max_file_bytes, open_image, walk_files
 from .data.transforms import Normalization
-from .weights import CheckpointError, load_model
+from .saved_model import load_model
+from .weights import CheckpointError
 
 
 class Preprocess:

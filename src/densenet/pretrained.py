@@ -31,37 +31,6 @@ def has_pretrained(name: str) -> bool:
     return name in TORCHVISION_FILES
 
 
-def pretrained_cfg(name: str, in_channels: int | None = None, num_classes: int | None = None) -> dict[str, Any]:
-    """timm-style preprocessing and provenance of a registered network: input_size, mean, std,
-    crop_pct, crop_mode, interpolation, num_classes, first_conv, classifier, and url/file where
-    published weights exist."""
-    from .registry import get_entry
-
-    entry = get_entry(name)
-    imagenet = entry.input_size[-1] >= 224
-    c = entry.input_size[0] if in_channels is None else in_channels
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR10_MEAN, CIFAR10_STD)
-    if c == 1:  # a 1-channel model loaded from RGB weights sums their filters: gray = equal RGB
-        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
-    elif c != 3:
-        mean, std = (mean * c)[:c], (std * c)[:c]
-    resnet = entry.family.startswith(("ResNet", "ResNeXt", "Pre-activation", "Wide"))
-    cfg: dict[str, Any] = {
-        "architecture": name, "input_size": (c, *entry.input_size[1:]), "mean": mean, "std": std,
-        # ImageNet: resize to 256 then centre-crop 224 (crop_pct 0.875), torchvision's evaluation;
-        # CIFAR/SVHN: the 32x32 image as it is
-        "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center", "interpolation": "bilinear",
-        "num_classes": entry.num_classes if num_classes is None else num_classes,
-        "first_conv": "conv1" if resnet else "features.conv0",
-        "classifier": "fc" if resnet else "classifier",
-        "url": None, "file": None, "source": None, "license": None,
-    }
-    if name in TORCHVISION_FILES:
-        cfg.update(url=_TV + TORCHVISION_FILES[name], file=TORCHVISION_FILES[name], source="torchvision",
-                   license="bsd-3-clause (torchvision)")
-    return cfg
-
-
 def cfg_from_preprocessing(name: str, pre: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The pretrained_cfg of a model trained by this package, from the preprocessing in its checkpoint."""
     size = [int(v) for v in pre["image_size"]]
@@ -155,6 +124,16 @@ def _hub_dir() -> str:
     import torch
 
     return torch.hub.get_dir()
+
+
+def __getattr__(name: str):
+    """pretrained_cfg moved to registry.py (it describes a registered network); importable from here
+    for one release, imported on first use so that this module needs no registry."""
+    if name == "pretrained_cfg":
+        from .registry import pretrained_cfg
+
+        return pretrained_cfg
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["TORCHVISION_FILES", "create_transform", "has_pretrained", "pretrained_cfg", "resolve_data_config",

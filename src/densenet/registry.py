@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from .models.common import config_from_options
-from .models.densenet import IMAGENET_BLOCKS, DenseNet, DenseNetConfig, cifar_block_config
+from .models.densenet import densenet_cifar, densenet_imagenet
 from .models.preact import preact_resnet_cifar, wide_resnet
 from .models.resnet import resnet_cifar, resnet_imagenet, resnext_cifar, resnext_imagenet
 
@@ -88,7 +87,7 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),
     `features_only=True` with `out_indices` (a backbone returning its stages' maps, see features.py).
     The model carries `pretrained_cfg`: its input size, mean/std and crop (`resolve_data_config`)."""
-    from .pretrained import pretrained_cfg, resolve_pretrained
+    from .pretrained import resolve_pretrained
 
     entry = get_entry(name)
     if "in_chans" in overrides:
@@ -105,7 +104,7 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     model.model_name, model.model_args = name, model_args
     if source is not None:
         if source.startswith("hf-hub:"):
-            from .hub import load_from_hub
+            from .hub_files import load_from_hub
 
             load_from_hub(model, source[len("hf-hub:"):], reset_classifier=reset_classifier or headless)
         else:
@@ -125,33 +124,39 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     return model
 
 
+def pretrained_cfg(name: str, in_channels: int | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """timm-style preprocessing and provenance of a registered network: input_size, mean, std,
+    crop_pct, crop_mode, interpolation, num_classes, first_conv, classifier, and url/file where
+    published weights exist."""
+    from .pretrained import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_FILES, _TV
+
+    entry = get_entry(name)
+    imagenet = entry.input_size[-1] >= 224
+    c = entry.input_size[0] if in_channels is None else in_channels
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+    if c == 1:  # a 1-channel model loaded from RGB weights sums their filters: gray = equal RGB
+        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
+    elif c != 3:
+        mean, std = (mean * c)[:c], (std * c)[:c]
+    resnet = entry.family.startswith(("ResNet", "ResNeXt", "Pre-activation", "Wide"))
+    cfg: dict[str, Any] = {
+        "architecture": name, "input_size": (c, *entry.input_size[1:]), "mean": mean, "std": std,
+        # ImageNet: resize to 256 then centre-crop 224 (crop_pct 0.875), torchvision's evaluation;
+        # CIFAR/SVHN: the 32x32 image as it is
+        "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center", "interpolation": "bilinear",
+        "num_classes": entry.num_classes if num_classes is None else num_classes,
+        "first_conv": "conv1" if resnet else "features.conv0",
+        "classifier": "fc" if resnet else "classifier",
+        "url": None, "file": None, "source": None, "license": None,
+    }
+    if name in TORCHVISION_FILES:
+        cfg.update(url=_TV + TORCHVISION_FILES[name], file=TORCHVISION_FILES[name], source="torchvision",
+                   license="bsd-3-clause (torchvision)")
+    return cfg
+
+
+
 # --- DenseNet on CIFAR/SVHN (Table 2) ---------------------------------------------------------------
-
-def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
-                   compression: float = 0.5, **kwargs: Any) -> DenseNet:
-    """A 3-block CIFAR/SVHN DenseNet given by its depth L: n = (L - 4) / 3, or (L - 4) / 6 with bottlenecks."""
-    if "block_config" in kwargs:
-        raise ValueError("give either depth or block_config, not both (depth sets the blocks)")
-    if not isinstance(depth, int) or isinstance(depth, bool):
-        raise ValueError(f"densenet (CIFAR): depth must be an integer, got {depth!r}")
-    blocks = cifar_block_config(depth, bool(bottleneck))
-    return DenseNet(config_from_options(DenseNetConfig, "densenet (CIFAR)", ("depth",), growth_rate=growth_rate,
-                                        block_config=blocks, bottleneck=bottleneck, compression=compression,
-                                        stem="cifar", **kwargs))
-
-
-def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: Any) -> DenseNet:
-    """A 4-block ImageNet DenseNet-BC (Table 1); depth picks the block sizes of 121/169/201/264."""
-    if "block_config" not in kwargs:
-        if not isinstance(depth, int) or depth not in IMAGENET_BLOCKS:
-            raise ValueError(f"depth {depth} is not one of the ImageNet DenseNets: valid depths are "
-                             f"{', '.join(map(str, IMAGENET_BLOCKS))}, or give block_config")
-        kwargs["block_config"] = IMAGENET_BLOCKS[depth]
-    kwargs.setdefault("bottleneck", True)
-    kwargs.setdefault("compression", 0.5)
-    return DenseNet(config_from_options(DenseNetConfig, "densenet (ImageNet)", ("depth",),
-                                        growth_rate=growth_rate, stem="imagenet", **kwargs))
-
 
 def _cifar_entry(name, depth, k, bc, params, gmacs, label):
     def build(**kw):

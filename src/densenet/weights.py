@@ -1,4 +1,6 @@
-"""Weights in and out: torchvision's DenseNet files, DataParallel/DDP files, and this package's own.
+"""Weights in: torchvision's DenseNet files, DataParallel/DDP files, and this package's own, read as
+state dicts and loaded into a model (`load_pretrained`). The package's own model file, which also
+rebuilds the model (`save_model`, `load_model`), is saved_model.py's.
 
 Every published DenseNet checkpoint is converted to our module names at one place, `convert_state_dict`:
 - torchvision's old files name `features.denseblock1.denselayer1.norm.1.weight` what is now
@@ -13,7 +15,6 @@ containers and refuses everything else.
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -200,107 +201,11 @@ def load_pretrained(model: nn.Module, path: str | Path, *, reset_classifier: boo
     return model
 
 
-def save_model(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Weights as safetensors, with JSON-encoded metadata (model name, config, classes, preprocessing).
-    Written atomically: a crash leaves the previous file intact."""
-    from safetensors.torch import save_file
+def __getattr__(name: str):
+    """save_model, load_model and check_info moved to saved_model.py (the package's own file format);
+    importable from here for one release, imported on first use so that this module needs no registry."""
+    if name in ("save_model", "load_model", "check_info"):
+        from . import saved_model
 
-    from .utils.atomic import atomic_write
-
-    path = Path(path)
-    meta = {"format": "densenet.model/1", "model": getattr(model, "model_name", "")}
-    for k, v in (metadata or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A model trained by this package, rebuilt from its checkpoint alone (a run directory or a
-    model.safetensors file): (model in eval mode, info) where info holds `model`, `model_args`,
-    `classes`, `preprocessing` and, when saved, the training `config`."""
-    from .registry import create_model
-
-    sd, meta = read_state_dict(path)
-    if meta.get("format") != "densenet.model/1" or "model_args" not in meta:
-        raise CheckpointError(f"{path} is not a checkpoint written by this package (no model metadata); "
-                              f"for a torchvision file use densenet.create_model(name, pretrained=PATH)")
-    info: dict[str, Any] = {"model": meta["model"]}
-    for key in ("model_args", "classes", "preprocessing", "config"):
-        if key in meta:
-            try:
-                info[key] = json.loads(meta[key])
-            except ValueError as e:
-                raise CheckpointError(f"{path}: its metadata {key} is damaged ({e})") from None
-    if not isinstance(info["model_args"], dict) or not all(isinstance(k, str) for k in info["model_args"]):
-        raise CheckpointError(f"{path}: its metadata model_args must be a table of option: value, "
-                              f"got {info['model_args']!r}"[:300])
-    if "config" in info and not isinstance(info["config"], dict):
-        raise CheckpointError(f"{path}: its metadata config must be a table of settings")
-    try:
-        model = create_model(info["model"], **info["model_args"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its metadata names a model that cannot be built ({e})"[:400]) from None
-    sd = convert_state_dict(sd)
-    problem = describe_mismatch(model.state_dict(), sd)
-    if problem:
-        raise CheckpointError(f"{path}: weights do not fit {info['model']} {info['model_args']}: {problem}")
-    model.load_state_dict(sd)
-    check_info(info, model, path)
-    warn_non_finite(sd, str(path))
-    if "preprocessing" in info:
-        from .pretrained import cfg_from_preprocessing
-
-        model.pretrained_cfg = cfg_from_preprocessing(info["model"], info["preprocessing"],
-                                                      len(info.get("classes") or []))
-    return model.to(map_location).eval(), info
-
-
-def _outputs(model: nn.Module) -> int | None:
-    weight = model.state_dict().get(getattr(model, "classifier_name", "classifier") + ".weight")
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def check_info(info: dict[str, Any], model: nn.Module, path) -> None:
-    """Raise CheckpointError unless the class names and the preprocessing in a checkpoint's metadata
-    are complete and fit the model: one line naming the field, instead of a failure far away."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{path}: its metadata {what}"[:400])
-
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v, lo: int, hi: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-    if "classes" in info:
-        classes, n = info["classes"], _outputs(model)
-        need(isinstance(classes, list) and all(isinstance(c, str) for c in classes),
-             f"classes must be a list of names, got {classes!r}")
-        need(n is None or len(classes) == n, f"lists {len(classes)} class names for the model's {n} outputs")
-    pre = info.get("preprocessing")
-    if pre is None:
-        return
-    need(isinstance(pre, dict), f"preprocessing must be a table, got {pre!r}")
-    missing = [k for k in ("source", "mean", "std", "channels", "image_size") if k not in pre]
-    need(not missing, f"preprocessing lacks {', '.join(missing)}")
-    need(pre["source"] in ("memory", "stream"), f"preprocessing source must be memory or stream, got {pre['source']!r}")
-    need(integer(pre["channels"], 1, 4), f"preprocessing channels must be 1 to 4, got {pre['channels']!r}")
-    c = pre["channels"]
-    conv = model.state_dict().get(getattr(model, "first_conv_name", "features.conv0") + ".weight")
-    need(conv is None or conv.shape[1] == c, f"preprocessing gives {c} channels to a model that takes "
-                                             f"{None if conv is None else conv.shape[1]}")
-    for key in ("mean", "std"):
-        v = pre[key]
-        need(isinstance(v, list) and len(v) == c and all(map(number, v)),
-             f"preprocessing {key} must be {c} finite numbers, got {v!r}")
-    need(all(s > 0 for s in pre["std"]), f"preprocessing std must be positive, got {pre['std']!r}")
-    size = pre["image_size"]
-    need(isinstance(size, list) and len(size) == 2 and all(integer(v, 1, 8192) for v in size),
-         f"preprocessing image_size must be [height, width], each 1 to 8192, got {size!r}")
-    need(pre.get("resize") is None or integer(pre["resize"], 1, 16384),
-         f"preprocessing resize must be 1 to 16384, got {pre.get('resize')!r}")
-    need(integer(pre.get("ten_crop_pad", 0), 0, 1024), "preprocessing ten_crop_pad must be 0 to 1024")
+        return getattr(saved_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@ takes its slice of every global batch, augmented identically, so N processes see
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 
@@ -29,23 +29,20 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 @dataclass
-class Batches:
-    """Training or evaluation batches of an in-memory ImageSet.
+class _Sampling:
+    """What every kind of batches shares: `data` in `batch_size` batches (the global batch; with
+    world_size > 1 each rank yields its slice of it), their number and their order in an epoch.
+    The options after the batch size are keyword-only."""
 
-    `batch_size` is the global batch; with world_size > 1 each rank yields its slice of it.
-    """
-
-    data: ImageSet
+    data: Any
     batch_size: int
-    normalize: Normalization
-    augment: str = "none"
-    shuffle: bool = False
-    drop_last: bool = False
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | str = "cpu"
-    channels_last: bool = False
+    shuffle: bool = field(default=False, kw_only=True)
+    drop_last: bool = field(default=False, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    rank: int = field(default=0, kw_only=True)
+    world_size: int = field(default=1, kw_only=True)
+    device: torch.device | str = field(default="cpu", kw_only=True)
+    channels_last: bool = field(default=False, kw_only=True)
 
     def __len__(self) -> int:
         return _num_batches(len(self.data), self.batch_size, self.drop_last)
@@ -54,6 +51,18 @@ class Batches:
         if not self.shuffle:
             return torch.arange(len(self.data))
         return torch.randperm(len(self.data), generator=_generator(self.seed, epoch))
+
+
+@dataclass
+class Batches(_Sampling):
+    """Training or evaluation batches of an in-memory ImageSet.
+
+    `batch_size` is the global batch; with world_size > 1 each rank yields its slice of it.
+    """
+
+    data: ImageSet
+    normalize: Normalization
+    augment: str = "none"
 
     def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch` from step `start` on: (normalised float images, labels) on the device."""
@@ -137,28 +146,16 @@ def stream_transform(train: bool, image_size: int, resize: int, normalize: Norma
 
 
 @dataclass
-class StreamBatches:
+class StreamBatches(_Sampling):
     """Batches of a streamed folder through worker processes; same contract as `Batches`."""
 
     data: StreamSet
-    batch_size: int
     transform: object
     channels: int = 3
-    shuffle: bool = False
-    drop_last: bool = False
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | str = "cpu"
     workers: int = 4
-    channels_last: bool = False
-
-    def __len__(self) -> int:
-        return _num_batches(len(self.data), self.batch_size, self.drop_last)
 
     def iterate(self, epoch: int = 0, start: int = 0):
-        order = (torch.randperm(len(self.data), generator=_generator(self.seed, epoch)) if self.shuffle
-                 else torch.arange(len(self.data)))
+        order = self.order(epoch)
         per = -(-self.batch_size // self.world_size)
         n_steps = len(self)
         index = []

@@ -566,7 +566,7 @@ def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
 def _dropped(x: torch.Tensor, p: float):
     """Dropout as the reference path draws it (NCHW order), returning the kept positions as booleans."""
-    from .densenet import dropout
+    from .common import dropout
 
     noise = dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, True)
     return x * noise, noise != 0
@@ -803,7 +803,7 @@ def transition_forward(transition, st: _BlockState, x: torch.Tensor) -> torch.Te
         st.release()
     if pool_first:
         return y
-    from .densenet import dropout  # the masks of the reference path, whatever the layout
+    from .common import dropout  # the masks of the reference path, whatever the layout
 
     return transition.pool(dropout(y, drop.p, transition.training))
 

@@ -1,4 +1,8 @@
-"""Small pieces every model family shares: building a config from options, the input check."""
+"""Small pieces every model family shares: building a config from options, the input check, the
+authors' initialisation, dropout with layout-independent masks, the stage and head API of a backbone.
+
+Nothing here depends on a model family: DenseNet (densenet.py, with its fused path in _fused.py) and
+the residual networks (resnet.py) both import from here, never from each other."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 C = TypeVar("C")
 
@@ -48,6 +53,28 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
                          f"it downsamples by {reduction}, so inputs need at least {min_size}x{min_size}")
 
 
+def init_weights(model: nn.Module) -> None:
+    """The authors' initialisation: convolutions N(0, sqrt(2 / (kh*kw*out_channels))) (He, fan-out);
+    BN weight 1, bias 0; linear bias 0 (weight keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    which is Torch7's default too). The same He (fan-out) rule as He 2015, 2016 and the WRN code."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with the mask drawn in NCHW order whatever the memory layout of x, so that a seed
+    gives the same masks to the fused (channels_last) and the reference path."""
+    if not training or p == 0 or x.is_contiguous():
+        return F.dropout(x, p, training)
+    return x * F.dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, training)
+
+
 class FeatureInfo(list):
     """The stages a backbone returns, as timm describes them: a list of {"num_chs", "reduction",
     "module", "index"} dicts that also answers `channels()`, `reduction()` and `module_name()` (all
@@ -69,12 +96,47 @@ class FeatureInfo(list):
         return [dict(d) for d in self]
 
 
+class StagesMixin:
+    """The stages of a backbone whose first stage sits behind a stem of stride 4 ("imagenet") or 1
+    ("cifar", `config.stem`) and whose every later stage halves the resolution: `reduction`,
+    `stage_strides` and `feature_info`. A network lists its stages' output channels in
+    `stage_channels` and names the module of each stage's output in `stage_module(i)`."""
+
+    stage_channels: list[int]
+
+    def stage_module(self, i: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def reduction(self) -> int:
+        """Downsampling of the last stage's output."""
+        return self.stage_strides[-1]
+
+    @property
+    def stage_strides(self) -> list[int]:
+        """Downsampling of each stage's output: the ImageNet stem's 4 (else 1), x2 per later stage."""
+        first = 4 if self.config.stem == "imagenet" else 1
+        return [first * 2 ** i for i in range(len(self.stage_channels))]
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
+        return FeatureInfo({"num_chs": c, "reduction": r, "index": i, "module": self.stage_module(i)}
+                           for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides)))
+
+
 class ClassifierMixin:
-    """timm's head API for a network whose linear classifier is the attribute `classifier_name` and
-    whose pooled features have `num_features` channels: `get_classifier()`, `reset_classifier(n)`
-    (n = 0: no classifier, the model returns its pooled features) and `num_classes`."""
+    """timm's head API for a network whose linear classifier is the attribute `classifier_name`, whose
+    global average pooling is the attribute `pool_name` and whose pooled features have `num_features`
+    channels: `forward_head(x)`, `get_classifier()`, `reset_classifier(n)` (n = 0: no classifier, the
+    model returns its pooled features) and `num_classes`."""
 
     classifier_name = "classifier"
+    pool_name = "pool"
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = getattr(self, self.pool_name)(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
+        return x if pre_logits else getattr(self, self.classifier_name)(x)
 
     @property
     def num_classes(self) -> int:
@@ -102,4 +164,5 @@ class ClassifierMixin:
         setattr(self, self.classifier_name, head)
 
 
-__all__ = ["ClassifierMixin", "FeatureInfo", "check_image_batch", "config_from_options"]
+__all__ = ["ClassifierMixin", "FeatureInfo", "StagesMixin", "check_image_batch", "config_from_options", "dropout",
+           "init_weights"]

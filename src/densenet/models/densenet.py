@@ -21,16 +21,15 @@ import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..utils.validate import check_types
+from ..utils.validate import check_types, needing
 from . import _fused, _inference
-from .common import ClassifierMixin, FeatureInfo, check_image_batch
+from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, dropout, init_weights
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
 IMAGENET_BLOCKS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32), 264: (6, 12, 64, 48)}
@@ -63,10 +62,7 @@ class DenseNetConfig:
     bn_momentum: float = 0.1
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"DenseNetConfig: {msg}")
-
+        need = needing("DenseNetConfig: ")
         check_types(self, "DenseNetConfig")  # a list or string from a config file: a clear error
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         need(isinstance(self.growth_rate, int) and self.growth_rate >= 1,
@@ -131,14 +127,6 @@ def cifar_block_config(depth: int, bottleneck: bool, num_blocks: int = 3) -> tup
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout with the mask drawn in NCHW order whatever the memory layout of x, so that a seed
-    gives the same masks to the fused (channels_last) and the reference path."""
-    if not training or p == 0 or x.is_contiguous():
-        return F.dropout(x, p, training)
-    return x * F.dropout(torch.ones(x.shape, dtype=x.dtype, device=x.device), p, training)
 
 
 class DenseLayer(nn.Module):
@@ -248,8 +236,9 @@ class Transition(nn.Sequential):
         return super().forward(x)
 
 
-class DenseNet(ClassifierMixin, nn.Module):
-    """Stem, dense blocks joined by transitions, then BN-ReLU-global average pool-linear classifier."""
+class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
+    """Stem, dense blocks joined by transitions, then BN-ReLU-global average pool-linear classifier.
+    `reduction`, `stage_strides`, `feature_info` and `forward_head` come from common.py."""
 
     def __init__(self, cfg: DenseNetConfig):
         super().__init__()
@@ -284,28 +273,14 @@ class DenseNet(ClassifierMixin, nn.Module):
                           min_size=self.config.min_input_size, reduction=self.reduction,
                           weight=self.features.conv0.weight)
 
-    @property
-    def reduction(self) -> int:
-        return (4 if self.config.stem == "imagenet" else 1) * 2 ** (len(self.config.block_config) - 1)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
         self.check_input(x)
         return self.features(x)
 
-    @property
-    def stage_strides(self) -> list[int]:
-        """Downsampling of each dense block's output: the ImageNet stem's 4 (else 1), x2 per transition."""
-        first = 4 if self.config.stem == "imagenet" else 1
-        return [first * 2 ** i for i in range(len(self.config.block_config))]
-
-    @property
-    def feature_info(self) -> FeatureInfo:
-        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
-        n = len(self.stage_channels)
-        return FeatureInfo({"num_chs": c, "reduction": r, "index": i,
-                            "module": f"features.denseblock{i + 1}" if i < n - 1 else "features.relu5"}
-                           for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides)))
+    def stage_module(self, i: int) -> str:
+        """The module whose output is stage i of `forward_stages` (a dense block; the last: after norm5-relu5)."""
+        return f"features.denseblock{i + 1}" if i < len(self.stage_channels) - 1 else "features.relu5"
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """A feature pyramid for detection or segmentation heads: the output of every dense block,
@@ -320,27 +295,37 @@ class DenseNet(ClassifierMixin, nn.Module):
         stages[-1] = x  # after norm5 and relu5
         return stages
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
-        return x if pre_logits else self.classifier(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-def init_weights(model: nn.Module) -> None:
-    """The authors' initialisation: convolutions N(0, sqrt(2 / (kh*kw*out_channels))) (He, fan-out);
-    BN weight 1, bias 0; linear bias 0 (weight keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    which is Torch7's default too)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+# --- Builders: the CIFAR/SVHN networks by depth (Table 2), the ImageNet ones (Table 1) ----------------
+
+def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
+                   compression: float = 0.5, **kwargs: Any) -> DenseNet:
+    """A 3-block CIFAR/SVHN DenseNet given by its depth L: n = (L - 4) / 3, or (L - 4) / 6 with bottlenecks."""
+    if "block_config" in kwargs:
+        raise ValueError("give either depth or block_config, not both (depth sets the blocks)")
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        raise ValueError(f"densenet (CIFAR): depth must be an integer, got {depth!r}")
+    blocks = cifar_block_config(depth, bool(bottleneck))
+    return DenseNet(config_from_options(DenseNetConfig, "densenet (CIFAR)", ("depth",), growth_rate=growth_rate,
+                                        block_config=blocks, bottleneck=bottleneck, compression=compression,
+                                        stem="cifar", **kwargs))
+
+
+def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: Any) -> DenseNet:
+    """A 4-block ImageNet DenseNet-BC (Table 1); depth picks the block sizes of 121/169/201/264."""
+    if "block_config" not in kwargs:
+        if not isinstance(depth, int) or depth not in IMAGENET_BLOCKS:
+            raise ValueError(f"depth {depth} is not one of the ImageNet DenseNets: valid depths are "
+                             f"{', '.join(map(str, IMAGENET_BLOCKS))}, or give block_config")
+        kwargs["block_config"] = IMAGENET_BLOCKS[depth]
+    kwargs.setdefault("bottleneck", True)
+    kwargs.setdefault("compression", 0.5)
+    return DenseNet(config_from_options(DenseNetConfig, "densenet (ImageNet)", ("depth",),
+                                        growth_rate=growth_rate, stem="imagenet", **kwargs))
 
 
 __all__ = ["DenseNet", "DenseNetConfig", "DenseLayer", "DenseBlock", "Transition", "cifar_block_config",
-           "compressed_channels", "IMAGENET_BLOCKS", "init_weights"]
+           "compressed_channels", "densenet_cifar", "densenet_imagenet", "IMAGENET_BLOCKS", "init_weights"]

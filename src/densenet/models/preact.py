@@ -1,7 +1,7 @@
 """Pre-activation ResNets (He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", 2016)
 and Wide ResNets (Zagoruyko and Komodakis 2016), both on CIFAR.
 
-Both are `ResNet`s of residual.py with full pre-activation units, F = BN-ReLU-conv-BN-ReLU-conv and
+Both are `ResNet`s of resnet.py with full pre-activation units, F = BN-ReLU-conv-BN-ReLU-conv and
 nothing after the addition, and a final BN-ReLU before pooling:
 - Pre-activation ResNet: ResNet-110 (basic units, L = 6n + 2, zero-padding shortcuts as He 2015's
   ResNet-110), ResNet-164 and -1001 (bottleneck units 16/32/64 wide with 4x expansion, L = 9n + 2,
@@ -11,7 +11,7 @@ nothing after the addition, and a final BN-ReLU before pooling:
   The other units of the paper's Fig. 4 / Table 2 are `unit=` "original", "bn_after_addition",
   "relu_before_addition", "relu_preact"; the shortcuts of Fig. 2 / Table 1 are `shortcut_variant=`
   "scaling" (with `scaling=(lambda_h, lambda_F)`), "exclusive_gating", "shortcut_only_gating" (with
-  `gate_bias=b_g`), "conv1x1" and "dropout" (see residual.py). Table 1 varies the shortcut of the
+  `gate_bias=b_g`), "conv1x1" and "dropout" (see resnet.py). Table 1 varies the shortcut of the
   original units: preact_resnet110 with unit="original" is He 2015's ResNet-110.
 - WRN-d-k: basic pre-activation units k times wider (16k, 32k, 64k maps), (d - 4) / 6 per stage, 1x1
   convolution shortcuts where the shape changes, `drop_rate` between the two convolutions.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import config_from_options
-from .residual import ResNet, ResNetConfig, blocks_per_stage, no_dropout
+from .resnet import ResNet, ResNetConfig, blocks_per_stage, no_dropout
 
 
 def preact_resnet_cifar(depth: int = 164, bottleneck: bool = True, **kwargs: Any) -> ResNet:

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..saved_model import model_metadata, write_model_file  # noqa: F401 (model_metadata: its old place)
 from ..utils.atomic import _fsync_dir, atomic_write, write_text_atomic
+from ..utils.validate import needing
 from ..weights import CheckpointError, read_state_dict
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
@@ -73,21 +75,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def model_metadata(model_name: str, model_args: dict, classes: list[str], preprocessing: dict,
-                   config: dict | None = None) -> dict[str, str]:
-    meta = {"format": "densenet.model/1", "model": model_name, "model_args": json.dumps(model_args),
-            "classes": json.dumps(classes), "preprocessing": json.dumps(preprocessing)}
-    if config is not None:
-        meta["config"] = json.dumps(config)
-    return meta
-
-
 def check_train_state(plain: dict, tensors: dict[str, torch.Tensor], where) -> None:
     """Raise CheckpointError unless a state file holds what resuming needs, of the right types."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{where} is damaged: {what}; resume from another checkpoint (copy it to "
-                                  f"a new run directory) or start again"[:500])
+    need = needing(f"{where} is damaged: ", "; resume from another checkpoint (copy it to a new run directory) "
+                   "or start again", CheckpointError, limit=500)
 
     def integer(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -135,9 +126,7 @@ class RunDir:
         try:
             target.mkdir(parents=True)  # fails if another process made it meanwhile: then it is not ours
             made = True
-            weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            with atomic_write(target / MODEL_FILE) as tmp:
-                save_file(weights, str(tmp), metadata=meta)
+            write_model_file(target / MODEL_FILE, model, meta)  # the one writer of the model file format
             opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
             tensors = {**opt_tensors, **rng_state(), **(extra_tensors or {})}
             state_meta = {"format": "densenet.state/1", "optimizer": json.dumps(opt_plain),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import AUGMENTATIONS, get_dataset_spec
-from ..utils.validate import check_types
+from ..utils.validate import check_types, needing
 
 ModelArg = int | float | bool | str | list
 
@@ -70,10 +70,7 @@ class TrainConfig:
     progress: bool = True  # a progress bar per epoch
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"config: {msg}")
-
+        need = needing("config: ")
         check_types(self, "config")  # YAML/TOML can put a list, a string or NaN anywhere
         get_dataset_spec(self.dataset)
         need(self.augment is None or self.augment in AUGMENTATIONS + ("auto",),

@@ -1,4 +1,5 @@
-"""Type checks for the config dataclasses, from their annotations.
+"""Checks of what comes in: `need` (one condition, one clear line) and type checks for the config
+dataclasses, from their annotations.
 
 Settings come from YAML, TOML, JSON and `--model-arg KEY=VALUE`, which can put a list, a string, a null
 or NaN anywhere. Checked here, each is a ValueError naming the setting; unchecked, it was a TypeError
@@ -10,7 +11,23 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
+
+
+def need(ok: bool, message: str, error: type[Exception] = ValueError, limit: int | None = None) -> None:
+    """Raise `error(message)` unless `ok`; a message longer than `limit` characters is cut there (a
+    value read from a file can be any length)."""
+    if not ok:
+        raise error(message[:limit])
+
+
+def needing(prefix: str, suffix: str = "", error: type[Exception] = ValueError,
+            limit: int | None = None) -> Callable[[bool, str], None]:
+    """`need` for one place, whose every message reads prefix + detail + suffix:
+    `need = needing("ResNetConfig: ")`, then `need(self.groups >= 1, "groups must be >= 1")`."""
+    def check(ok: bool, detail: str) -> None:
+        need(ok, prefix + detail + suffix, error, limit)
+    return check
 
 
 def check_types(obj: Any, where: str) -> None:

@@ -1,0 +1,200 @@
+"""Named experiment grids: every cell an ordinary training run with the paper's recipe, the results
+tabulated beside the published numbers.
+
+    OUT/<row>/<setting>/seed<i>/   a run directory of `densenet train` (resumable)
+    OUT/results.md, OUT/results.csv
+
+A cell whose run directory holds summary.json is done and skipped; one with a checkpoint is resumed;
+the others start. Interrupting the grid and running the same command again continues it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..paper import SETTING_DATA, TABLE2, TABLE2_BY_KEY, TABLE2_ROWS, TABLE2_SETTINGS, published_error
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str  # a row of Table 2 (paper.TABLE2_BY_KEY), or any registered model name
+    setting: str  # C10, C10+, C100, C100+, SVHN
+    seed: int
+
+    @property
+    def published(self) -> float | None:
+        return published_error(self.row, self.setting)
+
+    @property
+    def model(self) -> str:
+        """The registered network the row trains."""
+        r = TABLE2_BY_KEY.get(self.row)
+        return r.model if r is not None and r.model else self.row
+
+    def recipe(self):
+        """The recipe of the row for its setting (densenet.recipes), None: DenseNet's for the dataset."""
+        from ..recipes import get_recipe, recipe_for
+
+        dataset = SETTING_DATA[self.setting][0]
+        r = TABLE2_BY_KEY.get(self.row)
+        if r is not None and r.recipe:
+            return get_recipe(f"{r.recipe}-{'svhn' if dataset == 'svhn' else 'cifar'}")
+        return recipe_for(self.model, dataset)
+
+    def path(self, out: Path) -> Path:
+        return out / self.row / self.setting / f"seed{self.seed}"
+
+
+GRIDS: dict[str, dict] = {
+    "table2": {"rows": list(TABLE2), "settings": list(TABLE2_SETTINGS),
+               "about": "Table 2: the six DenseNet configurations on C10, C10+, C100, C100+ and SVHN"},
+    "resnet-vs-densenet": {"rows": ["densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
+                                    "resnet110", "preact_resnet164", "preact_resnet1001"],
+                           "settings": ["C10+"],
+                           "about": "parameter efficiency on C10+ (Figure 4 middle): DenseNet-BC against "
+                                    "(pre-activation) ResNets of similar and larger size"},
+    "table2-baselines": {"rows": [r.key for r in TABLE2_ROWS if r.model and r.key not in TABLE2],
+                         "settings": list(TABLE2_SETTINGS),
+                         "about": "Table 2's baselines (ResNet, stochastic depth, Wide ResNet, pre-activation "
+                                  "ResNet), each with its own paper's recipe, where the paper reports a number"},
+}
+
+
+def grid_cells(name: str, seeds: int = 1, only_published: bool = True) -> list[Cell]:
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}: choose one of {', '.join(GRIDS)}")
+    g = GRIDS[name]
+    cells = []
+    for row in g["rows"]:
+        for setting in g["settings"]:
+            if only_published and row in TABLE2_BY_KEY and published_error(row, setting) is None:
+                continue  # the paper reports nothing to compare with (DenseNet-BC-190 on C10)
+            cells += [Cell(row, setting, s) for s in range(seeds)]
+    return cells
+
+
+def cell_config(cell: Cell, data: dict[str, str], epochs: int | None, budget: float | None, out: Path,
+                extra: dict | None = None):
+    """The TrainConfig of a cell: its row's recipe for the setting (the row's own paper's, see
+    densenet.recipes), optionally scaled, and the protocol of the published number."""
+    from ..data import get_dataset_spec
+    from ..train.config import TrainConfig
+
+    dataset, augment = SETTING_DATA[cell.setting]
+    rec = cell.recipe()
+    if augment != "none" and rec is not None and rec.augment and rec.augment != "none":
+        augment = rec.augment  # e.g. WRN's reflection-padded crops
+    path = data.get(dataset)
+    kind = dataset
+    if path is not None and (str(path).endswith((".tar.gz", ".tgz", ".tar")) or (Path(path) / "train").is_dir()):
+        kind = "folder"  # e.g. the CIFAR-10 training images as a folder archive
+    spec = get_dataset_spec(dataset)
+    n_epochs = epochs or (max(1, round(spec.epochs * budget)) if budget else None)
+    if budget and not epochs:  # a fraction of the row's own recipe (WRN 200 epochs, stochastic depth 500, ...)
+        full = TrainConfig(model=cell.model, dataset=dataset, recipe=rec.name if rec else "dataset",
+                           val_size=0).resolve().epochs
+        n_epochs = max(1, round(full * budget))
+    settings = dict(model=cell.model, dataset=kind, data=path, augment=augment, epochs=n_epochs, seed=cell.seed,
+                    out=str(cell.path(out)), progress=False, recipe=rec.name if rec is not None else "dataset")
+    if kind == "folder":  # no test split (the CIFAR-10 images given here): report validation error
+        settings["val_size"] = spec.val_size
+    elif rec is not None and rec.val_size is not None:  # the row's protocol (stochastic depth: 45k/5k, best)
+        settings["val_size"] = rec.val_size
+    elif spec.test_on == "final":  # CIFAR: the paper's test error is of a run on all 50,000 images
+        settings["val_size"] = 0
+
+    settings.update(extra or {})
+    cfg = TrainConfig(**settings)
+    if kind == "folder":  # the setting's images as a folder (the CIFAR-10 archive): their number is known
+        full = TrainConfig(dataset=dataset, val_size=cfg.val_size, train_subset=cfg.train_subset)
+        return cfg.resolve(train_images=full.known_train_images())
+    return cfg.resolve()
+
+
+def describe(cell: Cell, cfg) -> str:
+    """The cell's recipe in one line: batch, length, schedule, weight decay, dropout, published number."""
+    length = (f"{cfg.iterations:,} it ({cfg.epochs} ep)" if cfg.milestone_unit == "iterations" and cfg.epochs
+              else f"{cfg.iterations:,} it" if cfg.milestone_unit == "iterations" else f"{cfg.epochs} ep")
+    ms = ",".join(f"{int(m):,}" if m >= 1000 else str(int(m)) for m in cfg.milestones or ())
+    warm = f" warm-up {cfg.warmup_lr:g}x{cfg.warmup_iterations}it" if cfg.warmup_iterations else ""
+    pub = cell.published
+    return (f"recipe {cfg.recipe}: batch {cfg.batch_size}, {length}, lr {cfg.lr:g} x{cfg.lr_gamma:g} after "
+            f"{ms} {'it' if cfg.milestone_unit == 'iterations' else 'ep'}{warm}, "
+            f"{'nesterov ' if cfg.nesterov else ''}momentum {cfg.momentum:g}, wd {cfg.weight_decay:g}, "
+            f"dropout {cfg.drop_rate:g}, val {cfg.val_size}, test {cfg.test_on}; "
+            f"published {'-' if pub is None else f'{pub:.2f}'}")
+
+
+def cost(cell_cfg, macs_per_image: int, train_images: int) -> float:
+    """Multiply-adds of the whole run: forward and backward ~ 3 forward passes per image per epoch."""
+    return 3.0 * macs_per_image * train_images * cell_cfg.epochs
+
+
+def status(cell: Cell, out: Path) -> str:
+    d = cell.path(out)
+    if (d / "summary.json").is_file():
+        return "done"
+    if (d / "last").exists():
+        return "partial"
+    return "todo"
+
+
+def result(cell: Cell, out: Path) -> tuple[float, str] | None:
+    f = cell.path(out) / "summary.json"
+    if not f.is_file():
+        return None
+    s = json.loads(f.read_text())
+    if s.get("test_top1_error") is not None:
+        return s["test_top1_error"], "test"
+    if s.get("val_top1_error") is not None:
+        return s["val_top1_error"], "val"
+    return None
+
+
+def write_tables(name: str, cells: list[Cell], out: Path) -> tuple[Path, Path]:
+    """results.md and results.csv: each measured error (mean +- std over seeds) beside the published."""
+    settings = list(dict.fromkeys(c.setting for c in cells))
+    rows = list(dict.fromkeys(c.row for c in cells))
+    csv_rows, md = [], [f"# {name}: measured error (%) beside the paper's\n",
+                        GRIDS[name]["about"] + ". Each cell: measured (published, difference); "
+                        "'val' marks a validation error where the data has no test split.\n",
+                        "| network | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for row in rows:
+        line = [row]
+        for setting in settings:
+            group = [c for c in cells if c.row == row and c.setting == setting]
+            found = [r for r in (result(c, out) for c in group) if r is not None]
+            pub = group[0].published if group else None
+            if not found:
+                line.append("-" if not group else f"not run ({pub:.2f})" if pub is not None else "not run")
+                continue
+            errs = [e for e, _ in found]
+            mean = statistics.fmean(errs)
+            sd = statistics.stdev(errs) if len(errs) > 1 else None
+            split = found[0][1]
+            text = f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + (" val" if split == "val" else "")
+            if pub is not None:
+                text += f" ({pub:.2f}, {mean - pub:+.2f})"
+            line.append(text)
+            csv_rows.append({"network": row, "setting": setting, "measured": round(mean, 4),
+                             "std": None if sd is None else round(sd, 4), "runs": len(errs), "split": split,
+                             "published": pub, "difference": None if pub is None else round(mean - pub, 4)})
+        md.append("| " + " | ".join(line) + " |")
+    if name.startswith("table2"):  # the methods this package does not train: their published numbers alone
+        md += ["", "Other methods of Table 2 (published only):", "",
+               "| method | depth | params | " + " | ".join(settings) + " |", "|---|---|---|" + "---|" * len(settings)]
+        for r in TABLE2_ROWS:
+            if r.model is None:
+                md.append(f"| {r.label} | {r.depth or '-'} | {r.params or '-'} | "
+                          + " | ".join(f"{r.errors[s]:.2f}" if s in r.errors else "-" for s in settings) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out / "results.md", out / "results.csv"
+    md_path.write_text("\n".join(md) + "\n")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["network", "setting", "measured", "std", "runs", "split", "published", "difference"])
+        w.writeheader()
+        w.writerows(csv_rows)
+    return md_path, csv_path

@@ -1,0 +1,106 @@
+"""The state of each cell of a grid, read from its run directory alone (whichever launcher ran it).
+
+    done     RUN/summary.json exists
+    running  an attempt holds RUN/.lock now
+    failed   the last attempt ended without finishing: RUN/error.json says why, or it died without a
+             word (killed, pre-empted, out of memory) and left only its checkpoint
+    pending  nothing has run yet, or the cell was handed to a scheduler after its last attempt
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .launchers import (ERROR_FILE, LAUNCH_FILE, LOCK_FILE, SUMMARY_FILE, _epochs_done, _read_json, checkpoint_epoch,
+                        holder)
+
+GRID_FILE = "grid.json"  # OUT/grid.json: the grid's name and cells, written by `densenet reproduce`
+
+
+@dataclass
+class CellState:
+    key: str
+    state: str  # pending, running, done, failed
+    epoch: int  # epochs finished
+    epochs: int | None  # epochs the cell trains for
+    detail: str  # where it runs / why it failed / what it measured
+    attempts: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
+    run = Path(run_dir)
+    key = key or str(run)
+    config = _read_json(run / "config.json") or {}
+    launch = _read_json(run / LAUNCH_FILE)
+    last_try = _read_json(run / LOCK_FILE)
+    epochs = config.get("epochs") or (launch or {}).get("epochs")
+    epoch = _epochs_done(run)
+    attempts = int((last_try or {}).get("attempt", 0) or 0)
+
+    def state(name: str, detail: str) -> CellState:
+        return CellState(key, name, epoch, epochs, detail, attempts)
+
+    summary = _read_json(run / SUMMARY_FILE)
+    if summary is not None:
+        err = summary.get("test_top1_error")
+        split = "test"
+        if err is None:
+            err, split = summary.get("val_top1_error"), "val"
+        return state("done", f"{split} error {err:.2f}%" if isinstance(err, (int, float)) else "finished")
+    who = holder(run)
+    if who is None:  # trained outside the launcher (e.g. `densenet train --out` by hand): the run's own lock
+        from ..train.lock import holder as run_holder
+
+        who = run_holder(run)
+    if who is not None:
+        where = f"on {who.get('host', '?')}, pid {who.get('pid', '?')}"
+        if who.get("job_id"):
+            where += f", {who.get('launcher', '')} job {who['job_id']}".replace("  ", " ")
+        return state("running", where + (f", resumed at epoch {who['resumed_at_epoch']}"
+                                         if who.get("resumed_at_epoch") else ""))
+    started = (last_try or {}).get("started", 0)
+    if launch is not None and launch.get("submitted", 0) > started:
+        job = f" as {launch.get('launcher')} job {launch['job_id']}" if launch.get("job_id") else ""
+        note = f" ({launch['note']})" if launch.get("note") else ""
+        resumes = checkpoint_epoch(run)
+        return state("pending", f"submitted{job}{note}" + (f"; resumes after epoch {resumes}" if resumes else ""))
+    error = _read_json(run / ERROR_FILE)
+    if error is not None:
+        return state("failed", str(error.get("error", "failed"))[:300])
+    if last_try is not None or (run / "last").exists():
+        return state("failed", f"stopped without finishing (killed, pre-empted or out of memory); run the same "
+                               f"command again to resume it after epoch {checkpoint_epoch(run)}")
+    return state("pending", "not started")
+
+
+def read_grid(out: str | Path) -> dict | None:
+    return _read_json(Path(out) / GRID_FILE)
+
+
+def write_grid(out: str | Path, name: str, cells: list) -> None:
+    """Record the grid's cells in OUT/grid.json (the union with any recorded before)."""
+    from ..utils.atomic import write_text_atomic
+
+    out = Path(out)
+    old = read_grid(out) or {}
+    known = [tuple(c) for c in old.get("cells", [])] if old.get("grid") == name else []
+    for c in cells:
+        t = (c.row, c.setting, c.seed)
+        if t not in known:
+            known.append(t)
+    write_text_atomic(out / GRID_FILE, json.dumps({"grid": name, "cells": [list(t) for t in known]}, indent=1) + "\n")
+
+
+def format_table(states: list[CellState]) -> str:
+    width = max([len(s.key) for s in states] + [4])
+    lines = [f"{'cell':<{width}}  {'state':<8} {'epoch':>9}  detail"]
+    for s in states:
+        ep = f"{s.epoch}/{s.epochs}" if s.epochs else str(s.epoch)
+        lines.append(f"{s.key:<{width}}  {s.state:<8} {ep:>9}  {s.detail}")
+    counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "failed")}
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(states)} cells")
+    return "\n".join(lines)
