@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -211,16 +212,9 @@ def test_reproduce_on_submitit_debug_then_status(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_launcher_package_is_one_line(tmp_path, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *a, **k):
-        if name == "ray":
-            raise ImportError("no ray here")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+    # as if ray were not installed (None in sys.modules: `import ray` raises ImportError at once; a hook
+    # on builtins.__import__ would fail ray's own `import ray` half way and leave a broken ray behind)
+    monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(LauncherError, match=r'pip install "densenet-paper\[cluster\]"'):
         launch([tiny_job(tmp_path, "x")], LaunchOptions(launcher="ray"), tmp_path)
 
