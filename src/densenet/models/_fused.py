@@ -36,7 +36,8 @@ autograd, which stores the bottleneck maps. With memory_efficient, a whole bottl
 node (`_RecomputedLayer`) that stores nothing but dropout masks and recomputes its bottleneck in the
 backward pass. Running statistics are updated once per step, in the forward pass, in every mode.
 The transition after a block is another reader of the whole buffer
-(`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
+(`transition_forward`), which finds the block's state through the block (`BlockOutputs`, set up by
+`Transition.follow`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
 
@@ -48,7 +49,10 @@ of x_l has added its part (layer l + 1 is the last reader in backward order), so
 that node returns it as the gradient of its newest chunk x_l (`_finished_grad`), the only chunk that
 ever takes a gradient, and autograd carries it into layer l's own nodes (dropout, norm2, conv2).
 The first layer's node (lo == 0) ends the block's backward pass and gives the scratch memory back.
-Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
+Each node is numbered when it is created (`_BlockState.new_node`); in debug mode (`DEBUG`, the
+environment variable DENSENET_DEBUG_FUSED=1, on in the tests) every node checks in its backward pass
+that it runs after the nodes created after it (`_BlockState.enter_backward`). A second backward pass
+over the same graph (retain_graph=True) starts from a fresh gradient buffer. Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
 returned gradients by those names. The backward passes compute in place, outside autograd, so
 higher-order gradients raise an error that names fused=False (`_no_double_backward`).
 
@@ -167,7 +171,7 @@ class _BlockState:
     """What the autograd nodes of one dense block share."""
 
     __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws", "pool", "_grad_flat",
-                 "nodes", "backward_seq")
+                 "nodes", "backward_seq", "backward_task")
 
     def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool, pool: ScratchPool):
         b, _, h, w = x0.shape
@@ -186,21 +190,34 @@ class _BlockState:
         self._grad_flat = None
         self.nodes = 0  # autograd nodes created on this state, numbered in creation order (`new_node`)
         self.backward_seq = None  # the number of the node that ran backward last in this backward pass
+        self.backward_task = None  # autograd's id of that backward pass
 
     def new_node(self) -> int:
         self.nodes += 1
         return self.nodes
 
-    def check_order(self, seq: int, node: str) -> None:
-        """Debug mode (DEBUG): the block's nodes run backward in the reverse order of their creation."""
-        if self.backward_seq is not None and seq >= self.backward_seq:
+    def enter_backward(self, seq: int, node: str) -> None:
+        """Node number `seq` starts its backward pass. A new backward pass over the block's graph
+        (retain_graph=True) starts from a fresh gradient buffer, also when the last one ended early
+        (autograd.grad of a later layer's weight, a frozen first layer). In debug mode (DEBUG), checks
+        that within one pass the nodes run in the reverse order of their creation."""
+        task = _graph_task_id()
+        if task != self.backward_task:
+            self.end_backward()
+            self.backward_task = task
+        elif DEBUG and self.backward_seq is not None and seq >= self.backward_seq:
             raise RuntimeError(
                 f"fused dense block: backward order violated: {node} (node {seq} of {self.nodes}) ran after "
-                f"node {self.backward_seq} in the same backward pass; the shared gradient buffer would be wrong "
-                "(see 'Backward order' in densenet/models/_fused.py). A partial backward pass (autograd.grad "
-                "of an inner tensor with retain_graph=True) followed by another does this: build the model "
-                "with fused=False")
+                f"node {self.backward_seq} in the same backward pass, so the shared gradient buffer is wrong "
+                "(see 'Backward order' in densenet/models/_fused.py)")
         self.backward_seq = seq
+
+    def end_backward(self) -> None:
+        """The block's backward pass is over: give the gradient buffer back."""
+        if self._grad_flat is not None:
+            self.pool.give("grad", self._grad_flat)
+        self._grad_flat = self.grad = self.dmean = self.dvar = None
+        self.backward_seq = self.backward_task = None
 
     def rows(self, lo: int, hi: int, t: torch.Tensor | None = None) -> torch.Tensor:
         """Channels [lo, hi) of the buffer (or of the gradient buffer) as a (hi - lo, N) matrix."""
@@ -222,10 +239,7 @@ class _BlockState:
         for name, ws in self._ws.items():
             self.pool.give(name, ws)
         self._ws = {}
-        if self._grad_flat is not None:
-            self.pool.give("grad", self._grad_flat)
-            self._grad_flat = self.grad = None
-        self.backward_seq = None
+        self.end_backward()
 
     def write(self, lo: int, x: torch.Tensor) -> None:
         """Store x_l (B, k, H, W) in channels [lo, lo + k) and compute its batch statistics."""
@@ -419,9 +433,14 @@ def _begin_backward(ctx) -> _BlockState:
     _no_double_backward()
     st = ctx.input.st if hasattr(ctx, "input") else ctx.st
     st.check_unmodified()
-    if DEBUG:
-        st.check_order(ctx.seq, type(ctx).__name__.removesuffix("Backward"))
+    st.enter_backward(ctx.seq, type(ctx).__name__.removesuffix("Backward"))
     return st
+
+
+def _graph_task_id() -> int:
+    """Autograd's id of the backward pass running now (private API; without it, every pass is one)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
 
 
 def _no_double_backward() -> None:
