@@ -52,8 +52,11 @@ The first layer's node (lo == 0) ends the block's backward pass and gives the sc
 Each node is numbered when it is created (`_BlockState.new_node`); in debug mode (`DEBUG`, the
 environment variable DENSENET_DEBUG_FUSED=1, on in the tests) every node checks in its backward pass
 that it runs after the nodes created after it (`_BlockState.enter_backward`). A second backward pass
-over the same graph (retain_graph=True) starts from a fresh gradient buffer. Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
-returned gradients by those names. The backward passes compute in place, outside autograd, so
+over the same graph (retain_graph=True) starts from a fresh gradient buffer.
+
+Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
+returned gradients by those names. What a node that reads the buffer needs again in its backward pass
+is one record it owns (`_BNReLUInput`, ctx.input). The backward passes compute in place, outside autograd, so
 higher-order gradients raise an error that names fused=False (`_no_double_backward`).
 
 Under torch.compile none of this runs: `dense_block_traceable` writes the same arithmetic as plain
