@@ -483,7 +483,8 @@ def test_a_second_backward_pass_after_a_partial_one(mode):
     added to the buffer the first pass left: wrong gradients, silently)."""
     grads = []
     x = torch.randn(2, 3, 8, 8, dtype=torch.double)
-    for m in (build("densenet_bc_100_k12", dict(depth=16), fused=False), build("densenet_bc_100_k12", dict(depth=16), **mode)):
+    for m in (build("densenet_bc_100_k12", dict(depth=16), fused=False),
+              build("densenet_bc_100_k12", dict(depth=16), **mode)):
         m.train()
         y = m(x)
         torch.autograd.grad(y.square().sum(), m.features.denseblock2.denselayer2.conv2.weight, retain_graph=True)

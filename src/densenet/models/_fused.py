@@ -56,8 +56,8 @@ over the same graph (retain_graph=True) starts from a fresh gradient buffer.
 
 Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
 returned gradients by those names. What a node that reads the buffer needs again in its backward pass
-is one record it owns (`_BNReLUInput`, ctx.input). The backward passes compute in place, outside autograd, so
-higher-order gradients raise an error that names fused=False (`_no_double_backward`).
+is one record it owns (`_BNReLUInput`, ctx.input). The backward passes compute in place, outside
+autograd, so higher-order gradients raise an error that names fused=False (`_no_double_backward`).
 
 Under torch.compile none of this runs: `dense_block_traceable` writes the same arithmetic as plain
 operations, which the compiler traces as one graph (no graph breaks) and fuses itself.
