@@ -8,6 +8,7 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("DENSENET_DEBUG_FUSED", "1")  # the fused block checks its backward order (_fused.DEBUG)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR_ARCHIVE = SHARED_DATA / "cifar10-train.tar.gz"

@@ -319,3 +319,248 @@ def test_autocast_gradients_as_accurate_as_the_reference_path(mode, dtype, devic
     uncentred x * scale + shift once doubled the float16 error)."""
     fused_err, plain_err = autocast_gradient_errors(mode, dtype, device)
     assert fused_err <= 1.5 * plain_err + 0.02, (fused_err, plain_err)
+
+
+# --- the fused block's parts: gradcheck, the small backward helpers, debug mode, scratch memory, the
+# block-transition unit and the one way to choose the reference path ---------------------------------------
+
+def tiny_block(memory_efficient: bool, drop_rate: float = 0.0):
+    """A 2-layer bottleneck block (k = 2, 3 input maps) and the transition after it, float64."""
+    from densenet.models.densenet import DenseBlock, DenseNetConfig, Transition
+
+    cfg = DenseNetConfig(growth_rate=2, block_config=(2, 1), bn_size=2, num_init_features=3, fused=True,
+                         memory_efficient=memory_efficient, drop_rate=drop_rate)
+    torch.manual_seed(0)
+    block, trans = DenseBlock(2, 3, cfg).double().train(), Transition(7, 3, cfg).double().train()
+    for bn in (m for m in (*block.modules(), *trans.modules()) if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():  # not 1 and 0: every term of the BN gradient counts
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    trans.follow(block)
+    return block, trans
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["default", "memeff"])
+def test_gradcheck_of_a_two_layer_block_and_its_transition(memory_efficient):
+    """torch.autograd.gradcheck (float64 finite differences) of the fused nodes' hand-written backward,
+    with respect to the input and every parameter, through the shared batch statistics: of the block's
+    output and of the transition's, which both read the block's buffer (one backward pass)."""
+    from torch.func import functional_call
+
+    block, trans = tiny_block(memory_efficient)
+    names = [n for n, _ in block.named_parameters()] + [f"t.{n}" for n, _ in trans.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in (*block.parameters(), *trans.parameters())]
+    x = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    # random projections of the outputs: 2 + 2 backward passes instead of one per output element
+    proj_block, proj_trans = torch.randn(2, 2 * 7 * 4 * 4, dtype=torch.double), torch.randn(2, 2 * 3 * 2 * 2).double()
+    nodes = set()
+
+    def f(x, *ps):
+        p = dict(zip(names, ps))
+        out = functional_call(block, {n: v for n, v in p.items() if not n.startswith("t.")}, (x,))
+        y = functional_call(trans, {n[2:]: v for n, v in p.items() if n.startswith("t.")}, (out,))
+        nodes.update(type(t.grad_fn).__name__ for t in (out, y))
+        return proj_block @ out.reshape(-1), proj_trans @ y.reshape(-1)
+
+    # fast mode: the derivative along a random direction of all inputs at once, by finite differences
+    # and by the backward pass (the full Jacobian is ~40x slower on 2 cores; a wrong term fails both)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+    assert nodes == {"_BlockOutputBackward", "_TransitionInputBackward"}  # the fused nodes, not a fallback
+
+
+def test_bn_relu_input_backward_and_finished_grad_equal_autograd():
+    """One reader of the buffer with batch statistics: dL/dx through the reader's affine map
+    (_BNReLUInput.backward) plus the term through the shared statistics (_finished_grad) is autograd's
+    gradient of relu(batch_norm(x)); dL/dgamma and dL/dbeta too."""
+    from densenet.models import _fused
+
+    x = torch.randn(3, 4, 5, 2, dtype=torch.double) * 2 + 1
+    w = torch.rand(4, dtype=torch.double) + 0.5
+    b = torch.randn(4, dtype=torch.double)
+    gy = torch.randn(3, 4, 5, 2, dtype=torch.double)
+    for batch_stats in (True, False):
+        rm, rv = torch.randn(4, dtype=torch.double), torch.rand(4, dtype=torch.double) + 0.5
+        st = _fused._BlockState(x, 4, batch_stats=batch_stats, pool=_fused.ScratchPool())
+        st.write(0, x)
+        mean, var = (st.mean, st.var) if batch_stats else (rm, rv)
+        inp = _fused._BNReLUInput(st, 4, mean, var, w, b, 1e-5)
+        z = inp.z()
+        gw, gb = inp.backward(gy.permute(1, 0, 2, 3).reshape(4, -1).clone(), z, w)
+        gx = _fused._finished_grad(st, 0, 4)
+        xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
+        yr = torch.relu(nn.functional.batch_norm(xr, None if batch_stats else rm, None if batch_stats else rv, wr, br,
+                                                 training=batch_stats, eps=1e-5))
+        torch.testing.assert_close(z.view(4, 3, 5, 2).permute(1, 0, 2, 3), yr.detach())
+        yr.backward(gy)
+        torch.testing.assert_close(gx, xr.grad)
+        torch.testing.assert_close(gw, wr.grad)
+        torch.testing.assert_close(gb, br.grad)
+
+
+@pytest.mark.parametrize("size", [(4, 6), (5, 7)])
+def test_avg_pool2_and_its_backward_equal_pytorch(size):
+    from densenet.models import _fused
+
+    z = torch.randn(3, 2, *size, dtype=torch.double, requires_grad=True)
+    ref = nn.functional.avg_pool2d(z, 2)
+    torch.testing.assert_close(_fused._avg_pool2(z.detach()), ref.detach())
+    gp = torch.randn_like(ref)
+    ref.backward(gp)
+    out = torch.full_like(z, float("nan"))  # every element written, the unpooled border with 0
+    torch.testing.assert_close(_fused._avg_pool2_backward(gp, out), z.grad)
+
+
+def test_needs_maps_gradients_by_name():
+    """The gradients a node returns are placed by the names of forward's arguments; of the chunks
+    x_0 ... x_{l-1} only the newest ever takes one."""
+    from types import SimpleNamespace
+
+    from densenet.models import _fused
+
+    names = ("st", "c", "w", "b")
+    ctx = SimpleNamespace(needs_input_grad=(False, False, True, False, True, True, True))  # 3 chunks
+    need = _fused._Needs(ctx, names)
+    assert need.w and not need.b and need.newest
+    with pytest.raises(AttributeError):
+        need.bias  # a misspelt name is an error, not False
+    g = need.gradients({"w": "gw", "b": "gb", "newest": "gx"})
+    assert g == (None, None, "gw", None, None, None, "gx")  # b is not needed: None
+    assert _fused._Needs(SimpleNamespace(needs_input_grad=(False, True)), ("st", "x")).gradients({"x": 1}) == (None, 1)
+
+
+def test_dropped_and_undrop_agree():
+    from densenet.models import _fused
+
+    x = torch.randn(2, 8, 5, 5, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    y, keep = _fused._dropped(x, 0.3)
+    assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(_fused._undrop(x, keep, 0.3), y)
+    torch.testing.assert_close(y[keep], x[keep] / 0.7)
+
+
+def test_debug_mode_is_on_in_tests():
+    from densenet.models import _fused
+
+    assert _fused.DEBUG  # tests/conftest.py sets DENSENET_DEBUG_FUSED=1 before densenet is imported
+
+
+def test_debug_mode_catches_a_backward_order_violation(monkeypatch):
+    """Within one backward pass a block's nodes must run newest first (see 'Backward order' in
+    _fused.py); a node that runs after an older one raises in debug mode."""
+    from types import SimpleNamespace
+
+    from densenet.models import _fused
+
+    st = _fused._BlockState(torch.randn(2, 3, 4, 4), 3, batch_stats=True, pool=_fused.ScratchPool())
+    st.version = _fused._version(st.buf)
+
+    def backward_pass(order):
+        class Probe(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                for seq in order:  # as the block's nodes would, numbered in creation order
+                    _fused._begin_backward(SimpleNamespace(st=st, seq=seq))
+                return g
+
+        Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
+
+    backward_pass([3, 2, 1])  # newest first: fine
+    backward_pass([3, 2])  # a new backward pass starts afresh
+    with pytest.raises(RuntimeError, match="backward order violated"):
+        backward_pass([2, 3])
+    monkeypatch.setattr(_fused, "DEBUG", False)
+    backward_pass([2, 3])  # not checked outside debug mode
+
+
+@pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
+def test_a_second_backward_pass_after_a_partial_one(mode):
+    """autograd.grad of a later layer's weight (retain_graph=True) stops before the block's first layer;
+    a later full backward pass over the same graph starts from a fresh gradient buffer (it once
+    added to the buffer the first pass left: wrong gradients, silently)."""
+    grads = []
+    x = torch.randn(2, 3, 8, 8, dtype=torch.double)
+    for m in (build("densenet_bc_100_k12", dict(depth=16), fused=False),
+              build("densenet_bc_100_k12", dict(depth=16), **mode)):
+        m.train()
+        y = m(x)
+        torch.autograd.grad(y.square().sum(), m.features.denseblock2.denselayer2.conv2.weight, retain_graph=True)
+        y.square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-10, msg=n)
+
+
+def test_scratch_memory_is_the_blocks_and_can_be_released():
+    import pickle
+    import weakref
+
+    m = densenet.create_model("densenet_bc_100_k12", depth=10).train()
+    blocks = [mod for mod in m.modules() if type(mod).__name__ == "DenseBlock"]
+    m(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(b.scratch.nbytes > 0 for b in blocks)  # kept for the next step (on the CPU)
+    assert not any("scratch" in k or "outputs" in k for k in m.state_dict())
+    assert copy.deepcopy(m).features.denseblock1.scratch.nbytes == 0  # not copied
+    assert pickle.loads(pickle.dumps(m)).features.denseblock1.scratch.nbytes == 0  # not pickled
+    kept = [weakref.ref(t) for b in blocks for t in b.scratch.free.values()]
+    m.release_scratch()
+    assert all(b.scratch.nbytes == 0 for b in blocks) and all(r() is None for r in kept)  # the memory is freed
+    m(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert blocks[0].scratch.nbytes > 0
+    m.eval()  # evaluation (or the end of training) gives it back too
+    assert all(b.scratch.nbytes == 0 for b in blocks)
+
+
+def test_the_transition_reads_the_block_it_follows(monkeypatch):
+    """A block and its transition are one unit (Transition.follow): the transition reads the block's
+    buffer when its input is the block's untouched output, and computes from its modules otherwise."""
+    from densenet.models import _fused, _inference
+
+    calls = []
+    for mod in (_fused, _inference):
+        real = mod.transition_forward
+        monkeypatch.setattr(mod, "transition_forward", lambda *a, real=real, mod=mod: calls.append(mod) or real(*a))
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).train()
+    t, block = m.features.transition1, m.features.denseblock1
+    assert t.block_outputs is block.outputs
+    x = torch.randn(2, 3, 8, 8)
+    m(x).sum().backward()
+    assert calls == [_fused, _fused]
+    with torch.no_grad():
+        m.eval()(x)
+    assert calls[2:] == [_inference, _inference]
+    calls.clear()
+    with torch.no_grad():
+        out = block(m.features.conv0(x))
+        ref = nn.Sequential(*list(t.children()))(out)  # the modules themselves
+        torch.testing.assert_close(t(out.clone()), ref)  # not the block's output: the modules
+        assert calls == []
+        torch.testing.assert_close(t(out), ref, rtol=1e-5, atol=1e-6)  # the block's output: from its buffer
+    assert calls == [_inference]
+    del out
+    assert len(block.outputs) == 0  # nothing outlives the outputs
+
+
+def test_reference_path_is_one_switch(monkeypatch):
+    """densenet.models.reference_path(): every dense block computes as fused=False does, without
+    touching the model; counting multiply-adds and exporting use it."""
+    from densenet.analysis import count_macs
+    from densenet.models import _fused, reference_path
+
+    calls = []
+    monkeypatch.setattr(_fused, "dense_block_forward", lambda *a: calls.append(1))
+    fused = build("densenet_bc_100_k12", dict(depth=16), fused=True).train()
+    plain = build("densenet_bc_100_k12", dict(depth=16), fused=False).train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.double)
+    with reference_path():
+        with reference_path():
+            pass
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)  # the same modules, the same numbers
+    assert calls == [] and fused.features.denseblock1.fused is True
+    assert count_macs(fused, (3, 8, 8)) == count_macs(plain, (3, 8, 8)) and fused.training
+    assert calls == []
+    with pytest.raises(TypeError):
+        fused(x)  # outside the context the fused path again (here: the stub)

@@ -33,7 +33,10 @@ INPUT, OUTPUT = "input", "logits"
 
 
 def reference_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode whose dense blocks take the reference (traceable) path."""
+    """A copy of `model` in eval mode whose dense blocks take the reference (traceable) path.
+
+    Kept for compatibility; the package exports within `densenet.models.reference_path()`, which
+    needs no copy."""
     from .models.densenet import DenseBlock
 
     ref = copy.deepcopy(model).eval()
@@ -58,12 +61,14 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
                               or not 7 <= opset <= 30):
         raise ValueError(f"opset {opset!r}: an ONNX opset number (e.g. 17), for --format onnx only")
     out = Path(out)
+    from .models import reference_path
+
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
-    ref = reference_copy(model)
+    ref = model  # exported within reference_path(): the traceable path
     g = torch.Generator().manual_seed(0)
     example = torch.randn(PARITY_BATCHES[0], *input_size, generator=g)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_write(out) as tmp:
+    with atomic_write(out) as tmp, reference_path():
         if format == "onnx":
             exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta, opset)
         else:

@@ -31,20 +31,17 @@ def _count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size:
     """A flop counter (FlopCounterMode) that has seen one forward pass of the reference path, in evaluation mode."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..models import reference_path
+
     was_training = model.training
-    fused = {m: m.fused for m in model.modules() if getattr(m, "fused", False) not in (False, None)}
     model.eval()
     try:
-        for m in fused:
-            m.fused = False
         p = next(model.parameters())
         x = torch.zeros((batch_size, *input_size), dtype=p.dtype, device=p.device)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, reference_path():
             model(x)
     finally:
         model.train(was_training)
-        for m, setting in fused.items():
-            m.fused = setting
     return counter
 
 

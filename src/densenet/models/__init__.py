@@ -2,9 +2,10 @@
 The classes load on first use, so that importing one family (models.resnet) loads no other."""
 import importlib
 
-_LAZY = {"DenseNet": ".densenet", "DenseNetConfig": ".densenet", "ResNet": ".resnet", "ResNetConfig": ".resnet"}
+_LAZY = {"DenseNet": ".densenet", "DenseNetConfig": ".densenet", "ResNet": ".resnet", "ResNetConfig": ".resnet",
+         "reference_path": "._fused"}
 
-__all__ = ["DenseNet", "DenseNetConfig", "ResNet", "ResNetConfig"]
+__all__ = ["DenseNet", "DenseNetConfig", "ResNet", "ResNetConfig", "reference_path"]
 
 
 def __getattr__(name: str):

@@ -36,7 +36,8 @@ autograd, which stores the bottleneck maps. With memory_efficient, a whole bottl
 node (`_RecomputedLayer`) that stores nothing but dropout masks and recomputes its bottleneck in the
 backward pass. Running statistics are updated once per step, in the forward pass, in every mode.
 The transition after a block is another reader of the whole buffer
-(`transition_forward`): it uses the shared statistics too, and pools before its 1x1 convolution
+(`transition_forward`), which finds the block's state through the block (`BlockOutputs`, set up by
+`Transition.follow`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
 
@@ -48,20 +49,27 @@ of x_l has added its part (layer l + 1 is the last reader in backward order), so
 that node returns it as the gradient of its newest chunk x_l (`_finished_grad`), the only chunk that
 ever takes a gradient, and autograd carries it into layer l's own nodes (dropout, norm2, conv2).
 The first layer's node (lo == 0) ends the block's backward pass and gives the scratch memory back.
+Each node is numbered when it is created (`_BlockState.new_node`); in debug mode (`DEBUG`, the
+environment variable DENSENET_DEBUG_FUSED=1, on in the tests) every node checks in its backward pass
+that it runs after the nodes created after it (`_BlockState.enter_backward`). A second backward pass
+over the same graph (retain_graph=True) starts from a fresh gradient buffer.
+
 Each Function names its forward arguments in `ARGS`; `_Needs` reads needs_input_grad and builds the
-returned gradients by those names. The backward passes compute in place, outside autograd, so
-higher-order gradients raise an error that names fused=False (`_no_double_backward`).
+returned gradients by those names. What a node that reads the buffer needs again in its backward pass
+is one record it owns (`_BNReLUInput`, ctx.input). The backward passes compute in place, outside
+autograd, so higher-order gradients raise an error that names fused=False (`_no_double_backward`).
 
 Under torch.compile none of this runs: `dense_block_traceable` writes the same arithmetic as plain
 operations, which the compiler traces as one graph (no graph breaks) and fuses itself.
 
-On a GPU the same code runs; `_Pool` (a CPU page-fault workaround) is bypassed there, and batch
+On a GPU the same code runs; `ScratchPool` (a CPU page-fault workaround) is bypassed there, and batch
 statistics use torch.var_mean (one pass).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import weakref
+import os
 
 import torch
 import torch.nn as nn
@@ -75,6 +83,33 @@ from torch.autograd import Function
 # computes the same function, and its activation memory is linear in depth where the reference
 # path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
 FUSED_BY_DEVICE: dict[str, bool] = {"cpu": True}
+
+# Debug mode: check invariants the fused backward relies on (the backward order of a block's nodes)
+# at every node. On with DENSENET_DEBUG_FUSED=1 (tests/conftest.py sets it), or by setting this flag.
+DEBUG: bool = os.environ.get("DENSENET_DEBUG_FUSED", "0") not in ("", "0")
+
+
+_REFERENCE_DEPTH = 0  # > 0 inside `reference_path()`
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Within this context, every DenseBlock (of every model) takes the reference path: the paper's
+    concatenate-BN-ReLU-convolution in standard modules, as fused=False computes it. The one way to
+    choose it for a model built fused: counting multiply-adds (analysis.complexity) and exporting
+    (export.py) use it. Tracing (torch.jit.trace, the TorchScript-based ONNX exporter) takes it
+    automatically: the fused path's autograd Functions and shared buffer are not traceable."""
+    global _REFERENCE_DEPTH
+    _REFERENCE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _REFERENCE_DEPTH -= 1
+
+
+def reference_path_active() -> bool:
+    """Whether dense blocks take the reference path now (`reference_path()`, or tracing)."""
+    return _REFERENCE_DEPTH > 0 or torch.jit.is_tracing()
 
 
 def default_fused(device: torch.device) -> bool:
@@ -92,7 +127,7 @@ def _plain_bn(bn) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
 
 
-class _Pool:
+class ScratchPool:
     """Scratch memory of one block kept from step to step: the workspaces and the gradient buffer.
 
     A fresh tensor of tens of MB costs page faults on first touch on the CPU (glibc returns large
@@ -100,10 +135,24 @@ class _Pool:
     (BENCHMARKS.md). A state takes what it needs and gives it back when the block's backward pass
     (or its forward pass, without autograd) is over; two states alive at once simply allocate.
     Only on the CPU: on a GPU PyTorch's caching allocator reuses freed blocks without page faults, and
-    memory held here between steps would count against the next step's peak."""
+    memory held here between steps would count against the next step's peak.
+
+    Owned by the block (`DenseBlock`, not a buffer: not in its state_dict, not copied or pickled with
+    it); `release()` (`DenseBlock.release_scratch`, also on `.eval()`) gives the memory back."""
 
     def __init__(self):
         self.free: dict[tuple, torch.Tensor] = {}
+
+    def __reduce__(self):  # copy.deepcopy and pickle: an empty pool, not the scratch tensors
+        return (ScratchPool, ())
+
+    def release(self) -> None:
+        """Drop the kept scratch tensors (the next training step allocates them again)."""
+        self.free.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.free.values())
 
     def take(self, kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cpu":
@@ -121,22 +170,13 @@ class _Pool:
             self.free[key] = t
 
 
-_POOLS: "weakref.WeakKeyDictionary[nn.Module, _Pool]" = weakref.WeakKeyDictionary()
-
-
-def _pool_of(block: nn.Module) -> _Pool:
-    pool = _POOLS.get(block)
-    if pool is None:
-        pool = _POOLS[block] = _Pool()
-    return pool
-
-
 class _BlockState:
     """What the autograd nodes of one dense block share."""
 
-    __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws", "pool", "_grad_flat")
+    __slots__ = ("out", "buf", "n", "mean", "var", "grad", "dmean", "dvar", "version", "_ws", "pool", "_grad_flat",
+                 "nodes", "backward_seq", "backward_task")
 
-    def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool, pool: _Pool):
+    def __init__(self, x0: torch.Tensor, channels: int, batch_stats: bool, pool: ScratchPool):
         b, _, h, w = x0.shape
         # the block's output (B, C, H, W), laid out channel-major; buf is the same memory as (C, B, H, W)
         self.out = torch.empty_strided((b, channels, h, w), (h * w, b * h * w, w, 1), dtype=x0.dtype,
@@ -151,6 +191,36 @@ class _BlockState:
         self._ws = {}  # name -> flat scratch tensor taken from the pool
         self.pool = pool
         self._grad_flat = None
+        self.nodes = 0  # autograd nodes created on this state, numbered in creation order (`new_node`)
+        self.backward_seq = None  # the number of the node that ran backward last in this backward pass
+        self.backward_task = None  # autograd's id of that backward pass
+
+    def new_node(self) -> int:
+        self.nodes += 1
+        return self.nodes
+
+    def enter_backward(self, seq: int, node: str) -> None:
+        """Node number `seq` starts its backward pass. A new backward pass over the block's graph
+        (retain_graph=True) starts from a fresh gradient buffer, also when the last one ended early
+        (autograd.grad of a later layer's weight, a frozen first layer). In debug mode (DEBUG), checks
+        that within one pass the nodes run in the reverse order of their creation."""
+        task = _graph_task_id()
+        if task != self.backward_task:
+            self.end_backward()
+            self.backward_task = task
+        elif DEBUG and self.backward_seq is not None and seq >= self.backward_seq:
+            raise RuntimeError(
+                f"fused dense block: backward order violated: {node} (node {seq} of {self.nodes}) ran after "
+                f"node {self.backward_seq} in the same backward pass, so the shared gradient buffer is wrong "
+                "(see 'Backward order' in densenet/models/_fused.py)")
+        self.backward_seq = seq
+
+    def end_backward(self) -> None:
+        """The block's backward pass is over: give the gradient buffer back."""
+        if self._grad_flat is not None:
+            self.pool.give("grad", self._grad_flat)
+        self._grad_flat = self.grad = self.dmean = self.dvar = None
+        self.backward_seq = self.backward_task = None
 
     def rows(self, lo: int, hi: int, t: torch.Tensor | None = None) -> torch.Tensor:
         """Channels [lo, hi) of the buffer (or of the gradient buffer) as a (hi - lo, N) matrix."""
@@ -172,9 +242,7 @@ class _BlockState:
         for name, ws in self._ws.items():
             self.pool.give(name, ws)
         self._ws = {}
-        if self._grad_flat is not None:
-            self.pool.give("grad", self._grad_flat)
-            self._grad_flat = self.grad = None
+        self.end_backward()
 
     def write(self, lo: int, x: torch.Tensor) -> None:
         """Store x_l (B, k, H, W) in channels [lo, lo + k) and compute its batch statistics."""
@@ -228,9 +296,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _no_autocast(device: torch.device):
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
-    import contextlib  # e.g. the meta device, used to count parameters and multiply-adds
-
-    return contextlib.nullcontext()
+    return contextlib.nullcontext()  # e.g. the meta device, used to count parameters and multiply-adds
 
 
 def _affine(mean, var, w, b, eps, acc):
@@ -249,9 +315,8 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
     per-channel operands (BENCHMARKS.md)."""
     c = x.shape[0]
     dst = out if out.dtype == x.dtype else torch.empty_like(x)
-    params = (w, b, mean, var)
-    if len({t.dtype for t in params}) > 1:  # e.g. float32 statistics of a float16 model: all in float32
-        w, b, mean, var = (t.to(_acc_dtype(x.dtype)) for t in params)
+    if w.dtype != mean.dtype:  # e.g. float32 statistics of a float16 model: all in float32
+        w, b, mean, var = (t.to(_acc_dtype(x.dtype)) for t in (w, b, mean, var))
     # float16/bfloat16 maps with float32 parameters (autocast): the kernel computes (x - mean) * invstd
     # in float32; x * scale + shift in the maps' own precision lost most digits when |mean| >> std
     torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
@@ -296,51 +361,46 @@ def _avg_pool2_backward(gp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 class _BNReLUInput:
     """One reader of a block's buffer: relu(BN(buffer[:, :c])), forward and backward, on (c, N) matrices.
 
-    Shared by the dense layers and the transition (`_LayerInput`, `_TransitionInput`)."""
+    A small record owned by the autograd node that reads (`_LayerInput`, `_RecomputedLayer`,
+    `_TransitionInput`: `ctx.input`), holding what its backward pass needs to recompute z and to
+    send dL/dz back into the block's gradient buffer."""
 
-    @staticmethod
-    def setup(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float):
-        x = st.rows(0, c)  # (k0 + (l-1)k, N): [x_0, ..., x_{l-1}] without a copy
-        acc = _acc_dtype(x.dtype)
-        invstd, scale, shift = _affine(mean, var, w, b, eps, acc)
-        dt = _compute_dtype(x)
-        z = st.workspace("z", c, dt)  # not kept: the backward pass recomputes it (_BNReLUInput.z)
-        _bn_relu(x, mean, var, w, b, eps, z)
-        ctx.st, ctx.c, ctx.eps, ctx.dt = st, c, eps, dt
-        ctx.batch_stats = st.mean is not None
+    __slots__ = ("st", "c", "eps", "dt", "batch_stats", "mean", "var", "invstd", "scale", "shift", "w", "b")
+
+    def __init__(self, st: _BlockState, c: int, mean, var, w, b, eps: float):
+        self.st, self.c, self.eps = st, c, eps
+        self.dt = _compute_dtype(st.buf)
+        self.batch_stats = st.mean is not None
         # mean and var may be views of the block's statistics, which later layers extend in place:
-        # kept on ctx, not in save_for_backward, whose version check would reject them.
-        ctx.stats = (mean, var, invstd, scale, shift)
-        ctx.bn = (w, b)
-        return z
+        # kept here, not in save_for_backward, whose version check would reject them.
+        self.mean, self.var = mean, var
+        self.invstd, self.scale, self.shift = _affine(mean, var, w, b, eps, _acc_dtype(st.buf.dtype))
+        self.w, self.b = w, b
 
-    @staticmethod
-    def z(ctx):
-        """The normalised input again, recomputed into the block's workspace."""
-        st, c = ctx.st, ctx.c
-        mean, var = ctx.stats[:2]
-        return _bn_relu(st.rows(0, c), mean, var, *ctx.bn, ctx.eps, st.workspace("z", c, ctx.dt))
+    def z(self) -> torch.Tensor:
+        """The normalised input into the block's workspace: computed in the forward pass, and again in
+        the backward pass (not kept)."""
+        st, c = self.st, self.c
+        return _bn_relu(st.rows(0, c), self.mean, self.var, self.w, self.b, self.eps, st.workspace("z", c, self.dt))
 
-    @staticmethod
-    def backward(ctx, gz: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
+    def backward(self, gz: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
         """gz = dL/dz (c, N) -> dL/dx into the block's gradient buffer, and dL/dgamma, dL/dbeta."""
-        st, c = ctx.st, ctx.c
-        mean, var, invstd, scale, shift = ctx.stats
+        st, c = self.st, self.c
         x = st.rows(0, c)
         torch.ops.aten.threshold_backward.grad_input(gz, z, 0, grad_input=gz)  # through the ReLU, in place
         # dL/dgamma and dL/dbeta: per-channel sums over N; (1, c, N, 1) is a contiguous NCHW view
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gz.view(1, c, -1, 1), x.view(1, c, -1, 1), w, mean, var, None, None, False, ctx.eps,
+            gz.view(1, c, -1, 1), x.view(1, c, -1, 1), w, self.mean, self.var, None, None, False, self.eps,
             [False, True, True])
         # dL/dx through this layer's normalisation with the statistics held fixed, into the buffer
         if st.grad is None:  # the first reader in backward order (the transition) starts the buffer
             st.start_grad()
-            torch.mul(gz, scale.to(gz.dtype)[:, None], out=st.rows(0, c, st.grad))
+            torch.mul(gz, self.scale.to(gz.dtype)[:, None], out=st.rows(0, c, st.grad))
         else:
-            st.rows(0, c, st.grad).addcmul_(gz, scale.to(gz.dtype)[:, None])
-        if ctx.batch_stats:  # and through the shared statistics: accumulated, applied once per map
-            st.dmean[:c].sub_(gb * scale)
-            st.dvar[:c].sub_(0.5 * gw * scale * invstd)
+            st.rows(0, c, st.grad).addcmul_(gz, self.scale.to(gz.dtype)[:, None])
+        if self.batch_stats:  # and through the shared statistics: accumulated, applied once per map
+            st.dmean[:c].sub_(gb * self.scale)
+            st.dvar[:c].sub_(0.5 * gw * self.scale * self.invstd)
         return gw.to(w.dtype), gb.to(w.dtype)
 
 
@@ -368,6 +428,22 @@ class _Needs:
         chunks = (None,) * max(self._chunks - 1, 0) + ((grads.get("newest") if self.newest else None,)
                                                         if self._chunks else ())
         return named + chunks
+
+
+def _begin_backward(ctx) -> _BlockState:
+    """What every node's backward does first: refuse double backward, check that the block output is
+    unmodified and, in debug mode, the backward order. Returns the block's state."""
+    _no_double_backward()
+    st = ctx.input.st if hasattr(ctx, "input") else ctx.st
+    st.check_unmodified()
+    st.enter_backward(ctx.seq, type(ctx).__name__.removesuffix("Backward"))
+    return st
+
+
+def _graph_task_id() -> int:
+    """Autograd's id of the backward pass running now (private API; without it, every pass is one)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
 
 
 def _no_double_backward() -> None:
@@ -418,8 +494,10 @@ class _LayerInput(Function):
 
     @staticmethod
     def forward(ctx, st: _BlockState, c: int, mean, var, w, b, eps: float, conv_w, padding, *chunks):
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps)
-        conv_w_dt = conv_w.to(ctx.dt)
+        ctx.input = inp = _BNReLUInput(st, c, mean, var, w, b, eps)
+        ctx.seq = st.new_node()
+        z = inp.z()
+        conv_w_dt = conv_w.to(inp.dt)
         bhw = st.buf.shape[1:]
         ctx.one_by_one = conv_w.shape[-2:] == (1, 1)
         with _no_autocast(z.device):
@@ -436,31 +514,30 @@ class _LayerInput(Function):
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward()
-        st, c = ctx.st, ctx.c
-        st.check_unmodified()
+        inp = ctx.input
+        st, c, dt = _begin_backward(ctx), inp.c, inp.dt
         w, conv_w = ctx.saved_tensors
-        z = _BNReLUInput.z(ctx)
+        z = inp.z()
         need = _Needs(ctx, _LayerInput.ARGS)
         need_x = need.newest or need.w or need.b  # (only the newest chunk takes a gradient: see above)
-        g = g.to(ctx.dt)
+        g = g.to(dt)
         grads = {}
         if ctx.one_by_one:
             g2 = _pixel_major(g)  # (N, o)
             if need.conv_w:
                 grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
             if need_x:
-                gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
+                gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, dt))
         else:
             bhw = st.buf.shape[1:]
             gz4, grads["conv_w"], _ = torch.ops.aten.convolution_backward(
                 g, z.view(c, *bhw).permute(1, 0, 2, 3), conv_w, None, [1, 1], list(ctx.padding), [1, 1], False,
                 [0, 0], 1, [need_x, need.conv_w, False])
             if need_x:
-                gz = st.workspace("gz", c, ctx.dt)
+                gz = st.workspace("gz", c, dt)
                 gz.view(c, *bhw).copy_(gz4.permute(1, 0, 2, 3))
         if need_x:
-            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+            grads["w"], grads["b"] = inp.backward(gz, z, w)
             if need.newest:  # every reader of x_{l-1} has now run backward: its gradient is complete
                 grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:  # the first layer: the block's backward pass is over
@@ -480,8 +557,10 @@ class _RecomputedLayer(Function):
     @staticmethod
     def forward(ctx, st: _BlockState, c: int, mean, var, w1, b1, eps1: float, conv1_w, bn2: nn.BatchNorm2d,
                 w2, b2, conv2_w, p: float, *chunks):
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w1, b1, eps1)
-        dt, bhw = ctx.dt, st.buf.shape[1:]
+        ctx.input = inp = _BNReLUInput(st, c, mean, var, w1, b1, eps1)
+        ctx.seq = st.new_node()
+        z = inp.z()
+        dt, bhw = inp.dt, st.buf.shape[1:]
         conv1_w, conv2_w = conv1_w.to(dt), conv2_w.to(dt)
         with _no_autocast(z.device):
             y = _conv1x1(z, conv1_w, bhw)  # (B, 4k, H, W), channels_last
@@ -496,13 +575,14 @@ class _RecomputedLayer(Function):
             else:
                 mean2, var2 = bn2.running_mean, bn2.running_var
             invstd2, scale2, shift2 = _affine(mean2, var2, w2, b2, bn2.eps, _acc_dtype(st.buf.dtype))
-            u = _scale_shift_relu(y, scale2, shift2, mean2)
+            u = _scale_shift_relu(y, scale2, shift2, mean2, b2)
             out = F.conv2d(u, conv2_w, padding=1)
             if p > 0:
                 out, m2 = _dropped(out, p)
                 masks.append(m2)
         ctx.p, ctx.lo, ctx.conv_dtype = p, c - chunks[-1].shape[1], conv1_w.dtype
         ctx.bn2 = (bn2.training, mean2, var2, invstd2, scale2, shift2, bn2.eps)
+        ctx.b2 = b2
         ctx.save_for_backward(w1, conv1_w, w2, conv2_w, *masks)
         return out
 
@@ -510,9 +590,8 @@ class _RecomputedLayer(Function):
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward()
-        st, c, dt = ctx.st, ctx.c, ctx.dt
-        st.check_unmodified()
+        inp = ctx.input
+        st, c, dt = _begin_backward(ctx), inp.c, inp.dt
         w1, conv1_w, w2, conv2_w, *masks = ctx.saved_tensors
         training2, mean2, var2, invstd2, scale2, shift2, eps2 = ctx.bn2
         need = _Needs(ctx, _RecomputedLayer.ARGS)
@@ -520,11 +599,11 @@ class _RecomputedLayer(Function):
         g = g.to(dt)
         if ctx.p > 0:
             g = _undrop(g, masks[1], ctx.p)
-        z = _BNReLUInput.z(ctx)
+        z = inp.z()
         y = _conv1x1(z, conv1_w, st.buf.shape[1:])  # the bottleneck again
         if ctx.p > 0:
             y = _undrop(y, masks[0], ctx.p)
-        u = _scale_shift_relu(y, scale2, shift2, mean2)
+        u = _scale_shift_relu(y, scale2, shift2, mean2, ctx.b2)
         gu, gconv2, _ = torch.ops.aten.convolution_backward(
             g, u, conv2_w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need.conv2_w, False])
         del g
@@ -542,7 +621,7 @@ class _RecomputedLayer(Function):
             grads["conv1_w"] = torch.mm(gy2.t(), z.t()).view_as(conv1_w)
         if need_x:
             gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
-            grads["w1"], grads["b1"] = _BNReLUInput.backward(ctx, gz, z, w1)
+            grads["w1"], grads["b1"] = inp.backward(gz, z, w1)
             if need.newest:
                 grads["newest"] = _finished_grad(st, ctx.lo, c)
         if ctx.lo == 0:
@@ -551,13 +630,13 @@ class _RecomputedLayer(Function):
         return need.gradients({k: v if v is None or k not in like else v.to(like[k].dtype) for k, v in grads.items()})
 
 
-def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def _scale_shift_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
+                      beta: torch.Tensor) -> torch.Tensor:
     """relu(y * scale + shift) per channel of a channels_last y: the same operations forward and in
     the recomputation, so the recomputed maps are bitwise those of the forward pass. In float16 and
-    bfloat16, (y - mean) * scale + beta: centred first, as batch norm computes it."""
+    bfloat16, (y - mean) * scale + beta (BN's bias): centred first, as batch norm computes it."""
     y2 = _pixel_major(y)  # (N, C): the channel is the contiguous dimension
     if y.dtype in _LOW_PRECISION:
-        beta = shift + mean.to(shift.dtype) * scale
         u = torch.sub(y2, mean.to(y.dtype)).mul_(scale.to(y.dtype)).add_(beta.to(y.dtype)).relu_()
     else:
         u = torch.addcmul(shift.to(y.dtype), y2, scale.to(y.dtype)).relu_()
@@ -585,6 +664,7 @@ class _BlockOutput(Function):
     def forward(ctx, st: _BlockState, *chunks):
         ctx.set_materialize_grads(False)  # a fused transition sends its gradient through the state
         ctx.st = st
+        ctx.seq = st.new_node()
         ctx.lo = st.buf.shape[0] - chunks[-1].shape[1]
         st.version = _version(st.buf)
         # A view, not st.out itself: returning st.out would make it the output, its grad_fn this node,
@@ -596,9 +676,7 @@ class _BlockOutput(Function):
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward()
-        st = ctx.st
-        st.check_unmodified()
+        st = _begin_backward(ctx)
         c = st.buf.shape[0]
         st.add_grad(None if g is None else g.permute(1, 0, 2, 3).reshape(c, st.n))
         need = _Needs(ctx, _BlockOutput.ARGS)
@@ -615,8 +693,10 @@ class _TransitionInput(Function):
     @staticmethod
     def forward(ctx, st: _BlockState, mean, var, w, b, eps: float, conv_w, pool_first: bool, block_out):
         c = st.buf.shape[0]
-        z = _BNReLUInput.setup(ctx, st, c, mean, var, w, b, eps)
-        conv_w_dt = conv_w.to(ctx.dt)
+        ctx.input = inp = _BNReLUInput(st, c, mean, var, w, b, eps)
+        ctx.seq = st.new_node()
+        z = inp.z()
+        conv_w_dt = conv_w.to(inp.dt)
         o = conv_w.shape[0]
         bhw = st.buf.shape[1:]
         ctx.pool_first, ctx.conv_dtype, ctx.bhw = pool_first, conv_w.dtype, bhw
@@ -634,17 +714,15 @@ class _TransitionInput(Function):
 
     @staticmethod
     def backward(ctx, g):
-        _no_double_backward()
-        st = ctx.st
-        st.check_unmodified()
-        c = st.buf.shape[0]
+        inp = ctx.input
+        st, c, dt = _begin_backward(ctx), inp.c, inp.dt
         w, conv_w = ctx.saved_tensors
         need = _Needs(ctx, _TransitionInput.ARGS)
         need_x = need.w or need.b or need.block_out
-        g = g.to(ctx.dt)
+        g = g.to(dt)
         o = conv_w.shape[0]
         grads = {}
-        z = _BNReLUInput.z(ctx)
+        z = inp.z()
         if ctx.pool_first:
             zp = _avg_pool2(z.view(c, *ctx.bhw))
             g2 = g.permute(1, 0, 2, 3).reshape(o, -1)  # (o, N/4)
@@ -652,16 +730,16 @@ class _TransitionInput(Function):
                 grads["conv_w"] = torch.mm(g2, zp.view(c, -1).t()).view_as(conv_w)
             if need_x:
                 gzp = torch.mm(conv_w.view(o, c).t(), g2).view(ctx.pooled_shape)
-                gz = st.workspace("gz", c, ctx.dt)
+                gz = st.workspace("gz", c, dt)
                 _avg_pool2_backward(gzp, gz.view(c, *ctx.bhw))
         else:
             g2 = _pixel_major(g)
             if need.conv_w:
                 grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)
             if need_x:
-                gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, ctx.dt))
+                gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, dt))
         if need_x:  # dL/d(block output) goes into the block's gradient buffer, not through block_out
-            grads["w"], grads["b"] = _BNReLUInput.backward(ctx, gz, z, w)
+            grads["w"], grads["b"] = inp.backward(gz, z, w)
         if grads.get("conv_w") is not None:
             grads["conv_w"] = grads["conv_w"].to(ctx.conv_dtype)
         return need.gradients(grads)
@@ -685,15 +763,23 @@ def _stats_for(bn: nn.BatchNorm2d, st: _BlockState, c: int):
     return mean, var
 
 
-def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
-    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] for the DenseLayers of one block, fused."""
+def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool) -> tuple[torch.Tensor, _BlockState]:
+    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] for the DenseLayers of one block, fused, and the block's
+    state (buffer and statistics), which the transition after the block reads (`BlockOutputs`).
+
+    The nodes created here (one per layer, then `_BlockOutput`; `transition_forward` adds one more)
+    share the state's gradient buffer and the per-channel sums dmean and dvar, which each node adds
+    to in place. That is correct only because autograd runs them in the reverse order of their
+    creation, which holds because every node takes all the chunks x_0 ... x_{l-1} it reads as inputs:
+    see "Backward order" in the module docstring. A node that took fewer would break it silently;
+    debug mode (DEBUG) checks the order at every node."""
     batch, c, h, w = x0.shape
     k = _growth(layers[0])
     training = layers[0].norm1.training
     if training and batch * h * w == 1:
         raise ValueError("BatchNorm in training mode needs more than one value per channel: "
                          f"got a batch of {batch} with {h}x{w} maps; use a larger batch or model.eval()")
-    st = _BlockState(x0, c + len(layers) * k, batch_stats=training, pool=_pool_of(block))
+    st = _BlockState(x0, c + len(layers) * k, batch_stats=training, pool=block.scratch)
     st.write(0, x0)
     chunks = [x0]
     for layer in layers:
@@ -711,10 +797,9 @@ def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool)
         chunks.append(new)
         c += k
     out = _BlockOutput.apply(st, *chunks)
-    out._fused_block_state = st  # lets a fused transition read the buffer and statistics
     if not out.requires_grad:
         st.release()
-    return out
+    return out, st
 
 
 def dense_block_traceable(layers, x0: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
@@ -779,15 +864,42 @@ def _version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-def block_state(x: torch.Tensor) -> _BlockState | None:
-    """The state of the fused block that returned x, if x is that output, untouched."""
-    st = getattr(x, "_fused_block_state", None)
-    if st is None or _version(st.buf) != st.version:
-        return None
-    return st
+class BlockOutputs:
+    """How a dense block hands its output's internals to the transition after it, explicitly: the
+    block records each output it returns with what produced it (`record`); the transition, given
+    the same object (`Transition.follow`), looks its input up (`get`). A _BlockState for the fused
+    training path, an `_inference.FrozenOutput` for the eval path; anything else (a tensor modified
+    in place, another module's output) finds nothing and takes the transition's reference path.
+
+    Entries are keyed by the output tensor's identity and live exactly as long as that tensor.
+    Not copied or pickled with the model (`__reduce__`: an empty registry)."""
+
+    def __init__(self):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._by_output = WeakIdKeyDictionary()
+
+    def __reduce__(self):
+        return (BlockOutputs, ())
+
+    def __len__(self) -> int:
+        return len(self._by_output)
+
+    def record(self, out: torch.Tensor, what) -> torch.Tensor:
+        self._by_output[out] = what
+        return out
+
+    def get(self, x: torch.Tensor):
+        """What produced x, if x is an output of the block, untouched since."""
+        what = self._by_output.get(x)
+        if isinstance(what, _BlockState) and _version(what.buf) != what.version:
+            return None
+        return what
 
 
-def transition_supported(transition, st: _BlockState) -> bool:
+def transition_supported(transition, st) -> bool:
+    if not isinstance(st, _BlockState):
+        return False
     bn = transition.norm
     return _plain_bn(bn) and bn.training == (st.mean is not None)
 

@@ -146,16 +146,19 @@ def _bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, out: torch.Tensor) -> torch.Te
 
 
 class FrozenOutput:
-    """What a transition reading an eval-mode block's output needs: the block buffer, (C, B, H, W)."""
+    """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock records
+    it in the block's `_fused.BlockOutputs`): that output is the block buffer, channel-major. It holds
+    nothing: a reference to the buffer, a view of the output, would keep the output alive."""
 
-    __slots__ = ("buf",)  # not the output itself: it holds this record (no reference cycle)
+    __slots__ = ()
 
-    def __init__(self, buf):
-        self.buf = buf
+
+FROZEN_OUTPUT = FrozenOutput()
 
 
 def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Tensor:
-    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), a channel-major view of the buffer."""
+    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), a channel-major view of the
+    buffer (the caller records it with FROZEN_OUTPUT for the transition)."""
     frozen = _frozen(block, layers)
     b, c, h, w = x0.shape
     n = b * h * w
@@ -177,13 +180,13 @@ def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Ten
             new = F.conv2d(z.view(c, b, h, w).permute(1, 0, 2, 3), w2, padding=pad)
         buf[c:c + k].copy_(new.permute(1, 0, 2, 3))
         c += k
-    out._frozen_block_output = FrozenOutput(buf)
     return out
 
 
-def transition_applies(transition: nn.Module, x: torch.Tensor) -> bool:
-    st = getattr(x, "_frozen_block_output", None)
-    if st is None or not _eligible(x, transition):
+def transition_applies(transition: nn.Module, x: torch.Tensor, source) -> bool:
+    """Whether the eval-mode path computes the transition of x, the output of its block (`source`:
+    what the block recorded for x)."""
+    if source is not FROZEN_OUTPUT or not _eligible(x, transition):
         return False
     return _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and type(transition.conv) is nn.Conv2d \
         and transition.conv.kernel_size == (1, 1) and _plain_conv(transition.conv) \
@@ -196,7 +199,7 @@ def transition_applies(transition: nn.Module, x: torch.Tensor) -> bool:
 def transition_forward(transition: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BN-ReLU-AvgPool2x2-Conv1x1 (pooling and a 1x1 convolution commute) of an eval-mode block's buffer;
     (B, o, H/2, W/2), channel-major."""
-    buf = x._frozen_block_output.buf
+    buf = x.permute(1, 0, 2, 3)  # x is an eval-mode block's output (transition_applies): the buffer
     c, b, h, w = buf.shape
     z = _bn_relu(buf.reshape(c, -1), transition.norm, torch.empty((c, b * h * w), dtype=x.dtype, device=x.device))
     z = z.view(c, b, h, w)[..., :h // 2 * 2, :w // 2 * 2]

@@ -187,7 +187,13 @@ def _restore_bn_buffers(bn: nn.BatchNorm2d):
 
 
 class DenseBlock(nn.ModuleDict):
-    """num_layers dense layers; returns [x_0, x_1, ..., x_L] concatenated: k0 + L*k maps."""
+    """num_layers dense layers; returns [x_0, x_1, ..., x_L] concatenated: k0 + L*k maps.
+
+    Besides its layers the block owns two things that are not state (not in its state_dict, not
+    copied or pickled with it): the scratch memory of the fused path, kept from one training step to
+    the next (`scratch`, a `_fused.ScratchPool`; `release_scratch()` frees it, and so does `.eval()`),
+    and `outputs`, through which the transition after it (`Transition.follow`) reads the buffer
+    and statistics behind the block's output instead of recomputing them."""
 
     def __init__(self, num_layers: int, in_channels: int, cfg: DenseNetConfig):
         super().__init__()
@@ -195,18 +201,30 @@ class DenseBlock(nn.ModuleDict):
             self[f"denselayer{i + 1}"] = DenseLayer(in_channels + i * cfg.growth_rate, cfg)
         self.memory_efficient = cfg.memory_efficient
         self.fused = cfg.fused
+        self.scratch = _fused.ScratchPool()
+        self.outputs = _fused.BlockOutputs()
+
+    def release_scratch(self) -> None:
+        """Free the scratch memory the fused path keeps between training steps (CPU only)."""
+        self.scratch.release()
+
+    def train(self, mode: bool = True):
+        if not mode:  # evaluation and after training: the scratch memory is not needed
+            self.release_scratch()
+        return super().train(mode)
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
         fused = _fused.default_fused(x0.device) if self.fused == "auto" else self.fused
+        # reference_path(), or tracing: the paper's modules (the fused path is not traceable)
+        fused = fused and not _fused.reference_path_active()
         if fused and not self.training and _inference.block_applies(self, layers, x0):  # eval, no autograd
-            return _inference.dense_block_forward(self, layers, x0)
-        # tracing (torch.jit.trace, the TorchScript-based ONNX exporter) records the reference path:
-        # the fused path's autograd Functions and shared buffer are not traceable
-        if fused and _fused.supported(layers) and not torch.jit.is_tracing():
+            return self.outputs.record(_inference.dense_block_forward(self, layers, x0), _inference.FROZEN_OUTPUT)
+        if fused and _fused.supported(layers):
             if torch.compiler.is_compiling():  # torch.compile: the same arithmetic, written functionally
                 return _fused.dense_block_traceable(layers, x0, self.memory_efficient)
-            return _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
+            out, state = _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
+            return self.outputs.record(out, state)
         features = [x0]
         for layer in layers:
             features.append(layer(features, self.memory_efficient))
@@ -224,15 +242,25 @@ class Transition(nn.Sequential):
         if cfg.drop_rate > 0:
             self.drop = nn.Dropout(cfg.drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.block_outputs = None  # the outputs of the block before it (`follow`)
+
+    def follow(self, block: DenseBlock) -> None:
+        """Make this transition the one after `block`: a dense block and its transition are one unit
+        whose transition reads the block's buffer and statistics (shared, not recomputed) when its
+        input is the block's untouched output; any other input takes the modules below."""
+        self.block_outputs = block.outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # no block state to read: the compiler sees this module
+        if torch.compiler.is_compiling():  # no block state to read: the compiler sees the modules
             return super().forward(x)
-        if not self.training and _inference.transition_applies(self, x):
+        outputs = getattr(self, "block_outputs", None)
+        source = None if outputs is None else outputs.get(x)  # what the block recorded for x, if its output
+        if source is None:
+            return super().forward(x)
+        if not self.training and _inference.transition_applies(self, x, source):
             return _inference.transition_forward(self, x)
-        st = _fused.block_state(x)  # x came from a fused block: read its buffer and statistics
-        if st is not None and _fused.transition_supported(self, st):
-            return _fused.transition_forward(self, st, x)
+        if _fused.transition_supported(self, source):
+            return _fused.transition_forward(self, source, x)
         return super().forward(x)
 
 
@@ -260,6 +288,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
             if i < len(cfg.block_config) - 1:
                 out = compressed_channels(c, cfg.compression)
                 self.features.add_module(f"transition{i + 1}", Transition(c, out, cfg))
+                self.features[-1].follow(self.features[-2])
                 c = out
         self.features.add_module("norm5", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
         self.features.add_module("relu5", nn.ReLU())  # a module, not in place: hooks (Grad-CAM) see it
@@ -267,6 +296,12 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         self.classifier = nn.Linear(c, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.num_features = c
         init_weights(self)
+
+    def release_scratch(self) -> None:
+        """Free the scratch memory the fused dense blocks keep between training steps (`.eval()` does too)."""
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.release_scratch()
 
     def check_input(self, x: torch.Tensor) -> None:
         check_image_batch(x, model="DenseNet", in_channels=self.config.in_channels,
