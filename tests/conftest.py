@@ -1,4 +1,6 @@
-"""Shared fixtures. The whole suite runs on 2 CPU cores; tests make their own small data."""
+"""Shared fixtures. The whole suite runs on 2 CPU cores; tests make their own small data. Plain helpers
+(data makers, a child process's environment, the fused-path comparisons) are in helpers.py: test
+modules import from there, never from one another (tests/test_hygiene.py checks it)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +20,17 @@ def cifar_archive() -> Path:
     if not CIFAR_ARCHIVE.is_file():
         pytest.skip(f"the CIFAR-10 training archive is not at {CIFAR_ARCHIVE} (CI provides ../shared/data)")
     return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """One tiny trained run shared by the deployment tests (load, predict, export), which only read it:
+    DenseNet-BC (L=10, k=6), 1 epoch on a 3-class folder of 12x12 images (12 train, 4 test per class)."""
+    from helpers import make_folder, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    folder = make_folder(root / "shapes", per_class=12, test_per_class=4, size=12)
+    return {"folder": folder, "run": train(folder, root / "run")}
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,20 @@
-"""Small real data made by the tests themselves."""
+"""Plain helpers shared by the test modules (fixtures are in conftest.py): small real data made by the
+tests themselves, the environment of a child `densenet` process, a tiny trained run, and the
+comparison of the fused and memory-efficient paths against the reference one. Test modules import from
+here, never from one another."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# a child process (`python -m densenet.cli ...`) imports this checkout's package, on one thread
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "OMP_NUM_THREADS": "1"}
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -38,3 +48,50 @@ def make_folder(root: Path, per_class: int = 24, test_per_class: int = 6, size: 
             for i in range(n):
                 Image.fromarray(_image(c, i, size, rng)).save(d / f"{i:04d}.png")
     return root
+
+
+def train(folder, out, **kw):
+    """A tiny run (DenseNet-BC, L=10, k=6, 1 epoch) on an image folder; returns `out`."""
+    from densenet.train import TrainConfig, fit
+
+    base = dict(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 6}, dataset="folder",
+                data=str(folder), epochs=1, batch_size=16, val_size=9, progress=False, tensorboard=False,
+                out=str(out))
+    fit(TrainConfig(**{**base, **kw}))
+    return out
+
+
+# --- the fused and memory-efficient paths against the reference one (test_fused, test_cuda) ------------
+
+MODES = [dict(fused=True, memory_efficient=False), dict(fused=True, memory_efficient=True),
+         dict(fused=False, memory_efficient=True)]
+NETS = [("densenet_bc_100_k12", dict(depth=22, drop_rate=0.2)),
+        ("densenet_40_k12", dict(depth=13)),
+        ("densenet121", dict(block_config=(2, 3, 2, 2)))]
+
+
+def build(name, kw, device="cpu", **mode):
+    import densenet
+
+    torch.manual_seed(0)
+    return densenet.create_model(name, **kw, **mode).double().to(device)
+
+
+def train_step(model, x, seed=1):
+    torch.manual_seed(seed)  # same dropout masks in every mode
+    model.train()
+    model.zero_grad()
+    y = model(x)
+    ((y ** 2).sum() + y.sum()).backward()
+    return (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def assert_same(a, b, rtol=1e-5):
+    ya, ga, ba = a
+    yb, gb, bb = b
+    torch.testing.assert_close(ya, yb, rtol=rtol, atol=1e-10)
+    for k in gb:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=1e-10 + rtol * gb[k].abs().max().item(), msg=k)
+    for k in bb:
+        torch.testing.assert_close(ba[k], bb[k], rtol=rtol, atol=1e-10, msg=k)

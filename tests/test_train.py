@@ -19,11 +19,7 @@ from densenet.train import TrainConfig, TrainingStopped, fit
 from densenet.train.engine import make_optimizer
 from densenet.weights import read_state_dict
 
-from helpers import make_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-       "OMP_NUM_THREADS": "1"}
+from helpers import ENV, ROOT, make_folder
 
 
 @pytest.fixture
