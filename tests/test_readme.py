@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,14 +102,20 @@ def shell_expand(argv: list[str]) -> list[str]:
 
 def _run(cmd: str, cwd: Path, shorten: bool, capsys, extra: list[str] | None = None) -> tuple[int, str]:
     """A README line in `cwd`: densenet commands in this process (as `densenet`, without a new
-    interpreter's start-up), shell lines (python -c, echo) by the shell, as written; `extra` is appended."""
+    interpreter's start-up), other lines (torchrun, python -c, echo) by bash, as written; `extra` is appended."""
     argv = densenet_argv(cmd)
-    if argv is None:
+    if argv is None or cmd.split()[0] != "densenet":  # torchrun, python -c, echo: by the shell
         line = re.sub(r"\s#[^'\"]*$", "", cmd) + "".join(" " + shlex.quote(a) for a in extra) if extra else cmd
         env = {**os.environ, "PYTHONPATH": ENV["PYTHONPATH"], "OMP_NUM_THREADS": "1"}  # HOME as the test set it
-        r = subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-                           executable="/bin/bash")
-        return r.returncode, r.stdout + r.stderr
+        with subprocess.Popen(line, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, executable="/bin/bash", start_new_session=True) as proc:
+            try:
+                out, _ = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:  # torchrun's workers too: the whole process group
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+                raise AssertionError(f"{cmd!r} ran for more than 300 s:\n{out[-3000:]}") from None
+        return proc.returncode, out
     argv = shell_expand(argv) + (extra or [])
     if shorten and argv[0] == "train":
         argv = argv + SHORT_TRAIN
@@ -184,8 +191,9 @@ def test_first_screen_exactly_as_written(tmp_path, capsys):
 
 # Appended to README's commands in the full run, and why (argparse: the last occurrence of an option wins).
 TINY = ["--epochs", "1", "--val-size", "20", "--depth", "10", "--growth-rate", "6", "--no-progress"]
+# torchrun's 8 processes: 2 images each, every batch full (48 training, 24 val and 24 test images)
 IMAGENET_TINY = ["--epochs", "1", "--model-arg", "block_config=1,1,1,1", "--image-size", "32", "--resize", "36",
-                 "--batch-size", "8", "--workers", "0", "--no-progress"]
+                 "--batch-size", "16", "--eval-batch-size", "16", "--workers", "0", "--no-progress"]
 
 
 def stand_in(cmd: str) -> list[str]:
@@ -209,7 +217,7 @@ def _stand_in_home(home: Path) -> None:
     make_cifar10(home / "data" / "cifar", per_batch=20, test=20)  # batches of 64 fit
     make_svhn(home / "data" / "svhn", train=60, extra=40, test=20)
     make_cifar_archive(home / "data" / "cifar10-train.tar.gz", per_class=10)
-    make_folder(home / "data" / "imagenet", per_class=4, test_per_class=2, size=40, val=True)
+    make_folder(home / "data" / "imagenet", per_class=16, test_per_class=8, size=40, val=True)
 
 
 @pytest.mark.slow
