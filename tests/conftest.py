@@ -1,7 +1,10 @@
-"""Shared fixtures. The whole suite runs on 2 CPU cores; tests make their own small data."""
+"""Shared fixtures. The whole suite runs on 2 CPU cores; tests make their own small data. Plain helpers
+(data makers, a child process's environment, the fused-path comparisons) are in helpers.py: test
+modules import from there, never from one another (tests/test_hygiene.py checks it)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,48 @@ def cifar_archive() -> Path:
     if not CIFAR_ARCHIVE.is_file():
         pytest.skip(f"the CIFAR-10 training archive is not at {CIFAR_ARCHIVE} (CI provides ../shared/data)")
     return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """One tiny trained run shared by the deployment tests (load, predict, export), which only read it:
+    DenseNet-BC (L=10, k=6), 1 epoch on a 3-class folder of 12x12 images (12 train, 4 test per class)."""
+    from helpers import make_folder, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    folder = make_folder(root / "shapes", per_class=12, test_per_class=4, size=12)
+    return {"folder": folder, "run": train(folder, root / "run")}
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """huggingface_hub in offline mode over a cache directory; HfApi's uploads land in that cache, laid out
+    as the Hub's (models--ORG--NAME/refs/main, snapshots/<commit>/...). Skips without huggingface_hub."""
+    hf = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as constants
+
+    from helpers import HUB_COMMIT as COMMIT
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    uploads = []
+
+    def create_repo(self, repo_id, **kw):
+        return f"https://hub.invalid/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder_path, repo / "snapshots" / COMMIT, dirs_exist_ok=True)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return f"https://hub.invalid/{repo_id}/commit/{COMMIT}"
+
+    monkeypatch.setattr(hf.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(hf.HfApi, "upload_folder", upload_folder)
+    return uploads
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import torch
 
 import densenet
 
-from test_fused import MODES, NETS, assert_same, train_step
+from helpers import MODES, NETS, assert_same, train_step
 
 pytestmark = pytest.mark.cuda
 

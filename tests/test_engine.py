@@ -101,7 +101,7 @@ def test_known_training_set_sizes():
 def test_reproduce_cost_counts_the_images_each_cell_trains_on(tmp_path, monkeypatch, capsys):
     """C10+ trains on all 50,000 images (the paper's protocol), SVHN on train + extra less the
     authors' 6,000, the CIFAR-10 images given as a folder on 50,000 less a 5,000 hold-out."""
-    import densenet.analysis.reproduce as reproduce
+    import densenet.grid.reproduce as reproduce
     from densenet.cli import main
 
     seen = {}

@@ -12,18 +12,13 @@ import densenet
 import densenet.export
 from densenet.cli import main
 
-from test_inference import train
-
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from helpers import make_folder
-
-    root = tmp_path_factory.mktemp("export")
-    return train(make_folder(root / "shapes", per_class=12, test_per_class=2, size=12), root / "run")
+def run(tiny_run):
+    return tiny_run["run"]
 
 
 def export_json(capsys, *argv) -> dict:

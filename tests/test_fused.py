@@ -10,36 +10,7 @@ import torch.nn as nn
 
 import densenet
 
-MODES = [dict(fused=True, memory_efficient=False), dict(fused=True, memory_efficient=True),
-         dict(fused=False, memory_efficient=True)]
-NETS = [("densenet_bc_100_k12", dict(depth=22, drop_rate=0.2)),
-        ("densenet_40_k12", dict(depth=13)),
-        ("densenet121", dict(block_config=(2, 3, 2, 2)))]
-
-
-def build(name, kw, device="cpu", **mode):
-    torch.manual_seed(0)
-    return densenet.create_model(name, **kw, **mode).double().to(device)
-
-
-def train_step(model, x, seed=1):
-    torch.manual_seed(seed)  # same dropout masks in every mode
-    model.train()
-    model.zero_grad()
-    y = model(x)
-    ((y ** 2).sum() + y.sum()).backward()
-    return (y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            {n: b.clone() for n, b in model.named_buffers()})
-
-
-def assert_same(a, b, rtol=1e-5):
-    ya, ga, ba = a
-    yb, gb, bb = b
-    torch.testing.assert_close(ya, yb, rtol=rtol, atol=1e-10)
-    for k in gb:
-        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=1e-10 + rtol * gb[k].abs().max().item(), msg=k)
-    for k in bb:
-        torch.testing.assert_close(ba[k], bb[k], rtol=rtol, atol=1e-10, msg=k)
+from helpers import MODES, NETS, assert_same, build, train_step
 
 
 @pytest.mark.parametrize("name, kw", NETS)

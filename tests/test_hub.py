@@ -4,8 +4,6 @@ create_model(pretrained="hf-hub:...") read it back through huggingface_hub with 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,37 +11,11 @@ import torch
 import densenet
 import densenet.hub
 
+from helpers import HUB_COMMIT as COMMIT
+
 hf = pytest.importorskip("huggingface_hub")
 
 SMALL = dict(depth=16, growth_rate=4)
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """huggingface_hub in offline mode over a cache directory; HfApi's uploads land in that cache."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    uploads = []
-
-    def create_repo(self, repo_id, **kw):
-        return f"https://hub.invalid/{repo_id}"
-
-    def upload_folder(self, *, repo_id, folder_path, **kw):
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder_path, repo / "snapshots" / COMMIT, dirs_exist_ok=True)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(COMMIT)
-        uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-        return f"https://hub.invalid/{repo_id}/commit/{COMMIT}"
-
-    monkeypatch.setattr(hf.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(hf.HfApi, "upload_folder", upload_folder)
-    return uploads
 
 
 def _model():

@@ -15,27 +15,17 @@ from PIL import Image
 import densenet
 from densenet.cli import main
 from densenet.data import DataError, load_splits
-from densenet.train import TrainConfig, fit
 from densenet.train.engine import evaluation_batches
 
-from helpers import make_folder
-from test_train import ENV
-
-
-def train(folder, out, **kw):
-    base = dict(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 6}, dataset="folder",
-                data=str(folder), epochs=1, batch_size=16, val_size=9, progress=False, tensorboard=False,
-                out=str(out))
-    fit(TrainConfig(**{**base, **kw}))
-    return out
+from helpers import ENV, train
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    folder = make_folder(root / "shapes", per_class=12, test_per_class=4, size=12)
+    folder = tiny_run["folder"]
     return {"folder": folder,
-            "memory": train(folder, root / "memory"),
+            "memory": tiny_run["run"],
             "stream": train(folder, root / "stream", dataset="imagenet", image_size=8, resize=10, workers=0),
             "gray": train(None, root / "gray", dataset="digits", train_subset=64, val_size=16, data=None)}
 

@@ -1,5 +1,7 @@
 """DenseNet exactly as the paper: every registered variant's parameter count and multiply-adds,
-the construction rules, and a clear error for every configuration the rules cannot build."""
+the construction rules, and a clear error for every configuration the rules cannot build. The model
+contract shared with the baselines (bad inputs, invalid configurations, the authors' initialisation) is
+tested here once, parametrized by family."""
 from __future__ import annotations
 
 import math
@@ -98,14 +100,19 @@ def test_compression_floors_in_exact_arithmetic():
     assert m.features.transition1.conv.out_channels == math.floor(29 * (16 + 12 * 12) / 100)
 
 
-def test_authors_initialisation():
+@pytest.mark.parametrize("name, conv, bns, fan_out", [
+    # DenseNet as the authors' Lua: He normal with fan-out, not torchvision's fan-in
+    ("densenet_100_k24", "features.denseblock2.denselayer5.conv1", ("features.norm5",), 3 * 3 * 24),
+    ("resnet56", "layer3.4.conv1", ("layer3.4.bn1",), 3 * 3 * 64),  # He 2015
+])
+def test_authors_initialisation(name, conv, bns, fan_out):
     torch.manual_seed(0)
-    m = densenet.create_model("densenet_100_k24")
-    conv = m.features.denseblock2.denselayer5.conv1  # 3x3, 24 outputs
-    expected = math.sqrt(2.0 / (3 * 3 * 24))  # fan-out, not torchvision's fan-in
-    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
-    assert torch.all(m.features.norm5.weight == 1) and torch.all(m.features.norm5.bias == 0)
-    assert torch.all(m.classifier.bias == 0)
+    m = densenet.create_model(name)
+    modules = dict(m.named_modules())
+    assert modules[conv].weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.03)
+    for bn in bns:
+        assert torch.all(modules[bn].weight == 1) and torch.all(modules[bn].bias == 0)
+    assert torch.all(m.get_classifier().bias == 0)
 
 
 def test_dropout_after_every_convolution_but_the_first():
@@ -166,32 +173,55 @@ def test_imagenet_topology_minimum_input_is_29():
         m(torch.randn(1, 3, 28, 28))
 
 
+@pytest.mark.parametrize("name, kw, too_small", [
+    ("densenet_bc_100_k12", dict(depth=16), (2, 2)),
+    ("resnet20", {}, (0, 32)),  # padded downsampling: even one pixel goes through a ResNet
+])
 @pytest.mark.parametrize("x, match", [
     (torch.randn(3, 32, 32), "4-D batch"),
     (torch.randn(2, 1, 32, 32), "3 input channels got 1"),
     (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating-point"),
-    (torch.randn(2, 3, 2, 2), "too small"),
+    (None, "too small"),
 ])
-def test_bad_inputs_raise_clear_errors(x, match):
-    m = densenet.create_model("densenet_bc_100_k12", depth=16).eval()
+def test_bad_inputs_raise_clear_errors(name, kw, too_small, x, match):
+    m = densenet.create_model(name, **kw).eval()
     with pytest.raises(ValueError, match=match):
-        m(x)
+        m(torch.randn(2, 3, *too_small) if x is None else x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(depth=101), r"valid depths are 100, 106"),
-    (dict(depth=101, bottleneck=False), r"L = 3n \+ 4"),
-    (dict(compression=0.0), "0 < theta <= 1"),
-    (dict(compression=1.5), "0 < theta <= 1"),
-    (dict(growth_rate=0), "growth_rate"),
-    (dict(drop_rate=1.0), "drop_rate"),
-    (dict(num_classes=-1), "num_classes"),
-    (dict(in_channels=0), "in_channels"),
-    (dict(widht=3), "unknown option"),
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("densenet_bc_100_k12", dict(depth=101), r"valid depths are 100, 106"),
+    ("densenet_bc_100_k12", dict(depth=101, bottleneck=False), r"L = 3n \+ 4"),
+    ("densenet_bc_100_k12", dict(compression=0.0), "0 < theta <= 1"),
+    ("densenet_bc_100_k12", dict(compression=1.5), "0 < theta <= 1"),
+    ("densenet_bc_100_k12", dict(growth_rate=0), "growth_rate"),
+    ("densenet_bc_100_k12", dict(drop_rate=1.0), "drop_rate"),
+    ("densenet_bc_100_k12", dict(num_classes=-1), "num_classes"),
+    ("densenet_bc_100_k12", dict(in_channels=0), "in_channels"),
+    ("densenet_bc_100_k12", dict(widht=3), "unknown option"),
+    # the baselines
+    ("resnet20", dict(depth=21), r"valid depths are 20, 26"),
+    ("preact_resnet164", dict(depth=165), r"L = 9n \+ 2"),
+    ("wrn_28_10", dict(depth=17), r"L = 6n \+ 4"),
+    ("resnet50", dict(depth=51), "valid depths are 18, 34, 50, 101, 152"),
+    ("resnext50_32x4d", dict(depth=34), "valid depths are 50, 101, 152"),
+    ("resnet20", dict(drop_rate=0.2), "drop_rate"),  # He 2015 trains without dropout
+    ("resnet20", dict(unit="fancy"), "unit must be one of original"),
+    ("resnet20", dict(shortcut_variant="gate"), "shortcut_variant must be one of"),
+    ("resnet20", dict(stochastic_depth=0.0), "0 < p_L <= 1"),
+    ("plain20", dict(stochastic_depth=0.5), "plain network"),
+    ("resnet20", dict(planes=(64, 32, 16)), "option A zero-pads"),
+    ("resnet20", dict(widht=3), "unknown option"),
+    ("resnext29_8x64d", dict(groups=4), "cardinality"),
+    # the same type checks as DenseNetConfig: a string or a list from a config file, not a TypeError
+    ("resnet20", dict(stem_width="abc"), "ResNetConfig: stem_width must be an integer, got 'abc'"),
+    ("resnet20", dict(layers="abc"), "ResNetConfig: layers must be a list of integers"),
+    ("wrn_16_4", dict(drop_rate="0.3"), "ResNetConfig: drop_rate must be a finite number"),
+    ("resnet20", dict(gate_bias=float("nan")), "ResNetConfig: gate_bias must be a finite number"),
 ])
-def test_invalid_configurations_raise_clear_errors(kwargs, match):
+def test_invalid_configurations_raise_clear_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        densenet.create_model("densenet_bc_100_k12", **kwargs)
+        densenet.create_model(name, **kwargs)
 
 
 def test_unknown_model_suggests_names():

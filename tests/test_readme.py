@@ -2,26 +2,29 @@
 
 Every `$ densenet ...` line of README.md parses (no invented or misspelt options); the commands that
 need no data run for real as written (models, profile, reproduce --dry-run); the first screen (install
--> trained model -> figure -> exported file) and the Deploy block run for real in a fresh folder, the
-training shortened to one epoch on 128 images. --run-slow (or DENSENET_RUN_SLOW=1) also runs the first screen exactly as
-written (30 epochs: minutes on 2 CPU cores)."""
+-> trained model -> figure -> exported file), the Deploy block and every ```python block run for real in
+a fresh folder, the training shortened to one epoch on 128 images. --run-slow (or DENSENET_RUN_SLOW=1)
+also runs the first screen exactly as written (30 epochs: minutes on 2 CPU cores), and every `$ ` line
+of README in order, offline, with small stand-ins of the datasets where README's commands expect them
+(`~/data/...` in a temporary home); what each command gets appended to fit in seconds is in `STAND_IN`."""
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from densenet.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ENV, ROOT, make_cifar10, make_cifar_archive, make_folder, make_svhn
+
 README = (ROOT / "README.md").read_text()
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-       "OMP_NUM_THREADS": "1"}
 SHORT_TRAIN = ["--epochs", "1", "--train-subset", "128", "--depth", "10", "--growth-rate", "6", "--no-progress"]
 
 
@@ -73,18 +76,47 @@ def test_every_readme_command_parses(cmd, monkeypatch):
 
 
 SLOW = pytest.mark.slow  # minutes on 2 cores: run with --run-slow (tests/conftest.py)
-# `models` counts every registered network (covered by test_cli) and the table2 dry run 27 cells: slow
-CHEAP = [pytest.param(c, marks=[SLOW]) if densenet_argv(c)[0] == "models" or "table2" in c else c
-         for c in ALL if densenet_argv(c)[0] in ("models", "profile") or "--dry-run" in c]
+# `models` and the table2 dry run (27 cells counted: half a minute) run in the slow test of every command
+CHEAP = [c for c in ALL if densenet_argv(c)[0] == "profile" or "--dry-run" in c and "table2" not in c]
 
 
-def _run(cmd: str, cwd: Path, shorten: bool, capsys) -> tuple[int, str]:
+def python_blocks() -> list[str]:
+    """README's ```python blocks, in order."""
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def shell_expand(argv: list[str]) -> list[str]:
+    """What bash does to README's words before `densenet` sees them: `~` at the start of a word or after
+    the `=` of an assignment-like word (`cifar10=~/data/cifar`), and `$VAR`."""
+    out = []
+    for a in argv:
+        a = os.path.expandvars(a)
+        key, eq, value = a.partition("=")
+        if a.startswith("~"):
+            a = os.path.expanduser(a)
+        elif eq and key.isidentifier() and value.startswith("~"):
+            a = key + "=" + os.path.expanduser(value)
+        out.append(a)
+    return out
+
+
+def _run(cmd: str, cwd: Path, shorten: bool, capsys, extra: list[str] | None = None) -> tuple[int, str]:
     """A README line in `cwd`: densenet commands in this process (as `densenet`, without a new
-    interpreter's start-up), shell lines (python -c, echo) by the shell, as written."""
+    interpreter's start-up), other lines (torchrun, python -c, echo) by bash, as written; `extra` is appended."""
     argv = densenet_argv(cmd)
-    if argv is None:
-        r = subprocess.run(cmd, shell=True, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-        return r.returncode, r.stdout + r.stderr
+    if argv is None or cmd.split()[0] != "densenet":  # torchrun, python -c, echo: by the shell
+        line = re.sub(r"\s#[^'\"]*$", "", cmd) + "".join(" " + shlex.quote(a) for a in extra) if extra else cmd
+        env = {**os.environ, "PYTHONPATH": ENV["PYTHONPATH"], "OMP_NUM_THREADS": "1"}  # HOME as the test set it
+        with subprocess.Popen(line, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, executable="/bin/bash", start_new_session=True) as proc:
+            try:
+                out, _ = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:  # torchrun's workers too: the whole process group
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+                raise AssertionError(f"{cmd!r} ran for more than 300 s:\n{out[-3000:]}") from None
+        return proc.returncode, out
+    argv = shell_expand(argv) + (extra or [])
     if shorten and argv[0] == "train":
         argv = argv + SHORT_TRAIN
     old = os.getcwd()
@@ -120,11 +152,107 @@ def _first_screen_then_deploy(tmp_path: Path, shorten: bool, capsys) -> None:
     assert (tmp_path / "digits.pt").is_file()
 
 
-def test_first_screen_and_deploy_run_in_a_fresh_folder(tmp_path, capsys):
+def _python_blocks_run(cwd: Path, monkeypatch) -> None:
+    """Each ```python block of README, in a fresh namespace, in `cwd` (a fresh clone's root: it holds
+    hubconf.py and what the first screen and Deploy made), offline: torchvision's densenet121 file is a
+    stand-in (random weights in its layout) where torchvision caches it, and the Hub is a local cache."""
+    import torchvision
+
+    import densenet
+
+    (cwd / "hubconf.py").write_text((ROOT / "hubconf.py").read_text())  # `torch.hub.load(".", ...)`
+    monkeypatch.setenv("TORCH_HOME", str(cwd / ".torch"))  # torch.hub.get_dir(): $TORCH_HOME/hub
+    checkpoints = cwd / ".torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torchvision.models.densenet121().state_dict(), checkpoints / "densenet121-a639ec97.pth")
+    monkeypatch.chdir(cwd)
+    blocks = python_blocks()
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        namespace: dict = {}
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+    assert isinstance(namespace["model"], densenet.DenseNet) and namespace["probs"].shape == (1, 10)
+    assert namespace["embedding"].shape == (1, 1024)
+
+
+def test_first_screen_deploy_and_python_blocks_run_in_a_fresh_folder(tmp_path, capsys, monkeypatch, offline_hub):
     _first_screen_then_deploy(tmp_path, shorten=True, capsys=capsys)
+    _python_blocks_run(tmp_path, monkeypatch)
+    assert [repo for repo, _ in offline_hub] == ["me/digits"]  # push_to_hub's upload, into the local Hub cache
 
 
 @pytest.mark.slow
 @SLOW
 def test_first_screen_exactly_as_written(tmp_path, capsys):
     _first_screen_then_deploy(tmp_path, shorten=False, capsys=capsys)
+
+
+# --- every README command, in order, on stand-ins of the datasets ---------------------------------------
+
+# Appended to README's commands in the full run, and why (argparse: the last occurrence of an option wins).
+TINY = ["--epochs", "1", "--val-size", "20", "--depth", "10", "--growth-rate", "6", "--no-progress"]
+# torchrun's 8 processes: 2 images each, every batch full (48 training, 24 val and 24 test images)
+IMAGENET_TINY = ["--epochs", "1", "--model-arg", "block_config=1,1,1,1", "--image-size", "32", "--resize", "36",
+                 "--batch-size", "16", "--eval-batch-size", "16", "--workers", "0", "--no-progress"]
+
+
+def stand_in(cmd: str) -> list[str]:
+    """The options appended to a README command so that it runs in seconds on the stand-ins."""
+    argv = densenet_argv(cmd) or shlex.split(cmd)
+    if "--resume" in argv:
+        return ["--epochs", "2", "--no-progress"]  # one more epoch than the shortened run: it continues
+    if "train" in argv and "imagenet" in argv:  # densenet121 on 224-pixel crops: one unit per block, 32 pixels
+        return IMAGENET_TINY
+    if argv[:1] == ["train"]:  # 300 (C10), 40 (SVHN) or 30 (digits) epochs, L=100: one epoch of L=10, k=6
+        return TINY
+    if argv[:2] == ["reproduce", "resnet-vs-densenet"]:  # six networks x 30 epochs: one small cell, 1 epoch
+        return ["--only", "densenet_bc_100_k12/C10+", "--epochs", "1"]
+    if argv[:1] == ["reproduce"] and "--launcher" in argv:  # needs a SLURM cluster: list what it would submit
+        return ["--dry-run"]
+    return []
+
+
+def _stand_in_home(home: Path) -> None:
+    """~/data as README's commands expect it, with small stand-ins in the official formats."""
+    make_cifar10(home / "data" / "cifar", per_batch=20, test=20)  # batches of 64 fit
+    make_svhn(home / "data" / "svhn", train=60, extra=40, test=20)
+    make_cifar_archive(home / "data" / "cifar10-train.tar.gz", per_class=10)
+    make_folder(home / "data" / "imagenet", per_class=16, test_per_class=8, size=40, val=True)
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_offline_on_stand_ins(tmp_path, capsys, monkeypatch):
+    """Every `$ ` line of README, in README's order, in a fresh folder (the clone's root) with a home
+    whose ~/data holds stand-ins of CIFAR-10, SVHN, the CIFAR-10 image archive and an ImageNet folder.
+    Offline: any URL opened fails the test. Not run here: `pip install -e` (the suite runs from it),
+    `pytest` (this is it)."""
+    import urllib.request
+
+    import torchvision.datasets.cifar
+    import torchvision.datasets.svhn
+
+    home, cwd = tmp_path / "home", tmp_path / "clone"
+    cwd.mkdir()
+    _stand_in_home(home)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USER", "me")
+    # the stand-ins are not the official files, whose md5 sums torchvision checks
+    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn):
+        monkeypatch.setattr(module, "check_integrity", lambda *a, **kw: True)
+
+    def offline(*a, **kw):
+        raise AssertionError(f"a README command opened a URL: {a[:1]}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cluster = console_commands("Grids on a cluster (SLURM, Ray)")
+    for cmd in console_commands():
+        if cmd.startswith("densenet reproduce status"):  # the SLURM grid was only listed (--dry-run):
+            cmd = cmd.replace("/scratch/$USER/table2", "grid-rd")  # the status of the grid trained above
+            assert cmd in [c.replace("/scratch/$USER/table2", "grid-rd") for c in cluster]
+        argv = densenet_argv(cmd) or [""]
+        code, out = _run(cmd, cwd, False, capsys, stand_in(cmd))
+        failing_image = argv[0] == "predict" and ("corrupt.png" in argv or "." in argv)  # exit status 1, as said
+        assert code == (1 if failing_image else 0), (cmd, out)
+    for run in ("digits", "c10plus", "c10", "svhn", "c10-folder", "in1k", "c10-bc40-k12"):
+        assert (cwd / "runs" / run / "last" / "model.safetensors").is_file(), run
+    assert (cwd / "grid-rd" / "results.md").is_file() and (cwd / "docs" / "figures" / "c10-bc40-k12-reuse.png").is_file()

@@ -30,8 +30,7 @@ from densenet.train.checkpoint import RunDir
 from densenet.train.lock import DirLock, LockedError, holder
 from densenet.weights import CheckpointError, NonFiniteWeightsWarning, load_model
 
-from helpers import make_folder
-from test_train import ENV
+from helpers import ENV, make_folder
 
 
 def cfg(folder, out, **kw):

@@ -37,15 +37,23 @@ def to_old_style(sd):
     return {OLD_KEY.sub(lambda m: f"{m.group(1)}.{m.group(2)}", k): v for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("name", ["densenet121", pytest.param("densenet161", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("style", ["current", "old", "dataparallel_old_no_nbt"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name, style", [
+    # DenseNet: current key names, the published files' old ones (`norm.1`), DataParallel's prefix
+    *[(n, s) if n == "densenet121" else pytest.param(n, s, marks=SLOW)
+      for n in ("densenet121", "densenet161") for s in ("current", "old", "dataparallel_old_no_nbt")],
+    # the baselines of torchvision's zoo
+    ("resnet18", "current"), ("resnet50", "dataparallel_no_nbt"), ("resnext50_32x4d", "current"),
+])
 def test_torchvision_checkpoint_gives_torchvision_outputs(tmp_path, name, style):
     tv = randomised_torchvision(name)
     sd = tv.state_dict()
-    if style != "current":
+    if "old" in style:
         sd = to_old_style(sd)
         assert any(".norm.1." in k for k in sd)
-    if style == "dataparallel_old_no_nbt":
+    if style.startswith("dataparallel"):
         sd = {"module." + k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / f"{name}.pth"
     torch.save(sd, path)
@@ -53,6 +61,7 @@ def test_torchvision_checkpoint_gives_torchvision_outputs(tmp_path, name, style)
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         assert (ours(x) - tv(x)).abs().max().item() <= 1e-4
+    assert set(ours.state_dict()) == set(tv.state_dict())  # the same names, nothing more
 
 
 def test_outputs_match_for_channels_last_and_reference_path(tmp_path):

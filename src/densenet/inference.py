@@ -138,7 +138,7 @@ def predict(model: nn.Module, transform: Preprocess, paths: Iterable[str | Path]
                     error = str(e)
             results.append({"path": path, "error": error} if error else {"path": path})
         if inputs:
-            with torch.no_grad():  # not inference_mode: the fused dense block reads tensor versions
+            with torch.no_grad():  # inference_mode gives the same numbers (tests/test_fused.py::test_inference_mode)
                 probs = model(torch.stack(inputs).to(device)).float().softmax(1).cpu()
             classes = getattr(model, "classes", None) or [str(i) for i in range(probs.shape[1])]
             p, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)

@@ -1,8 +1,10 @@
 """Datasets by name, read from their official on-disk formats into memory (or streamed, for big folders).
 
 Every reader returns uint8 images (N, C, H, W) and int64 labels: `ImageSet`. Big image folders
-(ImageNet) are too large for memory and are streamed through torchvision's ImageFolder instead:
-`StreamSet`.
+(ImageNet) are too large for memory and are streamed instead: `StreamSet` holds the (path, label)
+pairs this module lists itself (`load_folder`: links followed, class folders sorted, classes taken
+from train/), which data/loader.py decodes a batch at a time through Pillow (`open_image`, pixel limit
+checked from the header). torchvision's ImageFolder is not used.
 """
 from __future__ import annotations
 
