@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from densenet.data import DataError, balanced_split, channel_stats, load_splits
-from densenet.data.loader import Batches
-from densenet.data.sources import ImageSet
+from densenet.data.loader import Batches, StreamBatches
+from densenet.data.sources import ImageSet, StreamSet
 from densenet.data.transforms import Normalization, random_crop, random_flip, ten_crop
 
 from helpers import CLASSES, make_folder
@@ -94,6 +94,32 @@ def test_batches_are_a_function_of_seed_epoch_and_step():
               for r in range(2)]
     for (x, y), (xa, ya), (xb, yb) in zip(full, *halves):
         assert torch.equal(torch.cat([xa, xb]), x) and torch.equal(torch.cat([ya, yb]), y)
+
+
+def test_every_process_gets_a_batch_at_every_step(tmp_path):
+    """Under DDP every process must take part in every step (each waits for the others' gradients): a
+    last global batch too small to give each process an image is left out, for in-memory and streamed
+    data alike (8 images on 3 processes, batch 6: the last 2 images used to leave one process without a batch)."""
+    norm = Normalization((0.5,), (0.25,))
+    for n in range(1, 30):
+        data = ImageSet(torch.zeros((n, 1, 4, 4), dtype=torch.uint8), torch.arange(n) % 3)
+        for world, batch in [(2, 2), (2, 8), (3, 6), (4, 8), (8, 16)]:
+            ranks = [list(Batches(data, batch, norm, rank=r, world_size=world)) for r in range(world)]
+            assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(Batches(data, batch, norm, world_size=world))
+            assert all(len(y) > 0 for r in ranks for _, y in r), (n, world, batch)
+            kept = sum(len(y) for r in ranks for _, y in r)  # only a last batch of fewer than world images goes
+            assert n - kept == (n % batch if 0 < n % batch and (world - 1) * -(-(n % batch) // world) >= n % batch
+                                else 0), (n, world, batch)
+    from PIL import Image
+
+    for i in range(24):
+        Image.new("L", (4, 4), i).save(tmp_path / f"{i}.png")
+    data = StreamSet([(str(tmp_path / f"{i}.png"), i % 3) for i in range(24)])  # streamed: the same rule
+    to_tensor = __import__("torchvision").transforms.ToTensor()
+    for world, batch, steps in [(8, 16, 2), (2, 16, 2), (4, 8, 3), (2, 10, 3), (4, 12, 2), (8, 8, 3)]:
+        ranks = [list(StreamBatches(data, batch, to_tensor, channels=1, workers=0, rank=r, world_size=world))
+                 for r in range(world)]
+        assert [len(r) for r in ranks] == [steps] * world and all(len(y) > 0 for r in ranks for _, y in r)
 
 
 def test_folder_directory_and_archive(tmp_path):

@@ -45,7 +45,18 @@ class _Sampling:
     channels_last: bool = field(default=False, kw_only=True)
 
     def __len__(self) -> int:
-        return _num_batches(len(self.data), self.batch_size, self.drop_last)
+        n = _num_batches(len(self.data), self.batch_size, self.drop_last)
+        rest = len(self.data) % self.batch_size
+        if n and rest and not self.drop_last and self.world_size > 1 \
+                and (self.world_size - 1) * self._per_rank(rest) >= rest:
+            # a last batch too small to give every process at least one image is left out: a process
+            # without a batch would skip the step the others wait in (DDP's gradient all-reduce) forever
+            n -= 1
+        return n
+
+    def _per_rank(self, batch: int) -> int:
+        """Images each rank takes of a global batch of `batch` images (the last rank may take fewer)."""
+        return -(-batch // self.world_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -156,12 +167,13 @@ class StreamBatches(_Sampling):
 
     def iterate(self, epoch: int = 0, start: int = 0):
         order = self.order(epoch)
-        per = -(-self.batch_size // self.world_size)
+        per = self._per_rank(self.batch_size)
         n_steps = len(self)
         index = []
         for step in range(start, n_steps):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-            index.extend(batch[self.rank * per:(self.rank + 1) * per].tolist())
+            p = self._per_rank(len(batch))  # per, or less in a short last batch (its own DataLoader batch)
+            index.extend(batch[self.rank * p:(self.rank + 1) * p].tolist())
         ds = torch.utils.data.Subset(_FolderDataset(self.data, self.transform, self.channels), index)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=per, num_workers=self.workers, pin_memory=str(self.device).startswith("cuda"),
