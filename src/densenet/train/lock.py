@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 LOCK_FILE = "densenet.lock"
+PROBE_GRACE_S = 0.25  # how long a busy lock is retried before it counts as held (holder() probes briefly)
 
 
 class LockedError(RuntimeError):
@@ -95,13 +96,23 @@ class DirLock:
         if self._fd is not None:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
+        # `holder()` probes by taking the lock for a moment: a busy lock is tried again for up to
+        # PROBE_GRACE_S before it counts as held (a run holds it for its whole length)
+        deadline = time.monotonic() + (0.0 if _probe else PROBE_GRACE_S)
         for _ in range(10):  # a holder that releases between our open and our flock: try again
             existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 import fcntl
 
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.01)
             except (ImportError, OSError) as e:
                 os.close(fd)
                 if isinstance(e, OSError) and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
