@@ -529,11 +529,15 @@ def _reproduce(args: argparse.Namespace) -> int:
         check_launcher(opts, out)
         write_grid(out, args.grid, cells)
     jobs = []
+    macs_of: dict[tuple[str, int], int] = {}  # a network's cells share its count (one per number of classes)
     for c in cells:
         cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
         dataset = SETTING_DATA[c.setting][0]
-        with torch.device("meta"):
-            macs = count_macs(create_model(c.model, num_classes=100 if dataset == "cifar100" else 10), (3, 32, 32))
+        classes = 100 if dataset == "cifar100" else 10
+        if (c.model, classes) not in macs_of:
+            with torch.device("meta"):
+                macs_of[c.model, classes] = count_macs(create_model(c.model, num_classes=classes), (3, 32, 32))
+        macs = macs_of[c.model, classes]
         n_train = cfg.known_train_images(dataset)  # the setting's dataset, also where given as a folder
         macs_run = cost(cfg, macs, n_train)
         total += macs_run
