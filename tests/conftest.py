@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per pytest-xdist worker (`-n 2` runs two workers on the 2 cores), else up to two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 os.environ.setdefault("DENSENET_DEBUG_FUSED", "1")  # the fused block checks its backward order (_fused.DEBUG)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -71,32 +72,34 @@ def _seed():
     torch.manual_seed(0)
 
 
-# --- device selection and markers -------------------------------------------------------------------------
+# --- device selection, markers and order ------------------------------------------------------------------
 # `pytest --device cuda` (or DENSENET_TEST_DEVICE=cuda) runs the tests that take the `device` fixture on
-# that device; tests marked `cuda` need a GPU and skip cleanly without one; `slow` tests (torch.compile
-# with inductor, ...) run with --run-slow (or DENSENET_RUN_SLOW=1). benchmarks/gpu_check.py runs both.
+# that device; tests marked `cuda` need a GPU and skip cleanly without one. Every other test runs by
+# default; the heavy ones are marked `slow`, so that `-m "not slow"` is the quick subset. Heavy tests run
+# first: with pytest-xdist (`-n auto`) the long ones then overlap the many short ones instead of ending
+# the run alone. benchmarks/gpu_check.py runs the CUDA tests.
 
 def pytest_addoption(parser):
     parser.addoption("--device", default=os.environ.get("DENSENET_TEST_DEVICE", "cpu"),
                      help="device for the tests that take the `device` fixture: cpu, cuda, cuda:1 "
                           "(default: $DENSENET_TEST_DEVICE or cpu)")
-    parser.addoption("--run-slow", action="store_true", default=os.environ.get("DENSENET_RUN_SLOW") == "1",
-                     help="also run the tests marked slow (or DENSENET_RUN_SLOW=1)")
+    parser.addoption("--run-slow", action="store_true",
+                     help="accepted for old command lines: the slow tests run by default now "
+                          "(-m 'not slow' leaves them out)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow: over ~20 s on 2 CPU cores (run with --run-slow)")
+    config.addinivalue_line("markers", "slow: a heavy test, over a few seconds on 2 CPU cores "
+                                       "(-m 'not slow' leaves them out)")
 
 
 def pytest_collection_modifyitems(config, items):
     cuda = torch.cuda.is_available()
-    slow = config.getoption("--run-slow")
     for item in items:
         if "cuda" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slow" in item.keywords and not slow:
-            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow or DENSENET_RUN_SLOW=1"))
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: heavy first, else as collected
 
 
 @pytest.fixture(scope="session")

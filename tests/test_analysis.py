@@ -88,6 +88,7 @@ def test_activation_memory_counts_what_backward_keeps():
     assert r["total_bytes"] == sum(r["by_stage"].values())
 
 
+@pytest.mark.slow
 def test_profile_memory_efficient_is_linear_in_depth():
     """Doubling the layers per block about doubles the memory-efficient activation memory; the plain
     reference path grows faster (the concatenations are quadratic)."""

@@ -169,6 +169,7 @@ def test_corrupt_image_names_the_file(tmp_path):
         load_splits("folder", root)
 
 
+@pytest.mark.slow
 def test_cifar10_archive_reads_through_folder(cifar_archive):
     s = load_splits("folder", cifar_archive)
     assert s.train.images.shape == (50000, 3, 32, 32) and s.test is None

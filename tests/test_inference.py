@@ -107,6 +107,7 @@ def test_unreadable_inputs_are_clear_errors(runs, odd_images, tmp_path):
         s(odd_images / "corrupt.png")
 
 
+@pytest.mark.slow
 def test_predict_json_on_awkward_images_matches_the_model(runs, odd_images):
     good = ["rgb.png", "rgba.png", "palette.png", "gray.png", "deep16.png", "large.png"]
     bad = ["corrupt.png", "notes.txt", "missing.png"]

@@ -114,6 +114,7 @@ def test_the_model_families_do_not_depend_on_each_other():
     assert "densenet.registry" not in reach("densenet.weights")
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module imported first, with none of the package loaded before it (torch stays loaded: one
     interpreter for all, so the test stays fast): an order-dependent import fails here."""

@@ -3,8 +3,8 @@
 Every `$ densenet ...` line of README.md parses (no invented or misspelt options); the commands that
 need no data run for real as written (models, profile, reproduce --dry-run); the first screen (install
 -> trained model -> figure -> exported file), the Deploy block and every ```python block run for real in
-a fresh folder, the training shortened to one epoch on 128 images. --run-slow (or DENSENET_RUN_SLOW=1)
-also runs the first screen exactly as written (30 epochs: minutes on 2 CPU cores), and every `$ ` line
+a fresh folder, the training shortened to one epoch on 128 images. The full run (the default;
+-m "not slow" leaves it out) also runs the first screen exactly as written (30 epochs: minutes on 2 CPU cores), and every `$ ` line
 of README in order, offline, with small stand-ins of the datasets where README's commands expect them
 (`~/data/...` in a temporary home); what each command gets appended to fit in seconds is in `STAND_IN`."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_every_readme_command_parses(cmd, monkeypatch):
     build_parser().parse_args(densenet_argv(cmd))  # argparse errors exit: a misspelt option fails here
 
 
-SLOW = pytest.mark.slow  # minutes on 2 cores: run with --run-slow (tests/conftest.py)
+SLOW = pytest.mark.slow  # minutes on 2 cores: -m 'not slow' leaves them out (tests/conftest.py)
 # `models` and the table2 dry run (27 cells counted: half a minute) run in the slow test of every command
 CHEAP = [c for c in ALL if densenet_argv(c)[0] == "profile" or "--dry-run" in c and "table2" not in c]
 
@@ -175,6 +175,7 @@ def _python_blocks_run(cwd: Path, monkeypatch) -> None:
     assert namespace["embedding"].shape == (1, 1024)
 
 
+@pytest.mark.slow
 def test_first_screen_deploy_and_python_blocks_run_in_a_fresh_folder(tmp_path, capsys, monkeypatch, offline_hub):
     _first_screen_then_deploy(tmp_path, shorten=True, capsys=capsys)
     _python_blocks_run(tmp_path, monkeypatch)

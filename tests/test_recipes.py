@@ -245,6 +245,7 @@ def test_figure3_resnets_are_fb_resnet_torch_single_crop_errors():
     assert [RESNEXT_TABLE3[f"resnext50_{w}"] for w in ("2x40d", "4x24d", "8x14d", "32x4d")] == [23.0, 22.6, 22.3, 22.2]
 
 
+@pytest.mark.slow
 def test_reproduce_dry_run_lists_recipe_and_published_number(capsys, tmp_path):
     from densenet.cli import main
 

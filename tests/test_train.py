@@ -264,6 +264,7 @@ def test_cli_errors_are_one_line(tmp_path, args, match):
     assert re.search(match, r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_cifar10_archive_trains_through_folder(cifar_archive, tmp_path):
     """The real CIFAR-10 images, from the archive, through the folder path: a few steps run and
     the held-out validation split is the paper's 5,000 images."""
