@@ -76,8 +76,8 @@ def _seed():
 # `pytest --device cuda` (or DENSENET_TEST_DEVICE=cuda) runs the tests that take the `device` fixture on
 # that device; tests marked `cuda` need a GPU and skip cleanly without one. Every other test runs by
 # default; the heavy ones are marked `slow`, so that `-m "not slow"` is the quick subset. Heavy tests run
-# first: with pytest-xdist (`-n auto`) the long ones then overlap the many short ones instead of ending
-# the run alone. benchmarks/gpu_check.py runs the CUDA tests.
+# first (the longest in LONGEST order): with pytest-xdist (`-n auto`) they then overlap the many short
+# ones instead of ending the run alone. benchmarks/gpu_check.py runs the CUDA tests.
 
 def pytest_addoption(parser):
     parser.addoption("--device", default=os.environ.get("DENSENET_TEST_DEVICE", "cpu"),
@@ -99,7 +99,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: heavy first, else as collected
+    # longest first (the classic rule for packing jobs onto two workers), then the other heavy ones, then
+    # the rest as collected; with the longest last, one worker would finish the run alone for minutes
+    items.sort(key=lambda item: (LONGEST.index(item.originalname) if item.originalname in LONGEST
+                                 else len(LONGEST) + ("slow" not in item.keywords)))
+
+
+# the tests over ~15 s on one core, longest first (`--durations` of a full run)
+LONGEST = ("test_first_screen_exactly_as_written", "test_every_readme_command_runs_offline_on_stand_ins",
+           "test_stored_counts_are_those_of_the_networks", "test_fuzz_each_mutation_in_its_own_process",
+           "test_submitit_local_grid_with_a_killed_and_a_preempted_cell", "test_ray_grid_with_a_killed_cell")
 
 
 @pytest.fixture(scope="session")
