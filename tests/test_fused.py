@@ -447,11 +447,12 @@ def test_debug_mode_catches_a_backward_order_violation(monkeypatch):
     backward_pass([2, 3])  # not checked outside debug mode
 
 
-@pytest.mark.parametrize("mode", MODES[:2], ids=["fused", "fused-memeff"])
+@pytest.mark.parametrize("mode", MODES, ids=["fused", "fused-memeff", "reference-memeff"])
 def test_a_second_backward_pass_after_a_partial_one(mode):
     """autograd.grad of a later layer's weight (retain_graph=True) stops before the block's first layer;
     a later full backward pass over the same graph starts from a fresh gradient buffer (it once
-    added to the buffer the first pass left: wrong gradients, silently)."""
+    added to the buffer the first pass left: wrong gradients, silently). The reference path's
+    memory-efficient mode recomputes twice (its BN-restoring context once failed the second time)."""
     grads = []
     x = torch.randn(2, 3, 8, 8, dtype=torch.double)
     for m in (build("densenet_bc_100_k12", dict(depth=16), fused=False),

@@ -169,20 +169,24 @@ class DenseLayer(nn.Module):
         return self.rest(y)
 
 
-@contextlib.contextmanager
-def _restore_bn_buffers(bn: nn.BatchNorm2d):
+class _restore_bn_buffers:
     """During recomputation, leave BN running statistics as the forward pass left them.
 
     torchvision, timm and efficient_densenet_pytorch update them a second time here (effective
     momentum 0.19, num_batches_tracked + 2 per step); the authors' Lua code restores them, as we do.
+    torch.utils.checkpoint enters this one object at every recomputation (a second backward pass over
+    a retained graph recomputes again), so it is a reusable context manager, not a generator's.
     """
-    saved = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
-    try:
-        yield
-    finally:
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        self.buffers = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+
+    def __enter__(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(self, *exc) -> None:
         with torch.no_grad():
-            for buf, old in zip([b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-                                 if b is not None], saved):
+            for buf, old in zip(self.buffers, self.saved):
                 buf.copy_(old)
 
 
