@@ -25,6 +25,8 @@ How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time wen
   CPU it runs at memory speed, several times faster than oneDNN's convolution on the same data in NCHW
   and about 2x faster in its backward in NHWC. Its output is written pixel-major, i.e. channels_last,
   the layout in which oneDNN's 3x3 convolution and batch norm of the rest of the layer are fastest.
+  (Measured on an Intel Xeon. On an AMD Zen 4 oneDNN's NHWC 1x1 convolution is 1.1-2.1x the product,
+  but it needs z pixel-major, and a transpose costs as much as the product: benchmarks/bench_bottleneck.py.)
 - The normalised input z = relu(x * scale + shift) of each layer is written into one workspace per
   block and recomputed in the backward pass (one elementwise pass), in both modes: storing it needs
   a fresh allocation per layer, and large fresh allocations cost page faults on the CPU that are
@@ -78,7 +80,8 @@ from torch.autograd import Function
 
 
 # Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
-# cpu: the fused path, 1.6-2x torchvision's training throughput (BENCHMARKS.md, "Results").
+# cpu: the fused path, 1.5-1.9x torchvision's training throughput on an Intel Xeon, 1.2-1.4x on an AMD
+# Zen 4 (BENCHMARKS.md, "Results" and "CPU speed on every ISA").
 # Devices not listed (cuda until benchmarks/gpu_check.py has measured it) take the fused path too: it
 # computes the same function, and its activation memory is linear in depth where the reference
 # path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
