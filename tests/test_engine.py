@@ -33,6 +33,22 @@ def test_has_dropout_is_what_the_builder_accepts(name):
     assert has_dropout(name) == accepts, name
 
 
+def test_a_network_registered_elsewhere_gets_its_dropout(monkeypatch, capsys):
+    """A network registered by a user under a family of their own: whether it takes a dropout rate is
+    found by building it with one (a DenseNet copy does; a He 2015 ResNet copy does not)."""
+    import dataclasses as dc
+
+    from densenet import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model(dc.replace(get_entry("densenet_bc_100_k12"), name="my_dn", family="My DenseNets"))
+    registry.register_model(dc.replace(get_entry("resnet20"), name="my_rn", family="My ResNets"))
+    assert has_dropout("my_dn") and not has_dropout("my_rn")
+    with torch.device("meta"):
+        model, args = build_model(TrainConfig(model="my_dn", drop_rate=0.2), 10, 3)
+    assert args["drop_rate"] == 0.2 and model.config.drop_rate == 0.2 and capsys.readouterr().err == ""
+
+
 def test_build_model_passes_the_rate_only_to_networks_with_dropout(capsys):
     with torch.device("meta"):
         _, args = build_model(TrainConfig(model="densenet_40_k12", drop_rate=0.2), 10, 3)

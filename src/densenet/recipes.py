@@ -171,6 +171,8 @@ _BY_FAMILY: dict[str, dict[str, Recipe]] = {
 _KIND = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn", "imagenet": "imagenet"}
 # What the generic datasets (folders, digits) borrow: the DenseNet recipe of the dataset spec.
 FAMILIES_WITH_DROPOUT = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)", "Wide ResNet (CIFAR)")
+_FAMILIES = FAMILIES_WITH_DROPOUT + ("ResNet (CIFAR)", "ResNet (ImageNet)", "Pre-activation ResNet (CIFAR)",
+                                     "ResNet with stochastic depth (CIFAR)", "ResNeXt (CIFAR)", "ResNeXt (ImageNet)")
 
 
 def get_recipe(name: str) -> Recipe:
@@ -194,10 +196,25 @@ def recipe_for(model: str, dataset: str) -> Recipe | None:
 
 
 def has_dropout(model: str) -> bool:
-    from .registry import _REGISTRY
+    """Whether the registered network `model` takes a dropout rate: the package's families by name; a
+    network registered elsewhere (another family) by building it with one, on the meta device."""
+    from .registry import _REGISTRY, create_model
 
     entry = _REGISTRY.get(model)
-    return entry is not None and entry.family in FAMILIES_WITH_DROPOUT
+    if entry is None:
+        return False
+    if entry.family in FAMILIES_WITH_DROPOUT:
+        return True
+    if entry.family in _FAMILIES:
+        return False
+    import torch
+
+    try:
+        with torch.device("meta"):
+            create_model(model, drop_rate=0.1)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def resolve_milestones(milestones: tuple[float, ...], epochs: int, recipe_epochs: int | None = None) -> tuple[float, ...]:
