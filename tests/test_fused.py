@@ -466,6 +466,25 @@ def test_a_second_backward_pass_after_a_partial_one(mode):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-10, msg=n)
 
 
+def test_a_model_pickled_before_blocks_owned_scratch_still_works():
+    """torch.save(model) of an earlier release: its DenseBlocks have no `scratch` or `outputs`."""
+    import pickle
+
+    m = densenet.create_model("densenet_bc_100_k12", depth=10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = m(x)
+    for b in m.modules():
+        if type(b).__name__ == "DenseBlock":
+            del b.scratch, b.outputs
+        if type(b).__name__ == "Transition":
+            del b.block_outputs  # its transitions compute from their own modules (pool after the conv)
+    old = pickle.loads(pickle.dumps(m))
+    with torch.no_grad():
+        torch.testing.assert_close(old.eval()(x), want, rtol=1e-5, atol=1e-6)
+    old.train()(x).sum().backward()  # the fused training path, with its scratch memory
+
+
 def test_scratch_memory_is_the_blocks_and_can_be_released():
     import pickle
     import weakref

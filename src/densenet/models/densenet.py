@@ -208,6 +208,12 @@ class DenseBlock(nn.ModuleDict):
         self.scratch = _fused.ScratchPool()
         self.outputs = _fused.BlockOutputs()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a whole model pickled by an earlier release (torch.save(model)) has neither
+        self.__dict__.setdefault("scratch", _fused.ScratchPool())
+        self.__dict__.setdefault("outputs", _fused.BlockOutputs())
+
     def release_scratch(self) -> None:
         """Free the scratch memory the fused path keeps between training steps (CPU only)."""
         self.scratch.release()
