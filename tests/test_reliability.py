@@ -453,6 +453,14 @@ def test_without_flock_the_lock_file_itself_locks(tmp_path, monkeypatch):
     (d / "densenet.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     with DirLock(d):  # stale: its process is gone
         assert json.loads((d / "densenet.lock").read_text())["pid"] == os.getpid()
+    import threading
+
+    (d / "densenet.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    t = threading.Timer(0.05, (d / "densenet.lock").unlink)  # holder()'s probe: a live file for a moment
+    t.start()
+    with DirLock(d):
+        pass
+    t.join()
 
 
 # --- 4. a broken model is never saved as good --------------------------------------------------------------

@@ -142,7 +142,8 @@ class DirLock:
 
     def _acquire_by_creation(self, probe: bool) -> "DirLock":
         self._flock = False
-        for _ in range(10):
+        deadline = time.monotonic() + (0.0 if probe else PROBE_GRACE_S)  # a probe's file lives a moment
+        for _ in range(10 + int(PROBE_GRACE_S / 0.01)):
             tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(_me()) + "\n")
             try:
@@ -152,6 +153,9 @@ class DirLock:
                 if who is not None and who.get("host") == socket.gethostname() and not _alive(who.get("pid")):
                     self.path.unlink(missing_ok=True)  # left by a dead process on this host (an unreadable
                     continue                           # one may be a holder mid-write elsewhere: not ours)
+                if time.monotonic() < deadline:  # perhaps holder()'s probe: it removes the file at once
+                    time.sleep(0.01)
+                    continue
                 raise LockedError(_describe(self.path, who) + "; wait for it to finish, or stop it (if no "
                                   "such process runs, delete the lock file)", who) from None
             finally:
