@@ -50,6 +50,11 @@ def test_ten_crop_crops_are_the_training_shifts_at_any_size():
     assert torch.equal(x[0][..., 4:, 4:], ref[..., :4, :4]) and (x[0][..., :4, :] == 0).all()  # top-left shift
     assert torch.equal(x[3][..., :4, :4], ref[..., 4:, 4:])  # bottom-right shift
     assert all(torch.equal(x[i + 5], x[i].flip(-1)) for i in range(5))  # and their mirror images
+    # WRN's reflect-padded crops: the ten crops are reflected shifts too
+    (x, _), = list(evaluation_batches(ImageSet(images, torch.arange(3)), {**pre, "augment": "cifar-reflect"}, 8,
+                                      "cpu", ten_crop=True))
+    assert torch.equal(x[4], ref) and torch.equal(x[0][..., 4:, 4:], ref[..., :4, :4])
+    assert torch.equal(x[0][..., 3, 4:], ref[..., 1, :4])  # row -1 mirrors row 1
 
 
 def test_ten_crop_is_refused_for_a_model_trained_without_random_crops(digits_run, capsys):

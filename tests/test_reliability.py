@@ -819,3 +819,46 @@ def test_a_damaged_image_in_a_streamed_folder_is_one_line(tmp_path):
                     "--resize", "8", "--workers", "0", "--epochs", "1", "--batch-size", "4", "--val-size", "0",
                     "--depth", "10", "--growth-rate", "6", "--no-progress")
     one_line_error(code, err, "0001.png is not a readable image")
+
+
+# --- 6. outputs never replace a run's own files -------------------------------------------------------------
+
+def test_outputs_never_overwrite_a_runs_files(tiny_run, tmp_path):
+    """export, reuse, save_pretrained and reproduce status write where they are told, except over a
+    training run's own files (its checkpoints, config, metrics) or a folder of someone else's."""
+    import shutil
+
+    import densenet
+    import densenet.hub as hub
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, symlinks=True)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for argv, needle in [
+        (["export", run, "--format", "torchscript", "--out", run / "last" / "model.safetensors"], "would overwrite"),
+        (["export", run, "--format", "torchscript", "--out", run / "config.json"], "would overwrite"),
+        (["export", run, "--format", "torchscript", "--out", run], "is a directory"),
+        (["reuse", run, "--out", run / "config.png"], "would overwrite"),  # its numbers: config.json
+        (["reuse", run, "--out", run / "metrics.png"], "would overwrite"),  # metrics.csv
+        (["reuse", run, "--out", tmp_path / "x.json"], "does not write json"),  # refused before writing
+    ]:
+        one_line_error(*cli(*argv), needle)
+    with pytest.raises(ValueError, match="not a Hub export"):
+        hub.save_pretrained(densenet.load(run)[0], run / "last")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "x.csv").exists()
+    code, _ = cli("reuse", run, "--out", run / "reuse.png")  # other names in a run directory are fine
+    assert code == 0 and (run / "reuse.json").is_file()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("mine\n")
+    assert cli("reproduce", "status", "table2", "--out", notes)[0] == 0  # not a grid directory: no tables
+    assert (notes / "results.md").read_text() == "mine\n"
+    (notes / "grid.json").write_text('{"grid": ["table2"], "cells": []}')
+    one_line_error(*cli("reproduce", "status", notes), "grid.json is missing or damaged")
+    from densenet.grid.status import write_grid
+
+    (notes / "grid.json").write_text('{"grid": "table2", "cells": []}')
+    with pytest.raises(ValueError, match="holds the table2 grid"):
+        write_grid(notes, "table2-baselines", [])

@@ -613,7 +613,7 @@ def _reproduce_status(args: argparse.Namespace) -> int:
         if not out.is_dir():
             raise UsageError(f"{out} is not a directory: give the --out of a `densenet reproduce` run")
         grid = read_grid(out)
-        if not grid or grid.get("grid") not in GRIDS:
+        if not isinstance(grid, dict) or not isinstance(grid.get("grid"), str) or grid["grid"] not in GRIDS:
             raise UsageError(f"{out}/grid.json is missing or damaged: name the grid, "
                              f"e.g. densenet reproduce status table2 --out {out}")
         name = grid["grid"]
@@ -627,7 +627,8 @@ def _reproduce_status(args: argparse.Namespace) -> int:
         _print_json([s.as_dict() for s in states])
     else:
         print(format_table(states))
-    if out.is_dir():
+    recorded = read_grid(out) if out.is_dir() else None
+    if isinstance(recorded, dict) and recorded.get("grid") == name:  # a grid directory of this grid only
         for p in write_tables(name, cells, out):
             print(p, file=sys.stderr if args.json else sys.stdout)
     return 0

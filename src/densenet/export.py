@@ -57,6 +57,11 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
     to target (default: the exporter's), for runtimes that read only older ones."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    from .train.checkpoint import refuse_run_file
+
+    refuse_run_file(out, "--out")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out} is a directory: give the file to write, e.g. {Path(out) / ('model.onnx' if format == 'onnx' else 'model.pt')}")
     if opset is not None and (format != "onnx" or isinstance(opset, bool) or not isinstance(opset, int)
                               or not 7 <= opset <= 30):
         raise ValueError(f"opset {opset!r}: an ONNX opset number (e.g. 17), for --format onnx only")

@@ -67,7 +67,8 @@ def _check_own(directory: Path) -> None:
         ours = cfg.is_file() and json.loads(cfg.read_text()).get("library") == LIBRARY
     except (OSError, ValueError, AttributeError):
         ours = False
-    if (directory / "last").exists() or (directory / "ckpt").exists() or (cfg.is_file() and not ours):
+    if (directory / "last").exists() or (directory / "ckpt").exists() or (cfg.is_file() and not ours) \
+            or (directory / "state.safetensors").exists() or (not ours and (directory / MODEL_FILE).exists()):
         raise ValueError(f"{directory} holds files that are not a Hub export of {LIBRARY} (e.g. a training "
                          f"run: {', '.join(RUN_FILES[:3])}); give an empty or new folder")
 

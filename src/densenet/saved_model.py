@@ -154,4 +154,5 @@ def check_info(info: dict[str, Any], model: nn.Module, path) -> None:
          f"preprocessing image_size must be [height, width], each 1 to 8192, got {size!r}")
     need(pre.get("resize") is None or integer(pre["resize"], 1, 16384),
          f"preprocessing resize must be 1 to 16384, got {pre.get('resize')!r}")
-    need(integer(pre.get("ten_crop_pad", 0), 0, 1024), "preprocessing ten_crop_pad must be 0 to 1024")
+    need(pre.get("augment") is None or isinstance(pre["augment"], str),
+         f"preprocessing augment must be a name, got {pre.get('augment')!r}")

@@ -87,11 +87,21 @@ def training_note(epoch: int | None) -> str | None:
 
 def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> list[Path]:
     """The heatmap (PNG, or any format matplotlib writes) and its numbers beside it (.csv, .json)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from ..train.checkpoint import refuse_run_file
+
     out = Path(out)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in FigureCanvasBase.get_supported_filetypes():  # checked before anything is written
+        raise ValueError(f"--out {out}: matplotlib does not write {fmt or 'files without an extension'}; "
+                         f"use .png, .pdf or .svg")
+    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
+    for path in (out, csv_path, json_path):  # the figure and its numbers beside it
+        refuse_run_file(path, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [(b.block, s, b.target_names[t], v) for b in blocks for s, row in enumerate(b.values)
             for t, v in enumerate(row) if not math.isnan(v)]
-    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["block", "source", "target", "l1_per_input_map"])

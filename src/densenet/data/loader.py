@@ -86,7 +86,7 @@ class Batches(_Sampling):
             if self.augment != "none":
                 x = augment_batch(x, self.augment, _generator(self.seed, epoch, step, 1))
             if self.world_size > 1:  # this rank's slice of the global batch
-                per = -(-len(idx) // self.world_size)
+                per = self._per_rank(len(idx))
                 x, y = x[self.rank * per:(self.rank + 1) * per], y[self.rank * per:(self.rank + 1) * per]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -97,14 +97,15 @@ class Batches(_Sampling):
 
 
 def eval_batches(data: ImageSet, batch_size: int, normalize: Normalization, device="cpu",
-                 ten_crop_pad: int | None = None, channels_last: bool = False):
-    """Evaluation batches; with `ten_crop_pad`, (10, B, C, H, W) crops of the images zero-padded by it."""
+                 ten_crop_pad: tuple[int, str] | None = None, channels_last: bool = False):
+    """Evaluation batches; with `ten_crop_pad` = (pixels, mode), (10, B, C, H, W) crops of the images
+    padded so (mode: "constant" for zeros, or "reflect")."""
     for i in range(0, len(data), batch_size):
         x = normalize(data.images[i:i + batch_size].to(device))
         if ten_crop_pad is not None:
             size = x.shape[-2:]
-            p = ten_crop_pad
-            x = ten_crop(torch.nn.functional.pad(x, (p, p, p, p)), size)
+            p, mode = ten_crop_pad
+            x = ten_crop(torch.nn.functional.pad(x, (p, p, p, p), mode=mode), size)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, data.labels[i:i + batch_size].to(device)

@@ -65,10 +65,16 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip, x.flip(3), x)
 
 
+# The padding (pixels, mode) of each in-memory augmentation's random crop: CIFAR's 4 zero pixels, WRN's 4
+# reflected ones; none/flip make no shifts. Ten-crop evaluation pads the same way.
+TRANSLATION_PADDING = {"cifar": (4, "constant"), "cifar-reflect": (4, "reflect")}
+
+
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Training augmentation of a normalised float batch (B, C, H, W)."""
-    if kind in ("cifar", "cifar-reflect"):
-        x = random_crop(x, x.shape[-2:], 4, generator, "reflect" if kind == "cifar-reflect" else "constant")
+    if kind in TRANSLATION_PADDING:
+        pad, mode = TRANSLATION_PADDING[kind]
+        x = random_crop(x, x.shape[-2:], pad, generator, mode)
         return random_flip(x, generator)
     if kind == "flip":
         return random_flip(x, generator)
@@ -77,13 +83,10 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     raise ValueError(f"augmentation {kind!r} applies to images streamed from disk, not to in-memory batches")
 
 
-TRANSLATION_PADDING = {"cifar": 4}  # zero-padding of each augmentation's random crop (none/flip: no shifts)
-
-
-def ten_crop_padding(preprocessing: dict) -> int:
-    """The zero-padding of in-memory ten-crop evaluation: that of the random crops the model was trained
-    on (4 pixels of "cifar" augmentation, at any image size), so that the ten crops are shifts the model
-    saw in training. A model trained without random crops never saw a shifted image: ten-crop is
+def ten_crop_padding(preprocessing: dict) -> tuple[int, str]:
+    """The padding (pixels, mode) of in-memory ten-crop evaluation: that of the random crops the model was
+    trained on (4 pixels, zeros or reflected, at any image size), so that the ten crops are shifts the
+    model saw in training. A model trained without random crops never saw a shifted image: ten-crop is
     refused for it (on 8x8 digits trained without shifts, 4-pixel shifts gave 90% top-1 error)."""
     augment = preprocessing.get("augment")
     if augment not in TRANSLATION_PADDING:

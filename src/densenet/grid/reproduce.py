@@ -10,11 +10,13 @@ the others start. Interrupting the grid and running the same command again conti
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.atomic import write_text_atomic
 from ..paper import SETTING_DATA, TABLE2, TABLE2_BY_KEY, TABLE2_ROWS, TABLE2_SETTINGS, published_error
 
 
@@ -192,9 +194,10 @@ def write_tables(name: str, cells: list[Cell], out: Path) -> tuple[Path, Path]:
                           + " | ".join(f"{r.errors[s]:.2f}" if s in r.errors else "-" for s in settings) + " |")
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "results.md", out / "results.csv"
-    md_path.write_text("\n".join(md) + "\n")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, ["network", "setting", "measured", "std", "runs", "split", "published", "difference"])
-        w.writeheader()
-        w.writerows(csv_rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, ["network", "setting", "measured", "std", "runs", "split", "published", "difference"])
+    w.writeheader()
+    w.writerows(csv_rows)
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+    write_text_atomic(csv_path, table.getvalue())
     return md_path, csv_path

@@ -86,8 +86,10 @@ def write_grid(out: str | Path, name: str, cells: list) -> None:
     from ..utils.atomic import write_text_atomic
 
     out = Path(out)
-    old = read_grid(out) or {}
-    known = [tuple(c) for c in old.get("cells", [])] if old.get("grid") == name else []
+    old = read_grid(out)
+    if isinstance(old, dict) and isinstance(old.get("grid"), str) and old["grid"] != name:
+        raise ValueError(f"{out} holds the {old['grid']} grid (grid.json): give {name} another --out")
+    known = [tuple(c) for c in old.get("cells", [])] if isinstance(old, dict) else []
     for c in cells:
         t = (c.row, c.setting, c.seed)
         if t not in known:

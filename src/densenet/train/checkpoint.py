@@ -35,7 +35,23 @@ from ..weights import CheckpointError, read_state_dict
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
 RECORD_FILE = "written.json"
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "ckpt", "last", "best", RECORD_FILE, "tensorboard")
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "ckpt", "last", "best", RECORD_FILE,
+             "tensorboard")
+
+
+def refuse_run_file(path: str | Path, what: str) -> None:
+    """Raise ValueError where writing `path` would replace a file of a training run's own (its config,
+    metrics, summary, checkpoints): an output of export, reuse or save_pretrained must go elsewhere.
+    Other names in a run directory (run/reuse.png, run/model.onnx) are fine."""
+    p = Path(path).expanduser().absolute()
+    p = p.parent.resolve() / p.name  # `last`/`best` links followed, the file itself not
+    for run in p.parents:
+        if (run / "config.json").is_file() and ((run / "ckpt").is_dir() or (run / "last").exists()):
+            part = p.relative_to(run).parts[0]
+            if part in RUN_FILES:
+                raise ValueError(f"{what} {path} would overwrite {run / part}, a file of the training run in "
+                                 f"{run}: give another name or folder")
+            return
 _CKPT_NAME = re.compile(r"^\d{6,}$")
 
 
