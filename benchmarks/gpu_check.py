@@ -8,7 +8,7 @@
 
 Sections, in this order (each item checks the budget, --budget-s, 470 s by default, and is skipped with
 a note once it is spent; the JSON is rewritten after every item, so a run cut short keeps what it had):
-  tests     pytest of tests/test_cuda.py, test_fused.py and test_compile.py on the device (--run-slow)
+  tests     pytest of tests/test_cuda.py, test_fused.py and test_compile.py on the device (slow tests included)
   train     images/s of a training step (forward, backward, SGD) against torchvision, eager: NCHW,
             channels_last, memory_efficient, the reference path, bf16 autocast (timm too where installed);
             DenseNet-BC-100 batch 64 at 32x32 and DenseNet-121 batch 128 at 224x224
@@ -218,8 +218,7 @@ class Run:
     def tests(self):
         files = ["tests/test_cuda.py", "tests/test_fused.py", "tests/test_compile.py"]
         timeout = max(30, min(self.args.tests_s, self.left() - 60))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "--device", self.args.device,
-               "--run-slow"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "--device", self.args.device]
         t = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,

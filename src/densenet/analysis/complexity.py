@@ -18,7 +18,7 @@ import torch.nn as nn
 
 # Parameters and multiply-adds of every registered variant at its paper's size, counted once by
 # write_counts() (tests/test_models.py checks them against a recount), so
-# that `densenet models` does not build and count 41 networks at every call.
+# that `densenet models` does not build and count 49 networks at every call.
 COUNTS_FILE = Path(__file__).with_name("model_counts.json")
 
 

@@ -80,8 +80,9 @@ from torch.autograd import Function
 
 
 # Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
-# cpu: the fused path, 1.5-1.9x torchvision's training throughput on an Intel Xeon, 1.2-1.4x on an AMD
-# Zen 4 (BENCHMARKS.md, "Results" and "CPU speed on every ISA").
+# cpu: the fused path: training throughput 1.5-1.9x torchvision NCHW (1.4-1.5x channels_last) on a 2-core
+# Intel Xeon (Sapphire Rapids), 1.2-1.4x NCHW (0.97-1.12x channels_last) on a 2-core AMD EPYC Zen 4
+# (BENCHMARKS.md, "Results" and "CPU speed on every ISA").
 # Devices not listed (cuda until benchmarks/gpu_check.py has measured it) take the fused path too: it
 # computes the same function, and its activation memory is linear in depth where the reference
 # path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
@@ -202,7 +203,7 @@ class _BlockState:
         self.nodes += 1
         return self.nodes
 
-    def enter_backward(self, seq: int, node: str) -> None:
+    def enter_backward(self, seq: int, node) -> None:
         """Node number `seq` starts its backward pass. A new backward pass over the block's graph
         (retain_graph=True) starts from a fresh gradient buffer, also when the last one ended early
         (autograd.grad of a later layer's weight, a frozen first layer). In debug mode (DEBUG), checks
@@ -213,7 +214,8 @@ class _BlockState:
             self.backward_task = task
         elif DEBUG and self.backward_seq is not None and seq >= self.backward_seq:
             raise RuntimeError(
-                f"fused dense block: backward order violated: {node} (node {seq} of {self.nodes}) ran after "
+                f"fused dense block: backward order violated: {type(node).__name__.removesuffix('Backward')} "
+                f"(node {seq} of {self.nodes}) ran after "
                 f"node {self.backward_seq} in the same backward pass, so the shared gradient buffer is wrong "
                 "(see 'Backward order' in densenet/models/_fused.py)")
         self.backward_seq = seq
@@ -439,14 +441,16 @@ def _begin_backward(ctx) -> _BlockState:
     _no_double_backward()
     st = ctx.input.st if hasattr(ctx, "input") else ctx.st
     st.check_unmodified()
-    st.enter_backward(ctx.seq, type(ctx).__name__.removesuffix("Backward"))
+    st.enter_backward(ctx.seq, ctx)
     return st
+
+
+_CURRENT_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _graph_task_id() -> int:
     """Autograd's id of the backward pass running now (private API; without it, every pass is one)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if current is None else current()
+    return -1 if _CURRENT_GRAPH_TASK_ID is None else _CURRENT_GRAPH_TASK_ID()
 
 
 def _no_double_backward() -> None:
