@@ -821,6 +821,16 @@ def test_a_damaged_image_in_a_streamed_folder_is_one_line(tmp_path):
     one_line_error(code, err, "0001.png is not a readable image")
 
 
+def test_imagenet_augmentation_of_a_grayscale_stream_is_one_line(tmp_path):
+    """Colour jitter and PCA lighting are defined for RGB: a 1-channel streamed folder is refused up
+    front (it was an IndexError in a loading worker)."""
+    folder = make_folder(tmp_path / "shapes", per_class=4, test_per_class=1, size=8)
+    code, err = cli("train", "--dataset", "folder", "--data", folder, "--no-in-memory", "--image-size", "8",
+                    "--resize", "8", "--workers", "0", "--epochs", "1", "--batch-size", "4", "--val-size", "0",
+                    "--depth", "10", "--growth-rate", "6", "--no-progress", "--model-arg", "in_channels=1")
+    one_line_error(code, err, "needs RGB images", "--augment none")
+
+
 # --- 6. outputs never replace a run's own files -------------------------------------------------------------
 
 def test_outputs_never_overwrite_a_runs_files(tiny_run, tmp_path):

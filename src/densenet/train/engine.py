@@ -101,6 +101,9 @@ def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3
                "image_size": list(train.images.shape[-2:])}
     else:
         augment = "imagenet" if augment == "auto" else augment
+        if augment == "imagenet" and splits.in_channels != 3:  # colour jitter and PCA lighting are RGB's
+            raise ValueError(f"--augment imagenet (colour jitter, PCA lighting) needs RGB images; this folder is "
+                             f"read with {splits.in_channels} channel(s): use --augment none")
         tf = stream_transform(augment == "imagenet", cfg.image_size, cfg.resize, norm)
         batches = StreamBatches(train, transform=tf, channels=splits.in_channels, workers=cfg.workers, **common)
         pre = {"source": "stream", "mean": norm.mean, "std": norm.std, "channels": splits.in_channels,
