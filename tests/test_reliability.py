@@ -373,6 +373,17 @@ def test_a_checkpoint_name_taken_by_a_foreign_directory_is_not_overwritten(tiny,
     model = torch.nn.Linear(2, 2)
     with pytest.raises(CheckpointError, match="000007 exists and was not written by this run"):
         run.save(7, model, torch.optim.SGD(model.parameters(), 0.1), {}, {"epoch": 1, "step": 0})
+    # a directory another process makes between the record and the mkdir: refused, and not recorded
+    record = run._record
+
+    def record_then_race(names):
+        record(names)
+        (run.path / "ckpt" / "000008").mkdir(exist_ok=True)
+
+    run._record = record_then_race
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        run.save(8, model, torch.optim.SGD(model.parameters(), 0.1), {}, {"epoch": 1, "step": 0})
+    assert "000008" not in run.written() and (run.path / "ckpt" / "000008").is_dir()
 
 
 # --- 3. one process per run directory -------------------------------------------------------------------

@@ -153,6 +153,8 @@ class RunDir:
         except Exception as e:  # disk full, quota, permissions: `last` still names the previous checkpoint
             if made:
                 shutil.rmtree(target, ignore_errors=True)
+            else:  # another process made it: not ours, so not in the record (no later cleanup deletes it)
+                self._record(written - {name})
             last = self.resolve("last")
             raise CheckpointError(f"could not write checkpoint {target} ({type(e).__name__}: {e}); "
                                   + (f"{self.path / 'last'} still names the complete checkpoint {last.name}"
