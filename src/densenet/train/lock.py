@@ -100,8 +100,13 @@ class DirLock:
         # PROBE_GRACE_S before it counts as held (a run holds it for its whole length)
         deadline = time.monotonic() + (0.0 if _probe else PROBE_GRACE_S)
         for _ in range(10):  # a holder that releases between our open and our flock: try again
-            existed = self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # whether this call made the file decides whether it may remove it (no flock below)
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:  # removed by its holder meanwhile: try again
+                    continue
             try:
                 import fcntl
 
@@ -118,7 +123,7 @@ class DirLock:
                 if isinstance(e, OSError) and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise LockedError(_describe(self.path, _read(self.path)) + "; wait for it to finish, or "
                                       "stop it", _read(self.path)) from None
-                if not existed:
+                if created:
                     self.path.unlink(missing_ok=True)
                 return self._acquire_by_creation(_probe)  # no flock on this file system
             try:
