@@ -130,11 +130,17 @@ def main() -> None:
                     assert err <= 1e-4 * max(1.0, want.abs().max().item()), (net, batch, k, err)
                 reps = args.reps if batch == 1 else 1
                 times = {k: [] for k in configs}
-                for _ in range(args.rounds):
-                    for k, f in configs.items():
+                # PyTorch's configurations in interleaved rounds, a new order each round; onnxruntime
+                # after them: its threads spin, waiting for work, for a while after each run (its
+                # default), which took the CPU from whatever ran next (the "channels_last input" gain
+                # of the tables before 2026-12-02 was that: ours-cl followed ort)
+                names = [k for k in configs if k != "ort"]
+                order = [names[r % len(names):] + names[:r % len(names)] for r in range(args.rounds)]
+                for ks in order + ([["ort"]] * args.rounds if "ort" in configs else []):
+                    for k in ks:
                         t = time.perf_counter()
                         for _ in range(reps):
-                            f()
+                            configs[k]()
                         times[k].append((time.perf_counter() - t) / reps)
             best = {k: batch / min(v) for k, v in times.items()}
             results[net][batch] = best

@@ -6,19 +6,26 @@ computed ahead of time, once per set of weights:
 - the bottleneck's BN2 follows its 1x1 convolution directly, so it is folded into it:
   BN2(W1 z) = (s2 * W1) z + t2, with s2 = gamma2 / sqrt(var2 + eps) and t2 = beta2 - mean2 * s2;
   the 1x1 convolution becomes one matrix product with a bias (torch.addmm), then a ReLU;
-- BN1 cannot be folded (a ReLU sits between it and the convolution): it is one pass of PyTorch's
-  inference batch-norm kernel over the contiguous (c, N) rows of the block buffer, then a ReLU.
+- BN1 cannot be folded (a ReLU sits between it and the convolution): it is z = relu(x * s1 + t1), with
+  s1 and t1 computed once (in float64, then cast): one elementwise pass over the layer's input.
 
-The block keeps the fused path's buffer, channel-major (C, B, H, W), that each layer reads the first
-c channels of without a copy and writes its k new maps into; the normalised input and the bottleneck
-maps live in two workspaces per block that every layer reuses. No autograd node is built. A layer is
-five operations (BN, ReLU, addmm, ReLU, 3x3 convolution) and a copy of its k maps into the buffer.
+The block keeps one buffer laid out pixel-major, (B, H, W, C): its output is an ordinary channels_last
+tensor. Each layer reads the first c channels of every pixel as an (N, c) view (N = B*H*W, rows C
+apart: no copy) and writes its k new maps after them. Pixel-major is the layout in which each step of
+a layer is fastest on the CPU: the matrix product z W1^T on a contiguous (N, c) z (1.3x to 1.5x the
+same product on a channel-major z, which this path used before), the 3x3 convolution (channels_last
+input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS.md, "Eval-mode path,
+pixel-major", has the figures. The normalised input and the bottleneck maps live in two workspaces
+per block that every layer reuses. No autograd node is built. A layer is five operations (affine map,
+ReLU, addmm, ReLU, 3x3 convolution) and a copy of its k maps into the buffer.
 
 The transition that follows such a block reads its buffer too, and pools before its 1x1 convolution
-(they commute: 4x fewer multiply-adds), writing its output channel-major as well.
+(they commute: 4x fewer multiply-adds), writing its output pixel-major (channels_last) as well.
 
 Folded weights are cached per block and recomputed when any of its parameters or buffers changes (a
-training step, load_state_dict, .to()): the cache key is every tensor's storage and version counter.
+training step, load_state_dict, .to()): the cache key is every tensor's storage and version counter,
+read from the layers' modules directly (walking them with Module.parameters() cost 0.3 ms a block,
+8% of a batch-1 forward pass of DenseNet-BC-100).
 The path is taken on the CPU, in eval mode, for float32/float64 models, when no gradient is needed
 (torch.no_grad, torch.inference_mode, or no parameter and input requiring one), without autocast and
 without hooks on the block's modules; anything else takes the fused or reference path.
@@ -94,12 +101,12 @@ class _Frozen:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, _Frozen]" = weakref.WeakKeyDictionary()
 
 
-def _tensors(module: nn.Module):
-    return [t for t in (*module.parameters(), *module.buffers()) if t is not None]
-
-
-def _key(module: nn.Module) -> tuple:
-    return tuple((t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version) for t in _tensors(module))
+def _key(layers) -> tuple:
+    """Every parameter and buffer of the layers (whose modules block_applies checked: none nested), as
+    (storage, dtype, version): unchanged as long as none was replaced or modified in place."""
+    return tuple((t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version)
+                 for layer in layers for m in layer._modules.values() if m is not None
+                 for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
 
 
 def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,44 +117,37 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _freeze(block: nn.Module, layers) -> list[tuple]:
+def _freeze(layers) -> list[tuple]:
+    """Per layer: BN1 as (s1, t1); the 1x1 convolution with BN2 folded in, transposed, and its bias
+    (None, None without bottleneck); the 3x3 (or only) convolution's weight, channels_last; its padding."""
     frozen = []
     for layer in layers:
         w1 = layer.conv1.weight
+        s1, t1 = _bn_affine(layer.norm1, w1.dtype)
         if layer.bottleneck:
             s2, t2 = _bn_affine(layer.norm2, w1.dtype)
             w1f = (w1.double().flatten(1) * s2.double()[:, None]).to(w1.dtype)  # (4k, c): BN2 folded in
-            w1t = w1f.t().contiguous()  # (c, 4k): addmm(t2, z^T, w1t) is (N, 4k), pixel-major
+            w1t = w1f.t().contiguous()  # (c, 4k): addmm(t2, z, w1t) is (N, 4k), pixel-major
             w2 = layer.conv2.weight.contiguous(memory_format=torch.channels_last)
-            frozen.append((layer.norm1, w1t, t2, w2, layer.conv2.padding))
+            frozen.append((s1, t1, w1t, t2, w2, layer.conv2.padding))
         else:
-            frozen.append((layer.norm1, None, None, w1.contiguous(memory_format=torch.channels_last),
+            frozen.append((s1, t1, None, None, w1.contiguous(memory_format=torch.channels_last),
                            layer.conv1.padding))
     return frozen
 
 
 def _frozen(block: nn.Module, layers) -> list[tuple]:
-    key = _key(block)
+    key = _key(layers)
     f = _CACHE.get(block)
     if f is None or f.key != key:
         with torch.inference_mode(False):  # usable outside inference_mode too
-            f = _CACHE[block] = _Frozen(key, _freeze(block, layers))
+            f = _CACHE[block] = _Frozen(key, _freeze(layers))
     return f.layers
-
-
-def _bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, out: torch.Tensor) -> torch.Tensor:
-    """relu(BN(x)) of x (c, N) with running statistics, into out (c, N): PyTorch's inference BN kernel
-    on the contiguous (1, c, N, 1) view, the fastest single pass for a per-channel affine map."""
-    c = x.shape[0]
-    torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                         False, 0.0, bn.eps, out=out.view(1, c, -1, 1),
-                                         save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
-    return out.relu_()
 
 
 class FrozenOutput:
     """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock records
-    it in the block's `_fused.BlockOutputs`): that output is the block buffer, channel-major. It holds
+    it in the block's `_fused.BlockOutputs`): that output is the block buffer, pixel-major. It holds
     nothing: a reference to the buffer, a view of the output, would keep the output alive."""
 
     __slots__ = ()
@@ -157,28 +157,28 @@ FROZEN_OUTPUT = FrozenOutput()
 
 
 def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Tensor:
-    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), a channel-major view of the
-    buffer (the caller records it with FROZEN_OUTPUT for the transition)."""
+    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), channels_last (the caller
+    records it with FROZEN_OUTPUT for the transition)."""
     frozen = _frozen(block, layers)
     b, c, h, w = x0.shape
     n = b * h * w
     k = (layers[0].conv2 if layers[0].bottleneck else layers[0].conv1).out_channels
     total = c + len(layers) * k
-    out = torch.empty_strided((b, total, h, w), (h * w, n, w, 1), dtype=x0.dtype, device=x0.device)
-    buf = out.permute(1, 0, 2, 3)  # (C, B, H, W), contiguous
-    rows = buf.view(total, n)
-    buf[:c].copy_(x0.permute(1, 0, 2, 3))
-    zs = torch.empty(total * n, dtype=x0.dtype, device=x0.device)  # the normalised input, (c, N)
-    width = max((f[1].shape[1] for f in frozen if f[1] is not None), default=0)
+    out = torch.empty((b, total, h, w), dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
+    pixels = out.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+    rows = pixels.view(n, total)  # the buffer, a row per pixel
+    pixels[..., :c].copy_(x0.permute(0, 2, 3, 1))
+    zs = torch.empty(total * n, dtype=x0.dtype, device=x0.device)  # the normalised input, (N, c)
+    width = max((f[2].shape[1] for f in frozen if f[2] is not None), default=0)
     ys = torch.empty((n, width), dtype=x0.dtype, device=x0.device) if width else None  # bottleneck maps
-    for bn1, w1t, t2, w2, pad in frozen:
-        z = _bn_relu(rows[:c], bn1, zs[:c * n].view(c, n))
-        if w1t is not None:  # BN-ReLU-Conv1x1 (BN2 folded) -ReLU, pixel-major (N, 4k), then the 3x3
-            y = torch.addmm(t2, z.t(), w1t, out=ys).relu_()
+    for s1, t1, w1t, t2, w2, pad in frozen:
+        z = torch.addcmul(t1, rows[:, :c], s1, out=zs[:c * n].view(n, c)).relu_()  # relu(BN1(x))
+        if w1t is not None:  # Conv1x1 (BN2 folded) -ReLU, pixel-major (N, 4k), then the 3x3
+            y = torch.addmm(t2, z, w1t, out=ys).relu_()
             new = F.conv2d(y.view(b, h, w, -1).permute(0, 3, 1, 2), w2, padding=pad)
-        else:  # DenseNet without bottleneck: the 3x3 convolution reads the prefix itself
-            new = F.conv2d(z.view(c, b, h, w).permute(1, 0, 2, 3), w2, padding=pad)
-        buf[c:c + k].copy_(new.permute(1, 0, 2, 3))
+        else:  # DenseNet without bottleneck: the 3x3 convolution reads the normalised prefix itself
+            new = F.conv2d(z.view(b, h, w, c).permute(0, 3, 1, 2), w2, padding=pad)
+        pixels[..., c:c + k].copy_(new.permute(0, 2, 3, 1))
         c += k
     return out
 
@@ -198,13 +198,13 @@ def transition_applies(transition: nn.Module, x: torch.Tensor, source) -> bool:
 
 def transition_forward(transition: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BN-ReLU-AvgPool2x2-Conv1x1 (pooling and a 1x1 convolution commute) of an eval-mode block's buffer;
-    (B, o, H/2, W/2), channel-major."""
-    buf = x.permute(1, 0, 2, 3)  # x is an eval-mode block's output (transition_applies): the buffer
-    c, b, h, w = buf.shape
-    z = _bn_relu(buf.reshape(c, -1), transition.norm, torch.empty((c, b * h * w), dtype=x.dtype, device=x.device))
-    z = z.view(c, b, h, w)[..., :h // 2 * 2, :w // 2 * 2]
-    zr = z[..., 0::2, :] + z[..., 1::2, :]
-    zp = (zr[..., 0::2] + zr[..., 1::2]).mul_(0.25)  # (c, B, H/2, W/2)
+    (B, o, H/2, W/2), channels_last."""
+    b, c, h, w = x.shape
+    scale, shift = _bn_affine(transition.norm, x.dtype)
+    z = torch.addcmul(shift, x.permute(0, 2, 3, 1), scale).relu_()  # (B, H, W, C): x is the block buffer
+    z = z[:, :h // 2 * 2, :w // 2 * 2]
+    zr = z[:, 0::2] + z[:, 1::2]
+    zp = (zr[:, :, 0::2] + zr[:, :, 1::2]).mul_(0.25)  # (B, H/2, W/2, C)
     o = transition.conv.out_channels
-    y = torch.mm(transition.conv.weight.view(o, c), zp.view(c, -1))  # (o, N/4)
-    return y.view(o, b, h // 2, w // 2).permute(1, 0, 2, 3)
+    y = torch.mm(zp.reshape(-1, c), transition.conv.weight.view(o, c).t())  # (N/4, o)
+    return y.view(b, h // 2, w // 2, o).permute(0, 3, 1, 2)
