@@ -555,3 +555,30 @@ def test_reference_path_is_one_switch(monkeypatch):
     assert calls == []
     with pytest.raises(TypeError):
         fused(x)  # outside the context the fused path again (here: the stub)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mm"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["default", "memeff"])
+def test_float32_backward_products_in_either_kernel(onednn, memory_efficient, monkeypatch):
+    """The 1x1 convolutions' backward products run in oneDNN (float32 on the CPU) or in torch.mm
+    (_fused.ONEDNN_BACKWARD): either way the gradients are the reference path's, to float32 rounding."""
+    from densenet.models import _fused
+
+    if onednn and _fused._LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN matrix product (torch.ops.mkldnn._linear_pointwise)")
+    calls = []
+    real = _fused._LINEAR
+    monkeypatch.setattr(_fused, "_LINEAR", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_fused, "ONEDNN_BACKWARD", onednn)
+    torch.manual_seed(0)
+    plain = densenet.create_model("densenet_bc_100_k12", depth=22, fused=False)
+    fused = densenet.create_model("densenet_bc_100_k12", depth=22, memory_efficient=memory_efficient)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 3, 16, 16)
+    (y, grads, _), (y_ref, grads_ref, _) = train_step(fused, x), train_step(plain, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for k, g in grads_ref.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=k)
+    # two products per bottleneck layer (3 blocks of 3); the transitions pool first, a product of their own
+    assert len(calls) == (2 * 9 if onednn else 0)

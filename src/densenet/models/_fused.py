@@ -27,6 +27,8 @@ How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time wen
   the layout in which oneDNN's 3x3 convolution and batch norm of the rest of the layer are fastest.
   (Measured on an Intel Xeon. On an AMD Zen 4 oneDNN's NHWC 1x1 convolution is 1.1-2.1x the product,
   but it needs z pixel-major, and a transpose costs as much as the product: benchmarks/bench_bottleneck.py.)
+  The two products of its backward pass, dL/dz and dL/dW, run in oneDNN's matrix product in float32
+  (`ONEDNN_BACKWARD`), which is faster than MKL's on both layouts they take.
 - The normalised input z = relu(x * scale + shift) of each layer is written into one workspace per
   block and recomputed in the backward pass (one elementwise pass), in both modes: storing it needs
   a fresh allocation per layer, and large fresh allocations cost page faults on the CPU that are
@@ -483,12 +485,45 @@ def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
     return out
 
 
+# oneDNN's matrix product (the kernel torch.compile's CPU backend calls for linear layers): the two
+# products of a 1x1 convolution's backward pass run in it, the forward product in torch.mm (MKL). A
+# rule from measurements on both ISAs of an AMD Zen 4 (BENCHMARKS.md, "Backward products in oneDNN"):
+# with oneDNN a DenseNet-BC-100 training step is 1.16x (AVX-512) and 1.05x (AVX2) faster, DenseNet-121
+# 1.02x and 1.00x; oneDNN for the forward product as well was slower (0.94x for DenseNet-121), because
+# its output comes channel-major and has to be transposed. Float32 on the CPU only; False, or
+# DENSENET_ONEDNN_BACKWARD=0 in the environment, uses torch.mm everywhere.
+ONEDNN_BACKWARD: bool = os.environ.get("DENSENET_ONEDNN_BACKWARD", "1") not in ("", "0")
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
+
+
+def _onednn(t: torch.Tensor) -> bool:
+    return ONEDNN_BACKWARD and _LINEAR is not None and t.dtype == torch.float32 and t.device.type == "cpu" \
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
 def _conv1x1(z: torch.Tensor, conv_w: torch.Tensor, shape) -> torch.Tensor:
     """1x1 convolution of z (c, N) as a matrix product, written channels_last: (B, o, H, W)."""
     b, h, w = shape
     o = conv_w.shape[0]
     y = torch.mm(z.t(), conv_w.view(o, -1).t())  # (N, o): pixel-major
     return y.view(b, h, w, o).permute(0, 3, 1, 2)
+
+
+def _input_grad(conv_w: torch.Tensor, g2: torch.Tensor, st: _BlockState, c: int, dt: torch.dtype) -> torch.Tensor:
+    """dL/dz (c, N) = W^T g2^T of a 1x1 convolution from dL/dy g2 (N, o): in oneDNN (a new tensor), or
+    in torch.mm into the block's workspace."""
+    w = conv_w.view(conv_w.shape[0], -1)
+    if _onednn(g2):
+        return _LINEAR(w.t().contiguous(), g2, None, "none", [], "")
+    return torch.mm(w.t(), g2.t(), out=st.workspace("gz", c, dt))
+
+
+def _weight_grad(z: torch.Tensor, g2: torch.Tensor, conv_w: torch.Tensor) -> torch.Tensor:
+    """dL/dW (o, c) of a 1x1 convolution from z (c, N) and dL/dy g2 (N, o), computed as (z g2)^T:
+    in oneDNN, or in torch.mm, where z g2 is 1.15x to 1.35x faster than g2^T z^T (the same sums)."""
+    if _onednn(z):
+        return _LINEAR(z, g2.t(), None, "none", [], "").t().reshape(conv_w.shape)
+    return torch.mm(z, g2).t().reshape(conv_w.shape)
 
 
 def _pixel_major(g: torch.Tensor) -> torch.Tensor:
@@ -532,9 +567,9 @@ class _LayerInput(Function):
         if ctx.one_by_one:
             g2 = _pixel_major(g)  # (N, o)
             if need.conv_w:
-                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)  # (o, c)
+                grads["conv_w"] = _weight_grad(z, g2, conv_w)
             if need_x:
-                gz = torch.mm(conv_w.view(conv_w.shape[0], -1).t(), g2.t(), out=st.workspace("gz", c, dt))
+                gz = _input_grad(conv_w, g2, st, c, dt)
         else:
             bhw = st.buf.shape[1:]
             gz4, grads["conv_w"], _ = torch.ops.aten.convolution_backward(
@@ -625,9 +660,9 @@ class _RecomputedLayer(Function):
         gy2 = _pixel_major(gy)  # (N, 4k)
         grads = {"w2": gw2, "b2": gb2, "conv2_w": gconv2}
         if need.conv1_w:
-            grads["conv1_w"] = torch.mm(gy2.t(), z.t()).view_as(conv1_w)
+            grads["conv1_w"] = _weight_grad(z, gy2, conv1_w)
         if need_x:
-            gz = torch.mm(conv1_w.view(conv1_w.shape[0], -1).t(), gy2.t(), out=st.workspace("gz", c, dt))
+            gz = _input_grad(conv1_w, gy2, st, c, dt)
             grads["w1"], grads["b1"] = inp.backward(gz, z, w1)
             if need.newest:
                 grads["newest"] = _finished_grad(st, ctx.lo, c)
@@ -742,9 +777,9 @@ class _TransitionInput(Function):
         else:
             g2 = _pixel_major(g)
             if need.conv_w:
-                grads["conv_w"] = torch.mm(g2.t(), z.t()).view_as(conv_w)
+                grads["conv_w"] = _weight_grad(z, g2, conv_w)
             if need_x:
-                gz = torch.mm(conv_w.view(o, c).t(), g2.t(), out=st.workspace("gz", c, dt))
+                gz = _input_grad(conv_w, g2, st, c, dt)
         if need_x:  # dL/d(block output) goes into the block's gradient buffer, not through block_out
             grads["w"], grads["b"] = inp.backward(gz, z, w)
         if grads.get("conv_w") is not None:
