@@ -74,6 +74,12 @@ def _eligible(x: torch.Tensor, module: nn.Module) -> bool:
     return not _needs_grad(x, module)
 
 
+def stem_applies(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the model's stem runs channels_last in eval mode (its input converted first): when the
+    eval-mode path is taken, which works in that layout."""
+    return _eligible(x, model)
+
+
 def block_applies(block: nn.Module, layers, x0: torch.Tensor) -> bool:
     """Whether the eval-mode path computes this dense block's forward pass."""
     if not _eligible(x0, block):
