@@ -125,3 +125,22 @@ def test_a_loaded_checkpoint_takes_the_eval_path(tmp_path, monkeypatch):
         got = loaded(x)
     assert len(calls) == 3
     torch.testing.assert_close(got, reference(m).eval()(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_block_outputs_are_channels_last_and_the_imagenet_stem_runs_so(monkeypatch):
+    """The eval-mode block buffer is pixel-major: every stage comes out as an ordinary channels_last
+    tensor. The ImageNet stem converts its input in eval mode only (training keeps the caller's layout)."""
+    cfg, size = CONFIGS["imagenet"]
+    m = calibrated(cfg, size)
+    stem_inputs = []
+    m.features.conv0.register_forward_hook(lambda mod, inp, out: stem_inputs.append(inp[0]))
+    calls = spy(monkeypatch)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        stages = m.forward_stages(x)
+    assert len(calls) == 4  # the eval-mode path, in every block
+    assert stem_inputs[-1].is_contiguous(memory_format=torch.channels_last)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in stages[:-1])
+    m.train()
+    m(x)
+    assert stem_inputs[-1].is_contiguous()  # training: as given

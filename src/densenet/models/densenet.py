@@ -321,12 +321,15 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
+        return self.features(self._stem_input(x))
+
+    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self.config.stem == "imagenet" and _inference.stem_applies(self, x):
             # eval on the CPU: the stem in channels_last (its 7x7 convolution, BN and max pooling) hands the
             # first block its input in the block buffer's layout; 1.08x for DenseNet-121 at batch 1 and 32
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.features(x)
+        return x
 
     def stage_module(self, i: int) -> str:
         """The module whose output is stage i of `forward_stages` (a dense block; the last: after norm5-relu5)."""
@@ -336,7 +339,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         """A feature pyramid for detection or segmentation heads: the output of every dense block,
         (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
         BN-ReLU, so it equals forward_features(x)."""
-        self.check_input(x)
+        x = self._stem_input(x)
         stages = []
         for name, module in self.features.named_children():
             x = module(x)
