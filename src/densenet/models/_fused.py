@@ -83,8 +83,8 @@ from torch.autograd import Function
 
 # Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
 # cpu: the fused path: training throughput 1.5-1.9x torchvision NCHW (1.4-1.5x channels_last) on a 2-core
-# Intel Xeon (Sapphire Rapids), 1.2-1.4x NCHW (0.97-1.12x channels_last) on a 2-core AMD EPYC Zen 4
-# (BENCHMARKS.md, "Results" and "CPU speed on every ISA").
+# Intel Xeon (Sapphire Rapids), 1.3-1.6x NCHW (1.1-1.3x channels_last) on a 2-core AMD EPYC Zen 4 with
+# AVX-512 and with AVX2 only (BENCHMARKS.md, "Results" and "Third pass").
 # Devices not listed (cuda until benchmarks/gpu_check.py has measured it) take the fused path too: it
 # computes the same function, and its activation memory is linear in depth where the reference
 # path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
