@@ -144,3 +144,52 @@ def test_block_outputs_are_channels_last_and_the_imagenet_stem_runs_so(monkeypat
     m.train()
     m(x)
     assert stem_inputs[-1].is_contiguous()  # training: as given
+
+
+def test_changes_to_bn1_are_seen_even_through_data_and_eps():
+    """BN1 is read at every call (not cached), and a BN's eps is part of the cache key of the folded
+    weights: neither a write through `.data` (which bypasses the version counter) nor a new eps after a
+    first eval-mode call leaves the path computing with the old values."""
+    cfg, size = CONFIGS["bc"]
+    m = calibrated(cfg, size)
+    x = torch.randn(2, 3, size, size)
+    layer = m.features.denseblock1.denselayer1
+    with torch.no_grad():
+        m(x)  # fold and cache
+        layer.norm1.running_mean.data.add_(1.0)
+        torch.testing.assert_close(m(x), reference(m)(x), atol=1e-4, rtol=1e-4)
+        layer.norm1.eps = layer.norm2.eps = 0.5
+        torch.testing.assert_close(m(x), reference(m)(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bc", "imagenet"])
+def test_final_features_keep_the_input_memory_format_and_empty_batches_work(name):
+    cfg, size = CONFIGS[name]
+    m = calibrated(cfg, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        f = m.forward_features(x)
+        assert f.is_contiguous()  # as the reference path gives it: .view(B, -1) works
+        f.view(2, -1)
+        assert m.forward_stages(x)[-1].is_contiguous()
+        f_cl = m.forward_features(x.contiguous(memory_format=torch.channels_last))
+        assert f_cl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(f_cl, f)
+        assert m(x[:0]).shape == (0, cfg.num_classes)
+
+
+def test_the_stem_stays_as_given_where_the_eval_path_does_not_run():
+    cfg, size = CONFIGS["imagenet"]
+    m = calibrated(cfg, size)
+    seen = []
+    m.features.conv0.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].is_contiguous()))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference(m)(x)  # fused=False: the reference path throughout
+        with densenet.models.reference_path():
+            m(x)
+        h = m.features.denseblock1.register_forward_hook(lambda *a: None)  # block 1 calls its modules
+        m(x)
+        h.remove()
+        m(x)
+    assert seen == [True, True, True, False]

@@ -513,8 +513,8 @@ def _input_grad(conv_w: torch.Tensor, g2: torch.Tensor, st: _BlockState, c: int,
     """dL/dz (c, N) = W^T g2^T of a 1x1 convolution from dL/dy g2 (N, o): in oneDNN (a new tensor), or
     in torch.mm into the block's workspace."""
     w = conv_w.view(conv_w.shape[0], -1)
-    if _onednn(g2):
-        return _LINEAR(w.t().contiguous(), g2, None, "none", [], "")
+    if _onednn(g2):  # (contiguous(): a no-op for the gradients that arrive here, cheap insurance otherwise)
+        return _LINEAR(w.t().contiguous(), g2.contiguous(), None, "none", [], "")
     return torch.mm(w.t(), g2.t(), out=st.workspace("gz", c, dt))
 
 
@@ -522,7 +522,7 @@ def _weight_grad(z: torch.Tensor, g2: torch.Tensor, conv_w: torch.Tensor) -> tor
     """dL/dW (o, c) of a 1x1 convolution from z (c, N) and dL/dy g2 (N, o), computed as (z g2)^T:
     in oneDNN, or in torch.mm, where z g2 is 1.15x to 1.35x faster than g2^T z^T (the same sums)."""
     if _onednn(z):
-        return _LINEAR(z, g2.t(), None, "none", [], "").t().reshape(conv_w.shape)
+        return _LINEAR(z, g2.contiguous().t(), None, "none", [], "").t().reshape(conv_w.shape)
     return torch.mm(z, g2).t().reshape(conv_w.shape)
 
 

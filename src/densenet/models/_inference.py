@@ -6,8 +6,9 @@ computed ahead of time, once per set of weights:
 - the bottleneck's BN2 follows its 1x1 convolution directly, so it is folded into it:
   BN2(W1 z) = (s2 * W1) z + t2, with s2 = gamma2 / sqrt(var2 + eps) and t2 = beta2 - mean2 * s2;
   the 1x1 convolution becomes one matrix product with a bias (torch.addmm), then a ReLU;
-- BN1 cannot be folded (a ReLU sits between it and the convolution): it is z = relu(x * s1 + t1), with
-  s1 and t1 computed once (in float64, then cast): one elementwise pass over the layer's input.
+- BN1 cannot be folded (a ReLU sits between it and the convolution): it is z = relu(x * s1 + t1), one
+  elementwise pass over the layer's input, with s1 and t1 computed at every call for the whole block at
+  once (list-wide foreach operations), so that no change to BN1 goes unseen.
 
 The block keeps one buffer laid out pixel-major, (B, H, W, C): its output is an ordinary channels_last
 tensor. Each layer reads the first c channels of every pixel as an (N, c) view (N = B*H*W, rows C
@@ -23,7 +24,8 @@ The transition that follows such a block reads its buffer too, and pools before 
 (they commute: 4x fewer multiply-adds), writing its output pixel-major (channels_last) as well.
 
 Folded weights are cached per block and recomputed when any of its parameters or buffers changes (a
-training step, load_state_dict, .to()): the cache key is every tensor's storage and version counter,
+training step, load_state_dict, .to()) or a BN's eps is set: the cache key is every tensor's storage and
+version counter and the eps (a write through `.data` bypasses the version counter and is not seen),
 read from the layers' modules directly (walking them with Module.parameters() cost 0.3 ms a block,
 8% of a batch-1 forward pass of DenseNet-BC-100).
 The path is taken on the CPU, in eval mode, for float32/float64 models, when no gradient is needed
@@ -42,16 +44,24 @@ import torch.nn.functional as F
 _DTYPES = (torch.float32, torch.float64)
 
 
+# The checks below run at every forward pass of every block: they read modules' dicts directly
+# (`_modules`, `_parameters`, `_buffers`) instead of Module.__getattr__ and Module.modules(), which cost
+# 0.3 ms a block, ~10% of a batch-1 pass of DenseNet-BC-100.
+
 def _plain_bn(bn) -> bool:
     # a BN left in training mode inside an eval-mode model (BN re-estimation, frozen-backbone recipes)
     # normalises by batch statistics and updates its running ones: not foldable
-    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_var is not None \
-        and not bn.training
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats \
+        and bn._buffers.get("running_var") is not None and not bn.training
 
 
 def _plain_conv(conv) -> bool:
     return type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1) and conv.stride == (1, 1) \
-        and conv.padding_mode == "zeros" and conv.bias is None
+        and conv.padding_mode == "zeros" and conv._parameters.get("bias") is None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _no_hooks(modules) -> bool:
@@ -75,24 +85,37 @@ def _eligible(x: torch.Tensor, module: nn.Module) -> bool:
 
 
 def stem_applies(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the model's stem runs channels_last in eval mode (its input converted first): when the
-    eval-mode path is taken, which works in that layout."""
-    return _eligible(x, model)
+    """Whether the model's stem runs channels_last (its input converted first): when the eval-mode path
+    will take the first dense block, which works in that layout (a hook on that block, or a model
+    whose first block has other modules, leaves the input as it is)."""
+    from . import _fused
+
+    block = getattr(model.features, "denseblock1", None)
+    if block is None:
+        return False
+    fused = _fused.default_fused(x.device) if block.fused == "auto" else block.fused
+    return fused and not _fused.reference_path_active() and _eligible(x, model) \
+        and block_applies(block, list(block.values()), x)
 
 
 def block_applies(block: nn.Module, layers, x0: torch.Tensor) -> bool:
     """Whether the eval-mode path computes this dense block's forward pass."""
-    if not _eligible(x0, block):
+    if not _eligible(x0, block) or _hooked(block):
         return False
     for layer in layers:
-        if not (_plain_bn(layer.norm1) and _plain_conv(layer.conv1) and type(layer.relu1) is nn.ReLU):
+        mods = layer._modules
+        norm1, conv1, relu1 = mods.get("norm1"), mods.get("conv1"), mods.get("relu1")
+        if not (_plain_bn(norm1) and _plain_conv(conv1) and type(relu1) is nn.ReLU):
             return False
-        if layer.bottleneck and not (_plain_bn(layer.norm2) and _plain_conv(layer.conv2)
-                                     and type(layer.relu2) is nn.ReLU and layer.conv1.kernel_size == (1, 1)):
+        if layer.bottleneck and not (_plain_bn(mods.get("norm2")) and _plain_conv(mods.get("conv2"))
+                                     and type(mods.get("relu2")) is nn.ReLU and conv1.kernel_size == (1, 1)):
             return False
-        if layer.conv1.weight.dtype != x0.dtype:
+        if conv1._parameters["weight"].dtype != x0.dtype or _hooked(layer):
             return False
-    return _no_hooks(block.modules())
+        for m in mods.values():  # hooks anywhere in the layer: its modules must be called
+            if m is not None and (_hooked(m) or (m._modules and not _no_hooks(m.modules()))):
+                return False
+    return True
 
 
 class _Frozen:
@@ -107,12 +130,30 @@ class _Frozen:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, _Frozen]" = weakref.WeakKeyDictionary()
 
 
+def _folded_tensors(layers) -> list:
+    """What `_freeze` reads (BN1 is read at every call instead): conv1's weight, BN2's parameters and
+    running statistics, conv2's weight."""
+    out = []
+    for layer in layers:
+        mods = layer._modules
+        out.append(mods["conv1"]._parameters["weight"])
+        if layer.bottleneck:
+            bn2 = mods["norm2"]
+            out += (bn2._parameters["weight"], bn2._parameters["bias"], bn2._buffers["running_mean"],
+                    bn2._buffers["running_var"], mods["conv2"]._parameters["weight"])
+    return out
+
+
 def _key(layers) -> tuple:
-    """Every parameter and buffer of the layers (whose modules block_applies checked: none nested), as
-    (storage, dtype, version): unchanged as long as none was replaced or modified in place."""
-    return tuple((t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version)
-                 for layer in layers for m in layer._modules.values() if m is not None
-                 for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
+    """The tensors `_freeze` reads, as (storage, dtype, version), and BN2's eps: unchanged as long as none
+    was replaced, modified in place or set. (Writes through `.data` bypass the version counter: they
+    are not seen, as in any cache keyed on it; BN1 is not cached.)"""
+    tensors = _folded_tensors(layers)
+    eps = tuple(layer._modules["norm2"].eps for layer in layers if layer.bottleneck)
+    try:
+        return tuple((t.data_ptr(), t.dtype, t._version) for t in tensors) + eps
+    except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
+        return tuple((t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version) for t in tensors) + eps
 
 
 def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,22 +165,40 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _freeze(layers) -> list[tuple]:
-    """Per layer: BN1 as (s1, t1); the 1x1 convolution with BN2 folded in, transposed, and its bias
-    (None, None without bottleneck); the 3x3 (or only) convolution's weight, channels_last; its padding."""
+    """Per layer: the 1x1 convolution with BN2 folded in, transposed, and its bias (None, None without
+    bottleneck); the 3x3 (or only) convolution's weight, channels_last; its padding. (BN1 is not
+    folded: `_bn1_affine` reads it at every call.)"""
     frozen = []
     for layer in layers:
         w1 = layer.conv1.weight
-        s1, t1 = _bn_affine(layer.norm1, w1.dtype)
         if layer.bottleneck:
             s2, t2 = _bn_affine(layer.norm2, w1.dtype)
             w1f = (w1.double().flatten(1) * s2.double()[:, None]).to(w1.dtype)  # (4k, c): BN2 folded in
             w1t = w1f.t().contiguous()  # (c, 4k): addmm(t2, z, w1t) is (N, 4k), pixel-major
             w2 = layer.conv2.weight.contiguous(memory_format=torch.channels_last)
-            frozen.append((s1, t1, w1t, t2, w2, layer.conv2.padding))
+            frozen.append((w1t, t2, w2, layer.conv2.padding))
         else:
-            frozen.append((s1, t1, None, None, w1.contiguous(memory_format=torch.channels_last),
-                           layer.conv1.padding))
+            frozen.append((None, None, w1.contiguous(memory_format=torch.channels_last), layer.conv1.padding))
     return frozen
+
+
+def _bn1_affine(layers) -> tuple[tuple, tuple]:
+    """Each layer's BN1 as (scale, shift), y = x * scale + shift, from the modules as they are now, so
+    that no change to BN1 goes unseen: computed for the whole block at once on the concatenated
+    statistics (a dozen operations a block; per layer, or with foreach operations, which loop per
+    tensor on the CPU, it cost 0.4 ms a block)."""
+    bns = [layer._modules["norm1"] for layer in layers]
+    var, mean = (torch.cat([bn._buffers[name] for bn in bns]) for name in ("running_var", "running_mean"))
+    w, b = (torch.cat([bn._parameters[name] for bn in bns]) for name in ("weight", "bias"))
+    sizes = [bn.num_features for bn in bns]
+    eps = {bn.eps for bn in bns}
+    if len(eps) == 1:
+        scale = var.add_(eps.pop()).rsqrt_().mul_(w)
+    else:
+        eps = torch.tensor([bn.eps for bn in bns], dtype=var.dtype).repeat_interleave(torch.tensor(sizes))
+        scale = var.add_(eps).rsqrt_().mul_(w)
+    shift = b.sub_(mean.mul_(scale))
+    return scale.split(sizes), shift.split(sizes)
 
 
 def _frozen(block: nn.Module, layers) -> list[tuple]:
@@ -175,13 +234,15 @@ def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Ten
     rows = pixels.view(n, total)  # the buffer, a row per pixel
     pixels[..., :c].copy_(x0.permute(0, 2, 3, 1))
     zs = torch.empty(total * n, dtype=x0.dtype, device=x0.device)  # the normalised input, (N, c)
-    width = max((f[2].shape[1] for f in frozen if f[2] is not None), default=0)
+    width = max((f[0].shape[1] for f in frozen if f[0] is not None), default=0)
     ys = torch.empty((n, width), dtype=x0.dtype, device=x0.device) if width else None  # bottleneck maps
-    for s1, t1, w1t, t2, w2, pad in frozen:
+    with torch.no_grad():  # (BN1's parameters require grad; nothing here needs a graph: `block_applies`)
+        scales, shifts = _bn1_affine(layers)
+    for (w1t, t2, w2, pad), s1, t1 in zip(frozen, scales, shifts):
         z = torch.addcmul(t1, rows[:, :c], s1, out=zs[:c * n].view(n, c)).relu_()  # relu(BN1(x))
         if w1t is not None:  # Conv1x1 (BN2 folded) -ReLU, pixel-major (N, 4k), then the 3x3
             y = torch.addmm(t2, z, w1t, out=ys).relu_()
-            new = F.conv2d(y.view(b, h, w, -1).permute(0, 3, 1, 2), w2, padding=pad)
+            new = F.conv2d(y.view(b, h, w, width).permute(0, 3, 1, 2), w2, padding=pad)
         else:  # DenseNet without bottleneck: the 3x3 convolution reads the normalised prefix itself
             new = F.conv2d(z.view(b, h, w, c).permute(0, 3, 1, 2), w2, padding=pad)
         pixels[..., c:c + k].copy_(new.permute(0, 2, 3, 1))
@@ -212,5 +273,5 @@ def transition_forward(transition: nn.Module, x: torch.Tensor) -> torch.Tensor:
     zr = z[:, 0::2] + z[:, 1::2]
     zp = (zr[:, :, 0::2] + zr[:, :, 1::2]).mul_(0.25)  # (B, H/2, W/2, C)
     o = transition.conv.out_channels
-    y = torch.mm(zp.reshape(-1, c), transition.conv.weight.view(o, c).t())  # (N/4, o)
+    y = torch.mm(zp.reshape(b * (h // 2) * (w // 2), c), transition.conv.weight.view(o, c).t())  # (N/4, o)
     return y.view(b, h // 2, w // 2, o).permute(0, 3, 1, 2)

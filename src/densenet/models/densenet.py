@@ -321,7 +321,16 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
-        return self.features(self._stem_input(x))
+        return self._in_input_format(self.features(self._stem_input(x)), x)
+
+    def _in_input_format(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # The eval-mode path computes channels_last; the final features come back in the memory format of
+        # the input (a copy of the last, smallest maps), so that e.g. .view(B, -1) works as before
+        if self.training or out.is_contiguous() or not out.is_contiguous(memory_format=torch.channels_last):
+            return out
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return out
+        return out.contiguous()
 
     def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -339,13 +348,13 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         """A feature pyramid for detection or segmentation heads: the output of every dense block,
         (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
         BN-ReLU, so it equals forward_features(x)."""
-        x = self._stem_input(x)
+        inp, x = x, self._stem_input(x)
         stages = []
         for name, module in self.features.named_children():
             x = module(x)
             if name.startswith("denseblock"):
                 stages.append(x)
-        stages[-1] = x  # after norm5 and relu5
+        stages[-1] = self._in_input_format(x, inp)  # after norm5 and relu5
         return stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
