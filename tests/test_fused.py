@@ -566,6 +566,7 @@ def test_float32_backward_products_in_either_kernel(onednn, memory_efficient, mo
 
     if onednn and _fused._LINEAR is None:
         pytest.skip("this PyTorch build has no oneDNN matrix product (torch.ops.mkldnn._linear_pointwise)")
+    assert not onednn or _fused._linear_works()  # checked once per process (before the spy counts calls)
     calls = []
     real = _fused._LINEAR
     monkeypatch.setattr(_fused, "_LINEAR", lambda *a: calls.append(1) or real(*a))
@@ -582,3 +583,21 @@ def test_float32_backward_products_in_either_kernel(onednn, memory_efficient, mo
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=k)
     # two products per bottleneck layer (3 blocks of 3); the transitions pool first, a product of their own
     assert len(calls) == (2 * 9 if onednn else 0)
+
+
+def test_a_onednn_product_that_disagrees_with_mm_is_not_used(monkeypatch):
+    """If this PyTorch's oneDNN product fails or disagrees with torch.mm on the backward pass's operand
+    layouts (a private operator), torch.mm computes the products."""
+    from densenet.models import _fused
+
+    def broken(*a):
+        raise RuntimeError("mkldnn linear: unsupported layout")
+
+    for fake, works in ((broken, False), (lambda a, b, *rest: a @ b.t() + 1.0, False), (_fused._LINEAR, True)):
+        if fake is None:
+            continue
+        monkeypatch.setattr(_fused, "_LINEAR", fake)
+        _fused._linear_works.cache_clear()
+        assert _fused._linear_works() is works
+        assert _fused._onednn(torch.zeros(2, dtype=torch.float32)) is (works and _fused.ONEDNN_BACKWARD)
+    _fused._linear_works.cache_clear()

@@ -498,7 +498,21 @@ _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.
 
 def _onednn(t: torch.Tensor) -> bool:
     return ONEDNN_BACKWARD and _LINEAR is not None and t.dtype == torch.float32 and t.device.type == "cpu" \
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _linear_works()
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_works() -> bool:
+    """Whether this PyTorch's oneDNN product (a private operator, measured on torch 2.14 only) gives
+    torch.mm's result on operands laid out as the backward pass passes them (a contiguous weight for
+    dL/dz, a transposed one for dL/dW); checked once, on small matrices. If not, torch.mm is used."""
+    with torch.no_grad():
+        w_t, g2, z = torch.randn(5, 3), torch.randn(11, 3), torch.randn(5, 11)  # (c, o), (N, o), (c, N)
+        try:
+            return bool(torch.allclose(_LINEAR(w_t, g2, None, "none", [], ""), w_t @ g2.t(), atol=1e-5)
+                        and torch.allclose(_LINEAR(z, g2.t(), None, "none", [], ""), z @ g2, atol=1e-5))
+        except (RuntimeError, TypeError, ValueError):
+            return False
 
 
 def _conv1x1(z: torch.Tensor, conv_w: torch.Tensor, shape) -> torch.Tensor:
