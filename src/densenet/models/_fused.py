@@ -28,7 +28,7 @@ How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time wen
   (Measured on an Intel Xeon. On an AMD Zen 4 oneDNN's NHWC 1x1 convolution is 1.1-2.1x the product,
   but it needs z pixel-major, and a transpose costs as much as the product: benchmarks/bench_bottleneck.py.)
   The two products of its backward pass, dL/dz and dL/dW, run in oneDNN's matrix product in float32
-  (`ONEDNN_BACKWARD`), which is faster than MKL's on both layouts they take.
+  (`ONEDNN_BACKWARD`), which was faster than MKL's on the AMD Zen 4 measured, with AVX-512 and AVX2.
 - The normalised input z = relu(x * scale + shift) of each layer is written into one workspace per
   block and recomputed in the backward pass (one elementwise pass), in both modes: storing it needs
   a fresh allocation per layer, and large fresh allocations cost page faults on the CPU that are
@@ -487,10 +487,10 @@ def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
 
 # oneDNN's matrix product (the kernel torch.compile's CPU backend calls for linear layers): the two
 # products of a 1x1 convolution's backward pass run in it, the forward product in torch.mm (MKL). A
-# rule from measurements on both ISAs of an AMD Zen 4 (BENCHMARKS.md, "Backward products in oneDNN"):
-# with oneDNN a DenseNet-BC-100 training step is 1.16x (AVX-512) and 1.05x (AVX2) faster, DenseNet-121
-# 1.02x and 1.00x; oneDNN for the forward product as well was slower (0.94x for DenseNet-121), because
-# its output comes channel-major and has to be transposed. Float32 on the CPU only; False, or
+# rule from measurements on both ISAs of an AMD Zen 4 (BENCHMARKS.md, "Third pass", item 3; not measured
+# on Intel): with oneDNN a DenseNet-BC-100 training step is 1.16x (AVX-512) and 1.05x (AVX2) faster,
+# DenseNet-121 1.02x and 1.00x; oneDNN for the forward product as well was slower (0.92x for
+# DenseNet-121), because its output comes channel-major and has to be transposed. Float32 on the CPU only; False, or
 # DENSENET_ONEDNN_BACKWARD=0 in the environment, uses torch.mm everywhere.
 ONEDNN_BACKWARD: bool = os.environ.get("DENSENET_ONEDNN_BACKWARD", "1") not in ("", "0")
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None

@@ -8,24 +8,25 @@ computed ahead of time, once per set of weights:
   the 1x1 convolution becomes one matrix product with a bias (torch.addmm), then a ReLU;
 - BN1 cannot be folded (a ReLU sits between it and the convolution): it is z = relu(x * s1 + t1), one
   elementwise pass over the layer's input, with s1 and t1 computed at every call for the whole block at
-  once (list-wide foreach operations), so that no change to BN1 goes unseen.
+  once (`_bn1_affine`), so that no change to BN1 goes unseen.
 
 The block keeps one buffer laid out pixel-major, (B, H, W, C): its output is an ordinary channels_last
 tensor. Each layer reads the first c channels of every pixel as an (N, c) view (N = B*H*W, rows C
 apart: no copy) and writes its k new maps after them. Pixel-major is the layout in which each step of
 a layer is fastest on the CPU: the matrix product z W1^T on a contiguous (N, c) z (1.3x to 1.5x the
 same product on a channel-major z, which this path used before), the 3x3 convolution (channels_last
-input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS.md, "Eval-mode path,
-pixel-major", has the figures. The normalised input and the bottleneck maps live in two workspaces
-per block that every layer reuses. No autograd node is built. A layer is five operations (affine map,
+input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS.md, "Third pass",
+has the figures (measured on an AMD Zen 4, AVX-512 and AVX2). The normalised input and the bottleneck
+maps live in two workspaces per block that every layer reuses. No autograd node is built. A layer is five operations (affine map,
 ReLU, addmm, ReLU, 3x3 convolution) and a copy of its k maps into the buffer.
 
 The transition that follows such a block reads its buffer too, and pools before its 1x1 convolution
 (they commute: 4x fewer multiply-adds), writing its output pixel-major (channels_last) as well.
 
-Folded weights are cached per block and recomputed when any of its parameters or buffers changes (a
-training step, load_state_dict, .to()) or a BN's eps is set: the cache key is every tensor's storage and
-version counter and the eps (a write through `.data` bypasses the version counter and is not seen),
+Folded weights (conv1, BN2, conv2) are cached per block and recomputed when any tensor they come from
+changes (a training step, load_state_dict, .to()) or BN2's eps is set: the cache key is those tensors'
+storage and version counter and the eps (a write through `.data` bypasses the version counter and is not
+seen),
 read from the layers' modules directly (walking them with Module.parameters() cost 0.3 ms a block,
 8% of a batch-1 forward pass of DenseNet-BC-100).
 The path is taken on the CPU, in eval mode, for float32/float64 models, when no gradient is needed
@@ -193,10 +194,10 @@ def _bn1_affine(layers) -> tuple[tuple, tuple]:
     sizes = [bn.num_features for bn in bns]
     eps = {bn.eps for bn in bns}
     if len(eps) == 1:
-        scale = var.add_(eps.pop()).rsqrt_().mul_(w)
-    else:
+        eps = eps.pop()
+    else:  # a per-channel tensor of each layer's eps
         eps = torch.tensor([bn.eps for bn in bns], dtype=var.dtype).repeat_interleave(torch.tensor(sizes))
-        scale = var.add_(eps).rsqrt_().mul_(w)
+    scale = var.add_(eps).rsqrt_().mul_(w)
     shift = b.sub_(mean.mul_(scale))
     return scale.split(sizes), shift.split(sizes)
 
