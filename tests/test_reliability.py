@@ -866,6 +866,11 @@ def test_outputs_never_overwrite_a_runs_files(tiny_run, tmp_path):
         one_line_error(*cli(*argv), needle)
     with pytest.raises(ValueError, match="not a Hub export"):
         hub.save_pretrained(densenet.load(run)[0], run / "last")
+    from densenet.train.checkpoint import refuse_run_file
+
+    for name in ("densenet.lock", "launch.json", ".lock", "error.json"):  # the run lock, a grid cell's files
+        with pytest.raises(ValueError, match="would overwrite"):
+            refuse_run_file(run / name, "output")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "x.csv").exists()
     code, _ = cli("reuse", run, "--out", run / "reuse.png")  # other names in a run directory are fine

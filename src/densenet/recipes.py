@@ -171,8 +171,6 @@ _BY_FAMILY: dict[str, dict[str, Recipe]] = {
 _KIND = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn", "imagenet": "imagenet"}
 # What the generic datasets (folders, digits) borrow: the DenseNet recipe of the dataset spec.
 FAMILIES_WITH_DROPOUT = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)", "Wide ResNet (CIFAR)")
-_FAMILIES = FAMILIES_WITH_DROPOUT + ("ResNet (CIFAR)", "ResNet (ImageNet)", "Pre-activation ResNet (CIFAR)",
-                                     "ResNet with stochastic depth (CIFAR)", "ResNeXt (CIFAR)", "ResNeXt (ImageNet)")
 
 
 def get_recipe(name: str) -> Recipe:
@@ -205,14 +203,14 @@ def has_dropout(model: str) -> bool:
         return False
     if entry.family in FAMILIES_WITH_DROPOUT:
         return True
-    if entry.family in _FAMILIES:
+    if entry.family in _BY_FAMILY:  # the package's other families
         return False
     import torch
 
     try:
         with torch.device("meta"):
             create_model(model, drop_rate=0.1)
-    except (TypeError, ValueError):
+    except Exception:  # anything a builder raises (no such argument, no meta support): no dropout option known
         return False
     return True
 

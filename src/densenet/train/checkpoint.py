@@ -37,6 +37,9 @@ MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
 RECORD_FILE = "written.json"
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "ckpt", "last", "best", RECORD_FILE,
              "tensorboard")
+# what else lives in a run directory while it runs: the run lock (train/lock.py) and, in a grid cell,
+# the launcher's files (grid/launchers.py); no output may replace them either
+_RUN_OWNED = RUN_FILES + ("densenet.lock", "launch.json", ".lock", "error.json")
 
 
 def refuse_run_file(path: str | Path, what: str) -> None:
@@ -48,7 +51,7 @@ def refuse_run_file(path: str | Path, what: str) -> None:
     for run in p.parents:
         if (run / "config.json").is_file() and ((run / "ckpt").is_dir() or (run / "last").exists()):
             part = p.relative_to(run).parts[0]
-            if part in RUN_FILES:
+            if part in _RUN_OWNED:
                 raise ValueError(f"{what} {path} would overwrite {run / part}, a file of the training run in "
                                  f"{run}: give another name or folder")
             return

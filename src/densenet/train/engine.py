@@ -24,10 +24,11 @@ from ..data import DataError, ImageSet, Normalization, balanced_split, channel_s
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
 from ..data.transforms import ten_crop_padding
 from ..registry import create_model
+from ..saved_model import model_metadata
 from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
 from . import logs
-from .checkpoint import RunDir, model_metadata, set_rng_state
+from .checkpoint import RunDir, set_rng_state
 from .config import TrainConfig
 from .distributed import Distributed
 from .lock import DirLock
