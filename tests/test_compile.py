@@ -82,9 +82,10 @@ def test_double_backward_names_fused_false():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["fused", "fused-memeff"])
-def test_inductor_training_and_inference(memory_efficient, device):
+def test_inductor_training_and_inference(memory_efficient, device, exact_cuda):
     """The real compiler (inductor; Triton on a GPU): float32 training steps and inference match eager.
-    Dropout off: inductor draws its own random numbers."""
+    Dropout off: inductor draws its own random numbers. TF32 off on a GPU (exact_cuda): inductor's
+    convolutions and eager's 1x1 products would otherwise round differently (TF32 vs float32)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = densenet.create_model("densenet_bc_100_k12", depth=10, memory_efficient=memory_efficient).to(device)

@@ -58,11 +58,13 @@ def test_fp16_autocast_outputs_match_the_reference_path(mode):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
 
 
-def test_sync_batchnorm_model_takes_the_reference_path():
-    """convert_sync_batchnorm replaces the BNs: the fused path steps aside (it covers plain BatchNorm2d)."""
+def test_sync_batchnorm_model_takes_the_reference_path(exact_cuda):
+    """convert_sync_batchnorm replaces the BNs: the fused path steps aside (it covers plain BatchNorm2d).
+    TF32 off (exact_cuda): the fused model's 1x1 products and the reference's cuDNN convolutions would
+    otherwise differ at TF32 precision (~1e-3), not float32's."""
     from densenet.models import _fused
 
-    ref = build32("densenet_bc_100_k12", dict(depth=10))
+    ref = build32("densenet_bc_100_k12", dict(depth=10), fused=True)
     m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
     block = m.features.denseblock1
     assert not _fused.supported(list(block.values()))
@@ -80,12 +82,12 @@ def _nccl_worker(rank, world, init_file, result_file, sync_bn):
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = densenet.create_model("densenet_bc_100_k12", depth=16).cuda(rank)
+        model = densenet.create_model("densenet_bc_100_k12", depth=16, fused=True).cuda(rank)  # opt-in on CUDA
         if sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = DDP(model, device_ids=[rank])
         torch.manual_seed(123)
-        x = torch.randn(2 * world, 3, 16, 16)[2 * rank:2 * rank + 2].cuda(rank)
+        x = torch.randn(2 * world, 3, 16, 16)[2 * rank:2 * rank + 2].cuda(rank)  # the CPU generator, as below
         ddp(x).sum().backward()
         if rank == 0:
             torch.save({n: p.grad.cpu() for n, p in model.named_parameters()}, result_file)
@@ -105,7 +107,7 @@ def test_ddp_with_nccl(tmp_path, sync_bn, exact_cuda):
     mp.spawn(_nccl_worker, args=(2, str(tmp_path / "init"), str(result), sync_bn), nprocs=2, join=True)
     got = torch.load(result, weights_only=True)
     torch.manual_seed(123)
-    x = torch.randn(4, 3, 16, 16, device=CUDA)
+    x = torch.randn(4, 3, 16, 16).to(CUDA)  # drawn on the CPU like the workers' (CUDA's Philox draws others)
     expected = {}
     halves = [x] if sync_bn else [x[:2], x[2:]]
     for xi in halves:

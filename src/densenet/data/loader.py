@@ -24,6 +24,14 @@ def _generator(*seeds: int) -> torch.Generator:
     return g.manual_seed(value)
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch gathered on the CPU, onto `device`. To CUDA through pinned memory, so the copy is
+    asynchronous (non_blocking from pageable memory is an ordinary blocking copy); elsewhere as it is."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
@@ -80,8 +88,7 @@ class Batches(_Sampling):
         order = self.order(epoch)
         for step in range(start, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            x = self.data.images[idx].to(self.device, non_blocking=True)
-            y = self.data.labels[idx].to(self.device, non_blocking=True)
+            x, y = _to_device(self.data.images[idx], self.device), _to_device(self.data.labels[idx], self.device)
             x = self.normalize(x)
             if self.augment != "none":
                 x = augment_batch(x, self.augment, _generator(self.seed, epoch, step, 1))

@@ -85,10 +85,12 @@ from torch.autograd import Function
 # cpu: the fused path: training throughput 1.5-1.9x torchvision NCHW (1.4-1.5x channels_last) on a 2-core
 # Intel Xeon (Sapphire Rapids), 1.3-1.6x NCHW (1.1-1.3x channels_last) on a 2-core AMD EPYC Zen 4 with
 # AVX-512 and with AVX2 only (BENCHMARKS.md, "Results" and "Third pass").
-# Devices not listed (cuda until benchmarks/gpu_check.py has measured it) take the fused path too: it
-# computes the same function, and its activation memory is linear in depth where the reference
-# path's is quadratic, the limit on DenseNet batch sizes on a GPU. gpu_check.py prints the entry to set.
-FUSED_BY_DEVICE: dict[str, bool] = {"cpu": True}
+# cuda: the reference path (torch's own modules, cuDNN kernels) until a GPU has measured the fused one:
+# no GPU has run it yet. Its CUDA calls are checked without a GPU (tests/test_fused_cuda_contract.py)
+# and `fused=True` opts in; benchmarks/gpu_check.py measures both and prints the entry to set here.
+# Devices not listed (mps, xpu, ...) take the reference path too: only a measurement puts one on the
+# fused path.
+FUSED_BY_DEVICE: dict[str, bool] = {"cpu": True, "cuda": False}
 
 # Debug mode: check invariants the fused backward relies on (the backward order of a block's nodes)
 # at every node. On with DENSENET_DEBUG_FUSED=1 (tests/conftest.py sets it), or by setting this flag.
@@ -119,8 +121,8 @@ def reference_path_active() -> bool:
 
 
 def default_fused(device: torch.device) -> bool:
-    """Whether fused="auto" takes the fused path on `device` (FUSED_BY_DEVICE)."""
-    return FUSED_BY_DEVICE.get(device.type, True)
+    """Whether fused="auto" takes the fused path on `device` (FUSED_BY_DEVICE; False where unmeasured)."""
+    return FUSED_BY_DEVICE.get(torch.device(device).type, False)
 
 
 def supported(layers) -> bool:
@@ -322,13 +324,16 @@ def _bn_relu(x: torch.Tensor, mean, var, w, b, eps: float, out: torch.Tensor) ->
     per-channel operands (BENCHMARKS.md)."""
     c = x.shape[0]
     dst = out if out.dtype == x.dtype else torch.empty_like(x)
-    if w.dtype != mean.dtype:  # e.g. float32 statistics of a float16 model: all in float32
-        w, b, mean, var = (t.to(_acc_dtype(x.dtype)) for t in (w, b, mean, var))
-    # float16/bfloat16 maps with float32 parameters (autocast): the kernel computes (x - mean) * invstd
-    # in float32; x * scale + shift in the maps' own precision lost most digits when |mean| >> std
+    acc = _acc_dtype(x.dtype)
+    # parameters and statistics all in the accumulation dtype (float32 for float16/bfloat16 maps: autocast,
+    # or a .half() model whose running statistics are float16), and so the saved statistics the kernel
+    # writes: CUDA's kernel reads them as acc(parameter dtype) and refuses float16 ones
+    # (tests/test_fused_cuda_contract.py). The kernel computes (x - mean) * invstd in float32; x * scale +
+    # shift in the maps' own precision lost most digits when |mean| >> std.
+    w, b, mean, var = (t if t.dtype == acc else t.to(acc) for t in (w, b, mean, var))
     torch.ops.aten.native_batch_norm.out(x.view(1, c, -1, 1), w, b, mean, var, False, 0.0, eps,
-                                         out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0, dtype=mean.dtype),
-                                         save_invstd=x.new_empty(0, dtype=mean.dtype))
+                                         out=dst.view(1, c, -1, 1), save_mean=x.new_empty(0, dtype=acc),
+                                         save_invstd=x.new_empty(0, dtype=acc))
     if dst is not out:
         out.copy_(dst)
     return out.relu_()
@@ -396,9 +401,12 @@ class _BNReLUInput:
         x = st.rows(0, c)
         torch.ops.aten.threshold_backward.grad_input(gz, z, 0, grad_input=gz)  # through the ReLU, in place
         # dL/dgamma and dL/dbeta: per-channel sums over N; (1, c, N, 1) is a contiguous NCHW view
+        # statistics held fixed (train=False); save_mean and save_invstd given as tensors, never None: the
+        # CUDA kernel asserts they are defined (tests/test_fused_cuda_contract.py), the CPU one ignores them
+        acc = self.invstd.dtype
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gz.view(1, c, -1, 1), x.view(1, c, -1, 1), w, self.mean, self.var, None, None, False, self.eps,
-            [False, True, True])
+            gz.view(1, c, -1, 1), x.view(1, c, -1, 1), w, self.mean, self.var, self.mean.to(acc), self.invstd,
+            False, self.eps, [False, True, True])
         # dL/dx through this layer's normalisation with the statistics held fixed, into the buffer
         if st.grad is None:  # the first reader in backward order (the transition) starts the buffer
             st.start_grad()
@@ -665,9 +673,11 @@ class _RecomputedLayer(Function):
         del g
         torch.ops.aten.threshold_backward.grad_input(gu, u, 0, grad_input=gu)
         del u
+        # saved statistics always given (the CUDA kernel asserts them), in the accumulation dtype; running
+        # ones only in eval mode, where they are read, and then in the weight's dtype as BN keeps them
         gy, gw2, gb2 = torch.ops.aten.native_batch_norm_backward(
-            gu, y, w2, mean2, var2, mean2 if training2 else None, invstd2 if training2 else None, training2, eps2,
-            [True, need.w2, need.b2])
+            gu, y, w2, None if training2 else mean2, None if training2 else var2, mean2.to(invstd2.dtype), invstd2,
+            training2, eps2, [True, need.w2, need.b2])
         del gu, y
         if ctx.p > 0:
             gy = _undrop(gy, masks[0], ctx.p)

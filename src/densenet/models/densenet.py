@@ -57,7 +57,8 @@ class DenseNetConfig:
     stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 conv; or 7x7/2 conv, BN, ReLU, 3x3/2 max pool
     memory_efficient: bool = False  # recompute each layer's BN-ReLU-Conv input in the backward pass
     # shared feature buffer and shared BN statistics (exact; see _fused.py); "auto": the path measured
-    # faster on the device the model runs on (_fused.FUSED_BY_DEVICE), the fused one on the CPU
+    # faster on the device the model runs on (_fused.FUSED_BY_DEVICE): the fused one on the CPU, the
+    # reference one on CUDA (not yet measured there; fused=True opts in) and on other devices
     fused: bool | Literal["auto"] = "auto"
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1

@@ -205,6 +205,26 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def cuda_numerics(device: torch.device):
+    """On CUDA, for the duration of a run: cuDNN autotuning on (`cudnn.benchmark`; the shapes of a run are
+    fixed), and TF32 in matrix products exactly when it is on in cuDNN's convolutions
+    (`torch.backends.cudnn.allow_tf32`, True by default). PyTorch's defaults differ (products False,
+    convolutions True), which would give the fused path (1x1 convolutions as matrix products) and the
+    reference path (cuDNN) different precision for the same layer. The flags are restored afterwards.
+    Nothing changes on other devices."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = cudnn.benchmark, matmul.allow_tf32
+    cudnn.benchmark, matmul.allow_tf32 = True, cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        cudnn.benchmark, matmul.allow_tf32 = old
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Top-1 and top-5 error (percent), mean loss and the number of images. Ten-crop batches
@@ -213,8 +233,8 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
     is that of the summed logits' softmax."""
     was_training = model.training
     model.eval()
-    n = correct1 = correct5 = 0
-    loss_sum = 0.0
+    n = 0
+    sums = None  # loss sum, top-1 and top-5 hits, accumulated on the device: one sync at the end
     for x, y in batches:
         with autocast():
             if x.dim() == 5:
@@ -222,17 +242,23 @@ def evaluate(model: nn.Module, batches: Iterable, autocast=contextlib.nullcontex
                 logp = F.log_softmax(logits, 1)
             else:
                 logp = F.log_softmax(model(x).float(), 1)
-        loss_sum += F.nll_loss(logp, y, reduction="sum").item()
         top = logp.topk(min(5, logp.shape[1]), 1).indices
         hits = top == y[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(1).sum().item()
+        batch = torch.stack([F.nll_loss(logp, y, reduction="sum").to(_sum_dtype(logp.device)),
+                             hits[:, 0].sum(), hits.any(1).sum()])
+        sums = batch if sums is None else sums.add_(batch)
         n += len(y)
     model.train(was_training)
     if n == 0:
         return {"top1_error": float("nan"), "top5_error": float("nan"), "loss": float("nan"), "images": 0}
+    loss_sum, correct1, correct5 = sums.tolist()
     return {"top1_error": 100.0 * (1 - correct1 / n), "top5_error": 100.0 * (1 - correct5 / n),
             "loss": loss_sum / n, "images": n}
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """Float64 sums (exact counts, the loss as the CPU adds it), float32 where float64 is missing (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass
@@ -300,6 +326,10 @@ class Trainer:
     def _fit(self, dist: Distributed) -> dict[str, Any]:
         """The whole run, top to bottom."""
         device = self._check_request(dist)
+        with cuda_numerics(device):
+            return self._fit_on(dist, device)
+
+    def _fit_on(self, dist: Distributed, device: torch.device) -> dict[str, Any]:
         s = self._build(dist, device)  # data, model, optimizer: the state at epoch 0
         if self.resume:
             finished = self._resume(s)
