@@ -602,3 +602,18 @@ def test_a_onednn_product_that_disagrees_with_mm_is_not_used(monkeypatch):
         expected = works and _fused.ONEDNN_BACKWARD and torch.backends.mkldnn.is_available()
         assert _fused._onednn(torch.zeros(2, dtype=torch.float32)) is expected
     _fused._linear_works.cache_clear()
+
+
+def test_the_onednn_check_draws_nothing_from_the_global_generator():
+    """The oneDNN product is checked once, inside the first backward pass of a process: drawing from
+    torch's default generator there shifted every later dropout mask, so a resumed run (a new process)
+    and an uninterrupted one diverged, depending on which process had run the check first."""
+    from densenet.models import _fused
+
+    _fused._linear_works.cache_clear()
+    try:
+        before = torch.get_rng_state()
+        _fused._linear_works()
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        _fused._linear_works.cache_clear()

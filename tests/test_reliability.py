@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from densenet.cli import main
+from densenet.train.resume import ResumeError
 from densenet.data.sources import DataError, _decode, load_folder
 from densenet.inference import find_images, load, predict
 from densenet.train import TrainConfig, TrainingStopped, fit
@@ -605,9 +606,11 @@ def test_resume_refuses_changed_settings_and_a_changed_model(tiny, tmp_path):
     same.write_text("dataset: folder\nmilestones: [0.5, 0.75]\nlr: 0.1\nmodel_args: {depth: 10}\n")
     code, err = cli("train", "--resume", run, "--config", same)
     assert code == 0 and "nothing to resume" in err, err
-    # the library call: a model that does not fit the checkpoint, every key named
-    with pytest.raises(CheckpointError, match="does not fit the model .* shapes differ"):
+    # the library call: the same rule as the command (train/resume.py)
+    with pytest.raises(ResumeError, match="its model has growth_rate = .*4 given"):
         fit(cfg(tiny["folder"], None, epochs=2, model_args={"depth": 10, "growth_rate": 4}), resume=str(run))
+    with pytest.raises(ResumeError, match="its lr is 0.1, 0.5 given"):
+        fit(cfg(tiny["folder"], None, epochs=2, lr=0.5), resume=str(run))
 
 
 def test_resuming_a_finished_run_changes_nothing(tiny, tmp_path):
@@ -712,6 +715,7 @@ def test_messages_name_the_cause(tiny, tmp_path, capsys):
 FUZZ_CHILD = r"""
 import contextlib, io, json, sys, traceback
 from densenet.cli import main
+from densenet.train.resume import ResumeError
 for i, (cwd, argv) in enumerate(json.loads(open(sys.argv[1]).read())):
     import os
     os.chdir(cwd)

@@ -149,39 +149,6 @@ def _train_settings(args: argparse.Namespace) -> dict:
     return given
 
 
-# settings a resumed run may change: how it runs, not what it computes
-RESUMABLE = ("epochs", "device", "workers", "progress", "tensorboard", "eval_batch_size", "compile", "channels_last",
-             "out")  # epochs: more of them continue at the last learning rate (milestones are saved resolved)
-
-
-def _check_resume_settings(saved: dict, given: dict, run: str) -> None:
-    """--resume continues a run exactly: a setting that would change what it computes is refused,
-    never silently ignored (the optimizer's state carries the learning rate, the weights the model).
-    Settings are compared resolved: the same --config file as at the start (milestones 0.5, 0.75) passes."""
-    from .train.config import TrainConfig
-
-    def plain(v):
-        return json.loads(json.dumps(v, default=list))  # tuples as lists, as config.json holds them
-
-    resolved = {k: v for k, v in given.items() if k != "model_args"}
-    before = TrainConfig.from_dict(saved, str(Path(run) / "config.json")).resolve().to_dict()
-    after = TrainConfig.from_dict({**saved, **resolved}).resolve().to_dict()
-    for key, value in given.items():
-        if key in RESUMABLE:
-            continue
-        if key == "model_args" and isinstance(value, dict) and isinstance(saved.get("model_args"), dict):
-            for k, v in value.items():
-                if plain(v) != plain(saved["model_args"].get(k)):
-                    raise UsageError(f"--resume continues {run} as it started: its model has {k} = "
-                                     f"{saved['model_args'].get(k, '(the default)')}, {v!r} given; drop that "
-                                     f"option, or start a new run with --out")
-        elif key != "model_args" and plain(after.get(key)) != plain(before.get(key)):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"--resume continues {run} as it started: its {key} is {saved.get(key)!r}, "
-                             f"{value!r} given; drop {flag}, or start a new run with --out "
-                             f"(a resumed run may change only {', '.join(RESUMABLE[:-1])})")
-
-
 @command("train", "train a registered model with the paper's recipe (defaults: the digits first run)", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, TrainingStopped, fit
@@ -195,9 +162,7 @@ def _train(args: argparse.Namespace) -> int:
     settings.update(from_file)
     if isinstance(saved.get("model_args"), dict) and isinstance(from_file.get("model_args"), dict):
         settings["model_args"] = {**saved["model_args"], **from_file["model_args"]}  # a file adds to the run's
-    given = _train_settings(args)
-    if args.resume:
-        _check_resume_settings(saved, {**from_file, **given}, args.resume)
+    given = _train_settings(args)  # a resume refuses changed settings in the engine (train/resume.py)
     if "model_args" in given and "model_args" in settings:
         if not isinstance(settings["model_args"], dict):
             raise UsageError(f"model_args in {args.config or args.resume} must be a table of option = value, "

@@ -514,8 +514,11 @@ def _linear_works() -> bool:
     """Whether this PyTorch's oneDNN product (a private operator, measured on torch 2.14 only) gives
     torch.mm's result on operands laid out as the backward pass passes them (a contiguous weight for
     dL/dz, a transposed one for dL/dW); checked once, on small matrices. If not, torch.mm is used."""
+    gen = torch.Generator().manual_seed(0)  # not the global generator: this check runs inside a training
+    # step (the first backward pass), and drawing from torch's default generator there would shift that
+    # step's and every later dropout mask: a resumed run would no longer end bitwise where an uninterrupted one does
     with torch.no_grad():
-        w_t, g2, z = torch.randn(5, 3), torch.randn(11, 3), torch.randn(5, 11)  # (c, o), (N, o), (c, N)
+        w_t, g2, z = (torch.randn(*shape, generator=gen) for shape in ((5, 3), (11, 3), (5, 11)))  # (c, o), (N, o), (c, N)
         try:
             return bool(torch.allclose(_LINEAR(w_t, g2, None, "none", [], ""), w_t @ g2.t(), atol=1e-5)
                         and torch.allclose(_LINEAR(z, g2.t(), None, "none", [], ""), z @ g2, atol=1e-5))

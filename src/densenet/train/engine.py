@@ -29,6 +29,7 @@ from ..utils.atomic import write_text_atomic
 from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
 from . import logs
 from .checkpoint import RunDir, set_rng_state
+from .resume import check_settings, plan_schedule
 from .config import TrainConfig
 from .distributed import Distributed
 from .lock import DirLock
@@ -384,16 +385,22 @@ class Trainer:
         """Load the last checkpoint of the run being resumed into `s` (weights, optimizer, scaler, RNG,
         where it stood); the run's summary instead where it had finished."""
         cfg, run = s.cfg, RunDir(self.resume)
+        saved = TrainConfig.from_dict(run.read_config(), str(Path(self.resume) / "config.json")).resolve()
+        check_settings(saved, cfg, self.resume)  # the one rule for every resume (train/resume.py)
         weights, tensors, state = run.load_state("last")
         where = run.resolve("last")
         problem = describe_mismatch(s.model.state_dict(), weights)
         if problem:
             raise CheckpointError(f"{where} does not fit the model {cfg.model} {s.model_args}: {problem}")
         t = state["train"]
-        saved_epochs = run.read_config().get("epochs")
-        if cfg.epochs < t["epoch"] <= (saved_epochs if isinstance(saved_epochs, int) else -1) and t["step"] < s.steps:
+        if cfg.epochs < t["epoch"] <= (saved.epochs or -1) and t["step"] < s.steps:
             raise CheckpointError(f"{self.resume} has done {t['epoch']} epochs, more than the {cfg.epochs} asked "
                                   f"for: give --epochs {t['epoch']} or more")
+        if t["epoch"] < cfg.epochs:
+            cfg, change = plan_schedule(saved, cfg, t["epoch"], t["step"] > 0, self.resume)
+            s.cfg = s.scheduler.cfg = self.cfg = cfg  # config.json records it (`_start`)
+            if change and s.dist.is_main:
+                print(change, file=sys.stderr)
         if not (t["epoch"] < cfg.epochs and t["step"] < s.steps or t["epoch"] == cfg.epochs and t["step"] == 0):
             raise CheckpointError(f"{where}/state.safetensors is damaged: epoch {t['epoch']}, step {t['step']} "
                                   f"lies outside this run's {cfg.epochs} epochs of {s.steps} steps")
