@@ -1,7 +1,9 @@
 """The default (fused) path on a GPU: float32, fp16/bf16 autocast, channels_last, SyncBatchNorm, DDP
 with NCCL, and the training loop with --amp. Every test here needs CUDA and skips cleanly without it;
 the rest of the model tests run on a GPU with `pytest --device cuda` (tests/conftest.py).
-benchmarks/gpu_check.py runs all of them first."""
+benchmarks/gpu_check.py runs the quick ones (-m "not slow") after its throughput and memory sections.
+The fused path is opt-in on CUDA (fused="auto" takes the reference path there until measured): the
+tests here build it with fused=True."""
 from __future__ import annotations
 
 import copy
