@@ -137,3 +137,42 @@ def test_reproduce_cost_counts_the_images_each_cell_trains_on(tmp_path, monkeypa
     assert main(grid[:-2] + ["--data", f"cifar10={tmp_path / 'c10'}"]) == 0
     assert seen == {("folder", "cifar"): 45_000}
     capsys.readouterr()
+
+
+# --- evaluate and the CUDA numerics of a run ----------------------------------------------------------------
+
+def test_evaluate_sums_on_the_device_what_a_per_batch_count_gives():
+    """One sync per evaluation (the sums stay on the device), the same figures as counting per batch."""
+    import torch.nn.functional as F
+
+    from densenet.train.engine import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    batches = [(torch.randn(n, 3, 2, 2), torch.randint(0, 7, (n,))) for n in (5, 8, 1)]
+    r = evaluate(model, batches)
+    with torch.no_grad():
+        logp = [F.log_softmax(model(x), 1) for x, _ in batches]
+    ys = [y for _, y in batches]
+    top1 = sum((lp.argmax(1) == y).sum().item() for lp, y in zip(logp, ys))
+    top5 = sum((lp.topk(5, 1).indices == y[:, None]).any(1).sum().item() for lp, y in zip(logp, ys))
+    loss = sum(F.nll_loss(lp, y, reduction="sum").item() for lp, y in zip(logp, ys))
+    assert r["images"] == 14
+    assert r["top1_error"] == pytest.approx(100 * (1 - top1 / 14))
+    assert r["top5_error"] == pytest.approx(100 * (1 - top5 / 14))
+    assert r["loss"] == pytest.approx(loss / 14, rel=1e-12)
+
+
+def test_cuda_numerics_match_tf32_and_autotune_then_restore():
+    """On CUDA a run's matrix products take TF32 exactly when cuDNN's convolutions do (the fused path's 1x1
+    products and the reference path's cuDNN convolutions then round alike) and cuDNN autotunes; the
+    flags are put back afterwards. Elsewhere nothing changes. (The flags are settable without a GPU.)"""
+    from densenet.train.engine import cuda_numerics
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32
+    with cuda_numerics(torch.device("cpu")):
+        assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == before
+    with cuda_numerics(torch.device("cuda")):
+        assert cudnn.benchmark is True and matmul.allow_tf32 == cudnn.allow_tf32
+    assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == before
