@@ -123,8 +123,8 @@ def test_eval_recalibrate_bn_and_says_what_it_evaluated(digits_run, capsys):
     code, out, _ = run_main(capsys, "eval", "--checkpoint", digits_run, "--split", "val", "--recalibrate-bn", "100")
     lines = out.splitlines()
     assert code == 0 and len(lines) == 2
-    assert lines[0].startswith(f"checkpoint {digits_run}/last/model.safetensors (densenet_bc_100_k12, epoch 1); "
-                               f"BN statistics re-estimated on 100 training images")
+    assert lines[0].startswith(f"checkpoint {digits_run}/last/model.safetensors (densenet_bc_100_k12, epoch 1; "
+                               f"the protocol's: test_on final); BN statistics re-estimated on 100 training images")
     assert f"top-1 error {r['top1_error']:.2f}%" in lines[1]  # the same numbers: the sample is seeded
 
 

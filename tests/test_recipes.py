@@ -290,19 +290,20 @@ def run_dir(tmp_path_factory):
 
 
 def test_eval_uses_the_checkpoint_the_summary_reports(run_dir, capsys):
-    from densenet.cli import main, protocol_checkpoint
+    from densenet.cli import main
+    from densenet.runs import resolve_checkpoint
 
     run, _, summary = run_dir
     assert summary["test_weights"] == "final epoch"
-    assert protocol_checkpoint(str(run)) == str(run / "last")  # CIFAR's protocol: the final epoch
-    assert protocol_checkpoint(str(run), "best") == str(run / "best")
+    assert resolve_checkpoint(run).file == run / "last" / "model.safetensors"  # CIFAR's protocol: the final epoch
+    assert resolve_checkpoint(run, "best").file == run / "best" / "model.safetensors"
     assert main(["eval", "--checkpoint", str(run), "--split", "test", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["checkpoint"] == str(run / "last" / "model.safetensors") and r["top1_error"] == pytest.approx(summary["test_top1_error"])
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, "test_on": "best"}))  # SVHN's protocol: best validation
     try:
-        assert protocol_checkpoint(str(run)) == str(run / "best")
+        assert resolve_checkpoint(run).file == run / "best" / "model.safetensors"
     finally:
         (run / "config.json").write_text(json.dumps(cfg))
     assert main(["eval", "--checkpoint", str(run / "last" / "model.safetensors"), "--which", "best"]) == 2

@@ -229,17 +229,15 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate, evaluation_batches, select_splits
     from .saved_model import load_model
 
-    from .weights import checkpoint_origin
-
-    checkpoint = protocol_checkpoint(_eval_checkpoint(args), args.which)
+    checkpoint = _eval_checkpoint(args)
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = Distributed().device(args.device)
-    model, info = load_model(checkpoint, device)
+    model, info = load_model(checkpoint, device, args.which)
     if "preprocessing" not in info or "classes" not in info:
         raise UsageError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
                          f"`densenet train`)")
-    origin = checkpoint_origin(checkpoint)
+    origin = info["checkpoint"]
     saved = info.get("config") or {}
     # the schedule is not needed to evaluate (and a 1-epoch run's resolved milestones include 0)
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
@@ -283,13 +281,12 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model, batches)
     result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
               "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
-              "model": info["model"], "checkpoint": origin["file"], "epoch": origin["epoch"],
+              "model": info["model"], "checkpoint": str(origin.file), "which": origin.which, "epoch": origin.epoch,
               "recalibrated_bn_images": recalibrated}
     if args.json:
         _print_json(result)
     else:
-        epoch = f", epoch {origin['epoch']}" if origin["epoch"] is not None else ""
-        print(f"checkpoint {origin['file']} ({info['model']}{epoch})"
+        print(checkpoint_line(origin, info["model"])
               + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
                  f"paper's protocol)" if recalibrated else ""))
         print(f"{info['model']} on {cfg.dataset} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
@@ -298,36 +295,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def protocol_checkpoint(path: str, which: str | None = None) -> str:
-    """The checkpoint of a run directory that `eval` and `reuse` read: `which` (best or last), else
-    the one the run's protocol reports, the same its summary tested (test_on: final -> last, best ->
-    best). A file, or a directory without best/ and last/, is returned as given."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_dir() or not ((p / "last").exists() or (p / "best").exists()):
-        if which:
-            raise UsageError(f"--which {which} needs a run directory of `densenet train` (with best/ and "
-                             f"last/), got {path}")
-        return path
-    if which is None:
-        which = "last"
-        cfg_file = p / "config.json"
-        if cfg_file.is_file():
-            try:
-                saved = json.loads(cfg_file.read_text())
-            except (ValueError, OSError):
-                saved = {}
-            test_on = saved.get("test_on") if isinstance(saved, dict) else None
-            if test_on is None and isinstance(saved, dict):  # runs from before test_on was saved
-                from .data import DATASETS
-
-                spec = DATASETS.get(saved.get("dataset"))
-                test_on = spec.test_on if spec is not None else "final"
-            which = "best" if test_on == "best" else "last"
-    if not (p / which).exists():
-        raise UsageError(f"{path} has no {which}/ checkpoint")
-    return str(p / which)
+def checkpoint_line(c, model: str) -> str:
+    """What a command read, one line: 'checkpoint RUN/last/model.safetensors (MODEL, epoch 8; the
+    protocol's: test_on final)' (`densenet.runs` chose it)."""
+    epoch = f", epoch {c.epoch}" if c.epoch is not None else ""
+    why = f"; {c.why}" if c.why else ""
+    return f"checkpoint {c.file} ({model}{epoch}{why})"
 
 
 # --- analyses: profile, reuse, plot, reproduce -------------------------------------------------------
@@ -392,17 +365,20 @@ def _reuse(args: argparse.Namespace) -> int:
     from .saved_model import load_model
 
     from .analysis.reuse import network_name, training_note
-    from .weights import checkpoint_origin
+    from .runs import resolve_checkpoint
 
     if args.model:
-        model = create_model(args.model, pretrained=args.checkpoint)
+        origin = resolve_checkpoint(args.checkpoint, args.which)
+        model = create_model(args.model, pretrained=str(origin.file))
+        print(f"densenet reuse: {checkpoint_line(origin, args.model)}", file=sys.stderr)
     else:
-        checkpoint = protocol_checkpoint(args.checkpoint, args.which)
-        model, _ = load_model(checkpoint)
+        model, info = load_model(args.checkpoint, which=args.which)
+        origin = info["checkpoint"]
+        print(f"densenet reuse: {checkpoint_line(origin, info['model'])}", file=sys.stderr)
     if not hasattr(model, "config") or not hasattr(model.config, "growth_rate"):
         raise UsageError(f"feature reuse is defined for DenseNets; {args.checkpoint} holds a "
                          f"{getattr(model, 'model_name', type(model).__name__)}")
-    note = training_note(checkpoint_origin(args.checkpoint if args.model else checkpoint)["epoch"])
+    note = training_note(origin.epoch)
     if note:
         print(f"densenet reuse: warning: {note}", file=sys.stderr)
     # the network as trained (an L=40 run of the densenet_bc_100_k12 entry is DenseNet-BC L=40)
@@ -602,8 +578,11 @@ def _reproduce_status(args: argparse.Namespace) -> int:
 # --- densenet predict -----------------------------------------------------------------------------------
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("checkpoint", help="a run directory (the checkpoint its protocol reports, as `eval`) or a "
+                                      "model.safetensors file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for images")
+    p.add_argument("--which", choices=("best", "last"),
+                   help="a run directory's checkpoint (default: the one its protocol reports, as `eval`)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (at most the number of classes)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto")
@@ -620,7 +599,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
-    model, transform = load(args.checkpoint, Distributed().device(args.device))
+    model, transform = load(args.checkpoint, Distributed().device(args.device), args.which)
+    print(f"densenet predict: {checkpoint_line(model.checkpoint, model.model_name)}", file=sys.stderr)
     paths = [p for p, _ in find_images(args.paths)]  # folders walked once, here
     path_width, class_width = max(map(len, paths)), max(map(len, model.classes))
     results, failed = [], 0
@@ -642,7 +622,10 @@ def _predict(args: argparse.Namespace) -> int:
 # --- densenet export ------------------------------------------------------------------------------------
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run directory (its best checkpoint) or a model.safetensors file")
+    p.add_argument("checkpoint", help="a run directory (the checkpoint its protocol reports, as `eval`) or a "
+                                      "model.safetensors file")
+    p.add_argument("--which", choices=("best", "last"),
+                   help="a run directory's checkpoint (default: the one its protocol reports, as `eval`)")
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (replaced atomically)")
     p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
@@ -658,7 +641,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, args.format, onnx_exporter=args.onnx_exporter, opset=args.opset)
+    r = export_checkpoint(args.checkpoint, args.out, args.format, which=args.which,
+                          onnx_exporter=args.onnx_exporter, opset=args.opset)
+    from types import SimpleNamespace
+
+    c = r["checkpoint"]
+    print(f"densenet export: {checkpoint_line(SimpleNamespace(**c), c['model'])}", file=sys.stderr)
     parity = r["parity"]
     if args.json:
         _print_json(r)

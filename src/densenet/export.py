@@ -90,12 +90,14 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
     return report
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, **kwargs: Any) -> dict[str, Any]:
-    """Export a model trained by this package, at the image size and channels of its preprocessing,
-    with its class names and preprocessing as metadata."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, which: str | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
+    """Export a model trained by this package (a run directory: its protocol's checkpoint, or `which`),
+    at the image size and channels of its preprocessing, with its class names and preprocessing as
+    metadata. The report's "checkpoint" names what was exported."""
     from .saved_model import load_model
 
-    model, info = load_model(checkpoint)
+    model, info = load_model(checkpoint, which=which)
     pre = info.get("preprocessing")
     if not pre:
         raise ValueError(f"{checkpoint} holds no preprocessing (not written by `densenet train`): "
@@ -103,7 +105,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, **kw
     size = (int(pre["channels"]), *map(int, pre["image_size"]))
     metadata = {"densenet.model": info["model"], "densenet.model_args": info["model_args"],
                 "densenet.classes": info.get("classes"), "densenet.preprocessing": pre}
-    return export_model(model, out, format, size, metadata, **kwargs)
+    report = export_model(model, out, format, size, metadata, **kwargs)
+    c = info["checkpoint"]
+    report["checkpoint"] = {"file": str(c.file), "model": info["model"], "which": c.which, "epoch": c.epoch,
+                            "why": c.why}
+    return report
 
 
 def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:

@@ -93,15 +93,18 @@ class Preprocess:
         return stream_transform(False, self.image_size[0], self.resize, self.normalize)(convert_image(im, self.mode))
 
 
-def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocess]:
-    """A model trained by this package, from its checkpoint (a run directory or a model.safetensors
-    file): (model in eval mode on `device`, its preprocessing transform). `model.classes` holds the
-    class names, in the order of the model's outputs."""
-    model, info = load_model(checkpoint, device)
+def load(checkpoint: str | Path, device: str | torch.device = "cpu",
+         which: str | None = None) -> tuple[nn.Module, Preprocess]:
+    """A model trained by this package, from its checkpoint (a run directory: the checkpoint its protocol
+    reports, or `which`, best or last; or a model.safetensors file): (model in eval mode on `device`, its
+    preprocessing transform). `model.classes` holds the class names, in the order of the model's
+    outputs; `model.checkpoint` the `densenet.runs.Checkpoint` read (file, which, epoch)."""
+    model, info = load_model(checkpoint, device, which)
     if "preprocessing" not in info or "classes" not in info:
         raise CheckpointError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
                               f"`densenet train`); build the transform by hand")
     model.classes = list(info["classes"])
+    model.checkpoint = info["checkpoint"]
     return model, Preprocess(info["preprocessing"])
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .utils.validate import needing
+from .runs import resolve_checkpoint
 from .weights import CheckpointError, convert_state_dict, describe_mismatch, read_state_dict, warn_non_finite
 
 FORMAT = "densenet.model/1"
@@ -70,17 +71,20 @@ def save_model(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] |
     return write_model_file(path, model, meta)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               which: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A model trained by this package, rebuilt from its checkpoint alone (a run directory or a
     model.safetensors file): (model in eval mode, info) where info holds `model`, `model_args`,
-    `classes`, `preprocessing` and, when saved, the training `config`."""
+    `classes`, `preprocessing`, `checkpoint` (the `densenet.runs.Checkpoint` read: a run directory's
+    protocol checkpoint, or `which`, best or last) and, when saved, the training `config`."""
     from .registry import create_model
 
-    sd, meta = read_state_dict(path)
+    checkpoint = resolve_checkpoint(path, which)
+    sd, meta = read_state_dict(checkpoint.file)
     if meta.get("format") != FORMAT or "model_args" not in meta:
         raise CheckpointError(f"{path} is not a checkpoint written by this package (no model metadata); "
                               f"for a torchvision file use densenet.create_model(name, pretrained=PATH)")
-    info: dict[str, Any] = {"model": meta["model"]}
+    info: dict[str, Any] = {"model": meta["model"], "checkpoint": checkpoint}
     for key in ("model_args", "classes", "preprocessing", "config"):
         if key in meta:
             try:

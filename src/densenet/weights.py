@@ -23,14 +23,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .runs import MODEL_FILE, CheckpointError, resolve_checkpoint
+
 _OLD_TORCHVISION_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-MODEL_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
 class NonFiniteWeightsWarning(UserWarning):
@@ -67,21 +64,10 @@ def describe_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
     return "; ".join(parts) or None
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a checkpoint: a .safetensors file, a .pth/.pt file, or a run directory
-    (its `best/` checkpoint, else `last/`)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for candidate in (path / MODEL_FILE, path / "best" / MODEL_FILE, path / "last" / MODEL_FILE):
-            if candidate.is_file():
-                if path.resolve() not in candidate.resolve().parents:
-                    raise CheckpointError(f"{candidate.parent} points outside {path} (to "
-                                          f"{candidate.parent.resolve()}); give that checkpoint's path instead")
-                path = candidate
-                break
-        else:
-            raise CheckpointError(f"no checkpoint in directory {path}: expected {MODEL_FILE}, "
-                                  f"best/{MODEL_FILE} or last/{MODEL_FILE} (written by `densenet train --out`)")
+def read_state_dict(path: str | Path, which: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checkpoint: a .safetensors file, a .pth/.pt file, a checkpoint directory,
+    or a run directory (its protocol's checkpoint, or `which`: `densenet.runs.resolve_checkpoint`)."""
+    path = resolve_checkpoint(path, which).file
     if not path.is_file():
         from .pretrained import missing_file_hint
 
@@ -110,28 +96,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj), {}
-
-
-def checkpoint_origin(path: str | Path) -> dict[str, Any]:
-    """Which file a checkpoint path names and, for a run's checkpoint, the epoch (and step within the
-    next epoch, 0 at an epoch's end) its weights were saved at: {"file", "epoch", "step"}."""
-    path = Path(path).expanduser()
-    file = path
-    if path.is_dir():
-        file = next((c for c in (path / MODEL_FILE, path / "best" / MODEL_FILE, path / "last" / MODEL_FILE)
-                     if c.is_file()), path)
-    out: dict[str, Any] = {"file": str(file), "epoch": None, "step": None}
-    state = file.parent / "state.safetensors"
-    if state.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(state), framework="pt") as f:
-                train = json.loads((f.metadata() or {}).get("train", "{}"))
-            out.update(epoch=train.get("epoch"), step=train.get("step"))
-        except Exception:  # the weights are what is evaluated; a damaged state file only loses the epoch
-            pass
-    return out
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -73,12 +73,22 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def activation_memory(model: nn.Module, input_size: tuple[int, int, int], batch_size: int,
                       dtype: torch.dtype = torch.float32) -> dict:
     """Bytes kept for the backward pass by one training step at `batch_size`, total and per stage,
-    and the peak during the forward pass. `model` may live on any device: a meta copy is measured."""
+    and the peak during the forward pass. `model` may live on any device: a meta copy is measured, each
+    dense block on the path `fused="auto"` takes on the model's own device (FUSED_BY_DEVICE; the CPU's for
+    a model built on the meta device)."""
     import copy
 
+    from ..models import _fused
+
+    device = next(model.parameters(), torch.empty(0)).device
+    if device.type == "meta":  # a model built on the meta device (profile) has no device: the CPU's path
+        device = torch.device("cpu")
     with torch.device("meta"):
         meta = copy.deepcopy(model).to("meta", dtype=dtype).train()
         x = torch.empty((batch_size, *input_size), dtype=dtype)
+    for m in meta.modules():
+        if getattr(m, "fused", None) == "auto":
+            m.fused = _fused.default_fused(device)
     tracker = LiveTensorBytes()
     hooks = []
     for name, module in stages(meta):

@@ -1,0 +1,121 @@
+"""Which checkpoint a path means: the one rule every reader of a run directory follows.
+
+`densenet eval`, `predict`, `export`, `reuse`, `densenet.load`, `load_model`, `create_model(pretrained=RUN)`
+and the Hub all read a run directory's checkpoint through `resolve_checkpoint`:
+
+- a run directory of `densenet train` (with `last/` and `best/`): `which` ("best" or "last") when given,
+  else the protocol's, the checkpoint the run's summary measured its test error on (config.json's
+  `test_on`: final -> `last/`, best -> `best/`; CIFAR's protocol reports the final epoch, SVHN's the best
+  validation error);
+- a checkpoint directory (`RUN/last`, a `save_pretrained` folder): its model.safetensors;
+- a file: itself.
+
+The answer names the file, which checkpoint it is, why, and the epoch it was saved at, so every command
+can say what it read (`Checkpoint.describe`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILE = "model.safetensors"
+WHICH = ("best", "last")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: `file` to read; for a run's checkpoint `which` (best or last), `why` it
+    was chosen, and the `epoch` (and `step` into the next epoch, 0 at an epoch's end) it was saved at."""
+
+    file: Path
+    which: str | None = None
+    why: str | None = None
+    epoch: int | None = None
+    step: int | None = None
+
+    def describe(self) -> str:
+        """One line for the user: 'RUN/last (epoch 8; the protocol's: test_on final)'."""
+        where = str(self.file.parent if self.file.name == MODEL_FILE and self.which else self.file)
+        parts = [f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")] if self.epoch is not None else []
+        if self.why:
+            parts.append(self.why)
+        return where + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def is_run_directory(path: Path) -> bool:
+    return path.is_dir() and any((path / w).exists() for w in WHICH) and not (path / MODEL_FILE).is_file()
+
+
+def protocol_which(run: Path) -> tuple[str, str]:
+    """The checkpoint a run's protocol reports, and why: config.json's test_on (the dataset's default for
+    runs that did not record it)."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    test_on = saved.get("test_on") if isinstance(saved, dict) else None
+    if test_on is None and isinstance(saved, dict) and isinstance(saved.get("dataset"), str):
+        from .data import DATASETS
+
+        spec = DATASETS.get(saved["dataset"])
+        test_on = spec.test_on if spec is not None else None
+    if test_on == "best":
+        return "best", "the protocol's: test_on best"
+    return "last", "the protocol's: test_on final" if test_on == "final" else "the protocol's: the final epoch"
+
+
+def resolve_checkpoint(path: str | Path, which: str | None = None) -> Checkpoint:
+    """The checkpoint `path` means (module docstring). Raises CheckpointError with what to give instead."""
+    if which is not None and which not in WHICH:
+        raise CheckpointError(f"which must be best or last, got {which!r}")
+    path = Path(path).expanduser()
+    if is_run_directory(path):
+        if which is None:
+            which, why = protocol_which(path)
+        else:
+            why = f"--which {which}"
+        target = path / which / MODEL_FILE
+        other = "best" if which == "last" else "last"
+        if not target.is_file() and "protocol" in why and (path / other / MODEL_FILE).is_file():
+            # a run directory with one of the two (put together by hand, or copied in part): that one, said so
+            which, why, target = other, f"{why} names {which}/, which is missing: {other}/", path / other / MODEL_FILE
+        if not target.is_file():
+            raise CheckpointError(f"{path} has no {which}/ checkpoint ({which}/{MODEL_FILE} is missing)")
+        if path.resolve() not in target.resolve().parents:
+            raise CheckpointError(f"{path / which} points outside {path} (to {target.parent.resolve()}); "
+                                  f"give that checkpoint's path instead")
+        return _with_epoch(Checkpoint(target, which, why))
+    if which is not None:
+        raise CheckpointError(f"--which {which} needs a run directory of `densenet train` (with best/ and "
+                              f"last/), got {path}")
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            name = path.name if path.name in WHICH else None
+            return _with_epoch(Checkpoint(path / MODEL_FILE, name, None))
+        raise CheckpointError(f"no checkpoint in directory {path}: expected {MODEL_FILE}, best/{MODEL_FILE} or "
+                              f"last/{MODEL_FILE} (written by `densenet train --out`)")
+    return _with_epoch(Checkpoint(path))
+
+
+def _with_epoch(c: Checkpoint) -> Checkpoint:
+    """The epoch and step a run's checkpoint was saved at, from the state file beside it (a damaged state
+    file only loses the epoch: the weights are what is read)."""
+    state = c.file.parent / "state.safetensors"
+    if not state.is_file():
+        return c
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(state), framework="pt") as f:
+            train = json.loads((f.metadata() or {}).get("train", "{}"))
+        epoch, step = train.get("epoch"), train.get("step")
+        if isinstance(epoch, int) and isinstance(step, int):
+            return Checkpoint(c.file, c.which, c.why, epoch, step)
+    except Exception:  # noqa: BLE001
+        pass
+    return c
