@@ -466,23 +466,24 @@ def test_a_second_backward_pass_after_a_partial_one(mode):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-10, msg=n)
 
 
-def test_a_model_pickled_before_blocks_owned_scratch_still_works():
-    """torch.save(model) of an earlier release: its DenseBlocks have no `scratch` or `outputs`."""
+def test_a_copied_model_owns_fresh_caches():
+    """Scratch memory, block outputs and folded eval tensors belong to their block: a deepcopy or a
+    pickle starts with empty ones of its own (never the original's), and computes the same."""
+    import copy
     import pickle
 
     m = densenet.create_model("densenet_bc_100_k12", depth=10).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        want = m(x)
-    for b in m.modules():
-        if type(b).__name__ == "DenseBlock":
-            del b.scratch, b.outputs
-        if type(b).__name__ == "Transition":
-            del b.block_outputs  # its transitions compute from their own modules (pool after the conv)
-    old = pickle.loads(pickle.dumps(m))
-    with torch.no_grad():
-        torch.testing.assert_close(old.eval()(x), want, rtol=1e-5, atol=1e-6)
-    old.train()(x).sum().backward()  # the fused training path, with its scratch memory
+        want = m(x)  # folds the eval tensors into m's blocks' caches
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        for a, b in zip(m.modules(), other.modules()):
+            if type(a).__name__ == "DenseBlock":
+                assert a.frozen.entry is not None and b.frozen.entry is None
+                assert b.scratch is not a.scratch and b.outputs is not a.outputs
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), want, rtol=1e-5, atol=1e-6)
+        other.train()(x).sum().backward()  # the fused training path, with its own scratch memory
 
 
 def test_scratch_memory_is_the_blocks_and_can_be_released():
@@ -617,3 +618,37 @@ def test_the_onednn_check_draws_nothing_from_the_global_generator():
         assert torch.equal(torch.get_rng_state(), before)
     finally:
         _fused._linear_works.cache_clear()
+
+
+def test_reference_path_holds_for_the_thread_that_entered_it():
+    """reference_path() is a context variable: an export in one thread never moves another thread's
+    blocks onto the reference path."""
+    import threading
+
+    from densenet.models import _fused
+
+    entered, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def exporter():
+        with _fused.reference_path():
+            seen["exporter"] = _fused.reference_path_active()
+            entered.set()
+            checked.wait(10)
+
+    t = threading.Thread(target=exporter)
+    t.start()
+    assert entered.wait(10)
+    seen["trainer"] = _fused.reference_path_active()  # this thread, while the other is inside the context
+    calls = []
+    real = _fused.dense_block_forward
+    m = densenet.create_model("densenet_bc_100_k12", depth=10)
+    try:
+        _fused.dense_block_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+        m.train()(torch.randn(2, 3, 8, 8))
+    finally:
+        _fused.dense_block_forward = real
+        checked.set()
+        t.join(10)
+    assert seen == {"exporter": True, "trainer": False} and calls
+    assert not _fused.reference_path_active()

@@ -29,7 +29,9 @@ from densenet.inference import find_images, load, predict
 from densenet.train import TrainConfig, TrainingStopped, fit
 from densenet.train.checkpoint import RunDir
 from densenet.train.lock import DirLock, LockedError, holder
-from densenet.weights import CheckpointError, NonFiniteWeightsWarning, load_model
+from densenet.runs import CheckpointError
+from densenet.saved_model import load_model
+from densenet.weights import NonFiniteWeightsWarning
 
 from helpers import ENV, make_folder
 
@@ -421,7 +423,7 @@ def test_a_lock_left_by_kill_9_does_not_block(tiny, tmp_path):
         pass
 
 
-def test_a_probe_of_the_lock_does_not_turn_a_run_away(tmp_path):
+def test_a_probe_of_the_lock_does_not_turn_a_run_away(tmp_path, monkeypatch):
     """holder() takes the lock for a moment to see whether anyone holds it: a run starting in that moment
     waits for the probe to end (a launcher asking for a cell's state must not make the cell "busy");
     a lock really held is still refused, after the short grace."""
@@ -434,12 +436,17 @@ def test_a_probe_of_the_lock_does_not_turn_a_run_away(tmp_path):
     d.mkdir()
     probe = DirLock(d).acquire(_probe=True)  # what holder() does, held here for 50 ms
     t = threading.Timer(0.05, probe.release)
+    # the grace (0.25 s) widened while the timer must fire within it: on a loaded machine a 50 ms timer
+    # can fire late; the wait still ends as soon as the probe is released
+    grace = lock.PROBE_GRACE_S
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 30.0)
     t.start()
     try:
         with DirLock(d):
             assert json.loads((d / "densenet.lock").read_text())["pid"] == os.getpid()
     finally:
         t.cancel()
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", grace)
     with DirLock(d):
         start = time.monotonic()
         with pytest.raises(LockedError, match=f"process {os.getpid()}"):
@@ -467,8 +474,11 @@ def test_without_flock_the_lock_file_itself_locks(tmp_path, monkeypatch):
         assert json.loads((d / "densenet.lock").read_text())["pid"] == os.getpid()
     import threading
 
+    import densenet.train.lock as lock
+
     (d / "densenet.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     t = threading.Timer(0.05, (d / "densenet.lock").unlink)  # holder()'s probe: a live file for a moment
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 30.0)  # a 50 ms timer may fire late on a loaded machine
     t.start()
     with DirLock(d):
         pass

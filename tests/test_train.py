@@ -16,6 +16,7 @@ import torch
 import densenet
 from densenet.data.loader import Batches
 from densenet.train import TrainConfig, TrainingStopped, fit
+from densenet.saved_model import load_model
 from densenet.train.engine import make_optimizer
 from densenet.weights import read_state_dict
 
@@ -238,7 +239,7 @@ def test_eval_on_a_test_split_never_seen_in_training(folder, tmp_path):
     out = json.loads(r.stdout)
     assert out["images"] == 18 and 0 <= out["top1_error"] <= 100 and 0 <= out["top5_error"] <= out["top1_error"]
     # the same numbers from the library
-    model, info = densenet.weights.load_model(run / "best")
+    model, info = load_model(run / "best")
     assert info["preprocessing"]["source"] == "memory"
     v = run_cli("eval", "--checkpoint", str(run / "last" / "model.safetensors"), "--split", "val", "--json",
                 "--ten-crop")
@@ -283,7 +284,7 @@ def test_streamed_folder_with_imagenet_preprocessing(folder, tmp_path):
     run = tmp_path / "stream"
     s = fit(small(folder, run, dataset="imagenet", image_size=8, resize=10, workers=0, epochs=1))
     assert s["test_images"] == 18
-    _, info = densenet.weights.load_model(run / "last")
+    _, info = load_model(run / "last")
     assert info["preprocessing"] == {**info["preprocessing"], "source": "stream", "image_size": [8, 8], "resize": 10}
     r = run_cli("eval", "--checkpoint", str(run), "--ten-crop", "--json", "--workers", "0")
     assert r.returncode == 0, r.stderr
@@ -371,9 +372,9 @@ def test_compile_trains_end_to_end(folder, tmp_path, monkeypatch):
     real = torch.compile
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real(m, backend="aot_eager"))
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)  # no recompiling for the test
     run = tmp_path / "run"
-    assert _train_compiled_cli(folder, run) == 0 and compiled
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # no recompiling (put back on exit)
+        assert _train_compiled_cli(folder, run) == 0 and compiled
     assert not any(k.startswith("_orig_mod") for k in weights(run))
     summary = json.loads((run / "summary.json").read_text())
     # the compiled step computes the eager step's numbers (aot_eager: the same operations, traced)
@@ -383,7 +384,7 @@ def test_compile_trains_end_to_end(folder, tmp_path, monkeypatch):
     assert _train_compiled_cli(folder, eager, "--no-compile") == 0
     assert summary["train_loss"] == pytest.approx(json.loads((eager / "summary.json").read_text())["train_loss"],
                                                   rel=1e-4)
-    model, _ = densenet.weights.load_model(run / "last")  # loads (strictly) into an uncompiled model
+    model, _ = load_model(run / "last")  # loads (strictly) into an uncompiled model
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 12, 12))).all()
 

@@ -724,7 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("DENSENET_DEBUG"))
+    from .options import flag
+
+    debug = "--debug" in argv or flag("DENSENET_DEBUG", False)
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser(only=_command_name(argv))
     args = parser.parse_args(argv)

@@ -231,7 +231,9 @@ def memory_budget() -> int:
 
 
 def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
+    from ..options import text as env_text
+
+    text = env_text(name)
     if text is None or not text.strip():
         return default
     try:

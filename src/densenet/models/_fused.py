@@ -72,13 +72,15 @@ statistics use torch.var_mean (one pass).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
+
+from .. import options
 
 
 # Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
@@ -94,30 +96,31 @@ FUSED_BY_DEVICE: dict[str, bool] = {"cpu": True, "cuda": False}
 
 # Debug mode: check invariants the fused backward relies on (the backward order of a block's nodes)
 # at every node. On with DENSENET_DEBUG_FUSED=1 (tests/conftest.py sets it), or by setting this flag.
-DEBUG: bool = os.environ.get("DENSENET_DEBUG_FUSED", "0") not in ("", "0")
+DEBUG: bool = options.flag("DENSENET_DEBUG_FUSED", False)
 
 
-_REFERENCE_DEPTH = 0  # > 0 inside `reference_path()`
+# True inside `reference_path()`: a context variable, so it holds for the thread (or asyncio task) that
+# entered the context and no other: an export in one thread never moves another thread's training
+_REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("densenet_reference_path", default=False)
 
 
 @contextlib.contextmanager
 def reference_path():
-    """Within this context, every DenseBlock (of every model) takes the reference path: the paper's
-    concatenate-BN-ReLU-convolution in standard modules, as fused=False computes it. The one way to
-    choose it for a model built fused: counting multiply-adds (analysis.complexity) and exporting
-    (export.py) use it. Tracing (torch.jit.trace, the TorchScript-based ONNX exporter) takes it
-    automatically: the fused path's autograd Functions and shared buffer are not traceable."""
-    global _REFERENCE_DEPTH
-    _REFERENCE_DEPTH += 1
+    """Within this context, every DenseBlock (of every model) run by this thread takes the reference
+    path: the paper's concatenate-BN-ReLU-convolution in standard modules, as fused=False computes it.
+    The one way to choose it for a model built fused: counting multiply-adds (analysis.complexity) and
+    exporting (export.py) use it. Tracing (torch.jit.trace, the TorchScript-based ONNX exporter) takes
+    it automatically: the fused path's autograd Functions and shared buffer are not traceable."""
+    token = _REFERENCE.set(True)
     try:
         yield
     finally:
-        _REFERENCE_DEPTH -= 1
+        _REFERENCE.reset(token)
 
 
 def reference_path_active() -> bool:
-    """Whether dense blocks take the reference path now (`reference_path()`, or tracing)."""
-    return _REFERENCE_DEPTH > 0 or torch.jit.is_tracing()
+    """Whether dense blocks take the reference path now, in this thread (`reference_path()`, or tracing)."""
+    return _REFERENCE.get() or torch.jit.is_tracing()
 
 
 def default_fused(device: torch.device) -> bool:
@@ -500,7 +503,7 @@ def _finished_grad(st: _BlockState, lo: int, hi: int) -> torch.Tensor:
 # DenseNet-121 1.02x and 1.00x; oneDNN for the forward product as well was slower (0.92x for
 # DenseNet-121), because its output comes channel-major and has to be transposed. Float32 on the CPU only; False, or
 # DENSENET_ONEDNN_BACKWARD=0 in the environment, uses torch.mm everywhere.
-ONEDNN_BACKWARD: bool = os.environ.get("DENSENET_ONEDNN_BACKWARD", "1") not in ("", "0")
+ONEDNN_BACKWARD: bool = options.flag("DENSENET_ONEDNN_BACKWARD", True)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
 
 

@@ -36,7 +36,6 @@ tests/test_inference_path.py checks it against the reference path.
 """
 from __future__ import annotations
 
-import weakref
 
 import torch
 import torch.nn as nn
@@ -128,7 +127,21 @@ class _Frozen:
         self.key, self.layers = key, layers
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Frozen]" = weakref.WeakKeyDictionary()
+class FrozenCache:
+    """The folded eval-mode tensors of one dense block, owned by the block (`DenseBlock.frozen`): not
+    state (not in its state_dict), not copied or pickled with it (`__reduce__`: an empty cache), freed
+    with the block. `clear()` drops them; the next eval call folds them again."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry: _Frozen | None = None
+
+    def __reduce__(self):
+        return (FrozenCache, ())
+
+    def clear(self) -> None:
+        self.entry = None
 
 
 def _folded_tensors(layers) -> list:
@@ -204,10 +217,13 @@ def _bn1_affine(layers) -> tuple[tuple, tuple]:
 
 def _frozen(block: nn.Module, layers) -> list[tuple]:
     key = _key(layers)
-    f = _CACHE.get(block)
+    cache = block.__dict__.get("frozen")
+    if cache is None:  # a block built by hand without one
+        cache = block.__dict__["frozen"] = FrozenCache()
+    f = cache.entry
     if f is None or f.key != key:
         with torch.inference_mode(False):  # usable outside inference_mode too
-            f = _CACHE[block] = _Frozen(key, _freeze(layers))
+            f = cache.entry = _Frozen(key, _freeze(layers))
     return f.layers
 
 

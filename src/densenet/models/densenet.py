@@ -195,10 +195,10 @@ class _restore_bn_buffers:
 class DenseBlock(nn.ModuleDict):
     """num_layers dense layers; returns [x_0, x_1, ..., x_L] concatenated: k0 + L*k maps.
 
-    Besides its layers the block owns two things that are not state (not in its state_dict, not
+    Besides its layers the block owns three things that are not state (not in its state_dict, not
     copied or pickled with it): the scratch memory of the fused path, kept from one training step to
     the next (`scratch`, a `_fused.ScratchPool`; `release_scratch()` frees it, and so does `.eval()`),
-    and `outputs`, through which the transition after it (`Transition.follow`) reads the buffer
+    the eval-mode path's folded tensors (`frozen`, an `_inference.FrozenCache`), and `outputs`, through which the transition after it (`Transition.follow`) reads the buffer
     and statistics behind the block's output instead of recomputing them."""
 
     def __init__(self, num_layers: int, in_channels: int, cfg: DenseNetConfig):
@@ -209,12 +209,7 @@ class DenseBlock(nn.ModuleDict):
         self.fused = cfg.fused
         self.scratch = _fused.ScratchPool()
         self.outputs = _fused.BlockOutputs()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        # a whole model pickled by an earlier release (torch.save(model)) has neither
-        self.__dict__.setdefault("scratch", _fused.ScratchPool())
-        self.__dict__.setdefault("outputs", _fused.BlockOutputs())
+        self.frozen = _inference.FrozenCache()
 
     def release_scratch(self) -> None:
         """Free the scratch memory the fused path keeps between training steps (CPU only)."""
