@@ -115,8 +115,9 @@ _TORCH_STATE = (  # (what, read it, put it back)
 _CONFIGS = (torch._dynamo.config, torch._inductor.config)
 # set by pytest for every phase of every test, and by torch's inductor for itself (compiled kernels read
 # _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR when loaded; the C++ builder sets the other two)
+# set by libraries for themselves on first import (pytest, inductor, scikit-learn's OpenMP set-up), not by tests
 _OWN_ENV = frozenset({"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "TORCH_WARM_POOL",
-                      "KMP_DUPLICATE_LIB_OK", "CUDA_HOME"})
+                      "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "CUDA_HOME"})
 
 
 def _shot(value, depth: int = 2):

@@ -53,7 +53,7 @@ def test_push_then_from_pretrained_offline(offline_hub, tmp_path):
 
 
 def test_a_trained_run_goes_to_the_hub_with_its_classes_and_preprocessing(offline_hub, tmp_path):
-    from densenet.weights import save_model
+    from densenet.saved_model import save_model
 
     model = _model()
     pre = {"source": "memory", "mean": [0.5], "std": [0.25], "channels": 1, "image_size": [16, 16]}

@@ -15,6 +15,7 @@ from PIL import Image
 import densenet
 from densenet.cli import main
 from densenet.data import DataError, load_splits
+from densenet.saved_model import load_model
 from densenet.train.engine import evaluation_batches
 
 from helpers import ENV, train
@@ -53,7 +54,7 @@ def test_load_gives_eval_model_and_the_training_evaluation_transform(runs):
     for kind in ("memory", "stream"):
         model, transform = densenet.load(runs[kind])
         assert not model.training and model.classes == ["circle", "square", "stripes"]
-        _, info = densenet.weights.load_model(runs[kind])
+        _, info = load_model(runs[kind])
         pre = info["preprocessing"]
         assert transform.source == pre["source"] == kind
         # the test split as `densenet eval` preprocesses it, against the transform applied file by file

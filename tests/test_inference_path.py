@@ -114,7 +114,7 @@ def test_gradients_hooks_and_training_take_the_other_paths(monkeypatch):
 
 
 def test_a_loaded_checkpoint_takes_the_eval_path(tmp_path, monkeypatch):
-    from densenet.weights import load_model, save_model
+    from densenet.saved_model import load_model, save_model
 
     m = densenet.create_model("densenet_bc_100_k12", depth=16, num_classes=3)
     path = save_model(m, tmp_path / "model.safetensors", {"model_args": {"depth": 16, "num_classes": 3}})

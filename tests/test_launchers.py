@@ -1,6 +1,7 @@
-"""Launchers of reproduction grids: the run-directory lock, cells that skip, resume and record their
-failures, `reproduce status` from run directories alone, and real grids of tiny digits cells run by
-submitit's local executor and by a local Ray instance, with a killed cell that resumes."""
+"""Launchers of reproduction grids: the run's one lock, shared with `densenet train` (each blocks the
+other, in real processes), cells that skip, resume and record their failures, `reproduce status` from
+run directories alone, and real grids of tiny digits cells run by submitit's local executor and by a
+local Ray instance, with a killed cell that resumes."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from densenet.grid.status import cell_state
-from densenet.grid.launchers import (CellJob, LaunchOptions, LauncherError, RunLocked, SlurmLauncher, acquire,
-                                         checkpoint_epoch, holder, launch, run_cell, timeout_minutes, write_launch)
+from densenet.grid.launchers import (CellJob, LaunchOptions, LauncherError, SlurmLauncher, checkpoint_epoch, launch,
+                                     run_cell, timeout_minutes, write_launch)
 from densenet.cli import main
+from densenet.train.lock import LOCK_FILE, DirLock, LockedError, holder
+from helpers import ENV, make_folder
 
 
 def tiny_job(root: Path, name: str, epochs: int = 1) -> CellJob:
@@ -41,20 +44,22 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def lock_info(run: str) -> dict:
-    return json.loads((Path(run) / ".lock").read_text())
+    """The record of the cell's lock (the run's one lock, train/lock.py): kept after an attempt."""
+    return json.loads((Path(run) / LOCK_FILE).read_text())
 
 
 # --- the lock and one cell, in this process -----------------------------------------------------------
 
 def test_lock_is_exclusive_and_says_who_holds_it(tmp_path):
-    with acquire(tmp_path, {"job_id": "42"}) as held:
-        assert held["attempt"] == 1 and holder(tmp_path)["job_id"] == "42"
-        with pytest.raises(RunLocked, match=r"pid \d+ on .*\(job 42\)"):
-            with acquire(tmp_path, wait_s=0.2):
-                pass
+    with DirLock(tmp_path, {"launcher": "slurm", "job_id": "42", "key": "net/C10/seed0"}) as held:
+        assert held.record["attempt"] == 1 and holder(tmp_path)["job_id"] == "42"
+        with pytest.raises(LockedError, match=r"process \d+ on .*grid cell net/C10/seed0, slurm job 42"):
+            DirLock(tmp_path).acquire()
     assert holder(tmp_path) is None  # released: and the next attempt counts on
-    with acquire(tmp_path) as held:
-        assert held["attempt"] == 2
+    assert lock_info(tmp_path)["attempt"] == 1 and "released" in lock_info(tmp_path)
+    with DirLock(tmp_path, {"key": "net/C10/seed0"}) as held:
+        assert held.record["attempt"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # one lock file, the run's
 
 
 def test_a_cell_runs_once_then_is_skipped_and_a_busy_cell_gives_way(tmp_path):
@@ -65,7 +70,7 @@ def test_a_cell_runs_once_then_is_skipped_and_a_busy_cell_gives_way(tmp_path):
     assert (st.state, st.epoch, st.epochs, st.attempts) == ("done", 1, 1, 1) and "test error" in st.detail
     assert run_cell(job)["outcome"] == "skipped"
     other = tiny_job(tmp_path, "b")
-    with acquire(other.run_dir, {"job_id": "7", "launcher": "slurm"}):
+    with DirLock(other.run_dir, {"job_id": "7", "launcher": "slurm", "key": other.key}):
         assert cell_state(other.run_dir).state == "running"
         assert "slurm job 7" in cell_state(other.run_dir).detail
         r = run_cell(other)
@@ -73,8 +78,6 @@ def test_a_cell_runs_once_then_is_skipped_and_a_busy_cell_gives_way(tmp_path):
 
 
 def test_a_cell_trained_by_hand_is_running_and_the_launcher_gives_way(tmp_path):
-    from densenet.train.lock import DirLock
-
     job = tiny_job(tmp_path, "by-hand")
     with DirLock(job.run_dir):  # what `densenet train --out RUN` holds while it trains
         st = cell_state(job.run_dir)
@@ -83,6 +86,138 @@ def test_a_cell_trained_by_hand_is_running_and_the_launcher_gives_way(tmp_path):
     assert r["outcome"] == "busy" and str(os.getpid()) in r["error"]
     assert not (Path(job.run_dir) / "error.json").exists() and not (Path(job.run_dir) / "summary.json").exists()
     assert run_cell(job)["outcome"] == "done"  # once that run has let go
+
+
+# --- one lock, across processes: `densenet train` by hand and the grid's attempt exclude each other --------
+
+# A child process whose training stops half-way and waits there, holding what it took: the run's lock
+# taken, the directory claimed (written.json), the data and the model built; `make_optimizer` waits
+# instead (before torch.optim would import the compiler). argv[1] is a JSON list: a `densenet train`
+# command line, or ["cell", CellJob fields] for the grid's attempt at a cell (`run_cell`, a slurm job).
+PAUSED = """
+import json, sys, time
+import densenet.train.engine as engine
+
+def make_optimizer(cfg, model):
+    print("training", flush=True)
+    time.sleep(120)
+
+engine.make_optimizer = make_optimizer
+argv = json.loads(sys.argv[1])
+if argv[0] == "cell":
+    from densenet.grid.launchers import CellJob, run_cell
+    run_cell(CellJob(**argv[1]), "slurm", "7")
+else:
+    from densenet.cli import main
+    sys.exit(main(argv))
+"""
+def folder_job(root: Path, name: str) -> CellJob:
+    """A cell on a tiny image folder (no scikit-learn to import: the child processes start sooner)."""
+    from densenet.train import TrainConfig
+
+    folder = make_folder(root / "shapes", per_class=4, test_per_class=1, size=8)
+    cfg = TrainConfig(model="densenet_40_k12", model_args={"depth": 7, "growth_rate": 4}, dataset="folder",
+                      data=str(folder), epochs=1, milestones=(100.0,), batch_size=8, val_size=3,
+                      out=str(root / name), progress=False, tensorboard=False).resolve()
+    return CellJob(f"{name}/shapes/seed0", str(root / name), cfg.to_dict())
+
+
+def hand_train(job: CellJob) -> list[str]:
+    """`densenet train --out CELL` of the same settings as the cell, typed by hand."""
+    return ["train", "--model", "densenet_40_k12", "--depth", "7", "--growth-rate", "4", "--dataset", "folder",
+            "--data", job.config["data"], "--epochs", "1", "--milestones", "100", "--batch-size", "8",
+            "--val-size", "3", "--no-progress", "--no-tensorboard", "--out", job.run_dir]
+
+
+def paused(argv: list):
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", PAUSED, json.dumps(argv)], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    line = child.stdout.readline().strip()
+    if line != "training":
+        child.kill()
+        raise AssertionError(f"the child did not start training: {line!r} {child.stderr.read()[-2000:]}")
+    return child
+
+
+def stop(child) -> None:
+    child.kill()  # kill -9: its lock is left as a crash leaves it
+    child.wait()
+    child.stdout.close()
+    child.stderr.close()
+
+
+def quick_fit(monkeypatch) -> list:
+    """The cell's training without its epochs: the real `fit` (which takes the run's lock) up to its
+    request checks, then a summary. Returns the lock's holder as the training saw it."""
+    from densenet.train.engine import Trainer
+
+    seen = []
+
+    def fit_on(self, dist, device):
+        seen.append(holder(self.cfg.out))
+        summary = {"epochs": self.cfg.epochs, "test_top1_error": 50.0}
+        (Path(self.cfg.out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(Trainer, "_fit_on", fit_on)
+    return seen
+
+
+def test_a_hand_started_train_blocks_the_grids_attempt_at_its_cell(tmp_path, monkeypatch):
+    """`densenet train --out CELL` started by hand (another process) holds CELL/densenet.lock: the grid's
+    attempt at that cell gives way (busy, naming it; status: running; nothing of the grid's written);
+    killed with -9, its lock no longer blocks: the next attempt trains the cell, holding the one lock."""
+    job = folder_job(tmp_path, "cell")
+    run = Path(job.run_dir)
+    child = paused(hand_train(job))
+    try:
+        r = run_cell(job, "slurm", "8")
+        assert r["outcome"] == "busy" and f"in use by process {child.pid}" in r["error"], r
+        st = cell_state(run)
+        assert st.state == "running" and f"pid {child.pid}" in st.detail
+        assert not (run / "error.json").exists() and not (run / "summary.json").exists()
+        assert sorted(p.name for p in run.glob("*lock*")) == [LOCK_FILE]  # the one lock file
+        assert lock_info(run)["pid"] == child.pid and "key" not in lock_info(run)  # the hand-started run's
+    finally:
+        stop(child)
+    assert holder(run) is None  # a stale lock file blocks nobody
+    seen = quick_fit(monkeypatch)
+    assert run_cell(job, "slurm", "8")["outcome"] == "done"
+    # the training itself held the attempt's lock (taken over, not refused): one holder, the grid's attempt
+    assert seen[0]["pid"] == os.getpid() and seen[0]["key"] == job.key and seen[0]["job_id"] == "8"
+    assert cell_state(run).state == "done" and lock_info(run)["attempt"] == 2 and holder(run) is None
+
+
+def test_the_grid_holding_a_cell_blocks_a_hand_started_train_and_resume(tmp_path, capsys):
+    """The grid's attempt at a cell (another process, its `fit` training under the attempt's lock):
+    `densenet train --out CELL` and `densenet train --resume CELL` started by hand are refused with one
+    line naming the attempt; killed with -9, the attempt's lock no longer blocks."""
+    from densenet.train.checkpoint import RunDir
+
+    job = folder_job(tmp_path, "cell")
+    run = Path(job.run_dir)
+    RunDir(run).start_new()  # an earlier attempt was killed before its first checkpoint: this one starts over
+    RunDir(run).write_config(job.config)
+    child = paused(["cell", {"key": job.key, "run_dir": job.run_dir, "config": job.config}])
+    try:
+        who = holder(run)
+        assert who["pid"] == child.pid and who["key"] == job.key and who["job_id"] == "7" and who["attempt"] == 1
+        assert cell_state(run).state == "running"
+        capsys.readouterr()
+        for argv in (hand_train(job), ["train", "--resume", job.run_dir]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+            assert f"is in use by process {child.pid}" in err and f"grid cell {job.key}, slurm job 7" in err, err
+        assert run_cell(job)["outcome"] == "busy"  # nor does a second attempt start
+        assert sorted(p.name for p in run.glob("*lock*")) == [LOCK_FILE]
+    finally:
+        stop(child)
+    assert holder(run) is None
+    with DirLock(run) as lock:  # what the next `densenet train --resume CELL` takes: it counts on
+        assert lock.record["attempt"] == 2
 
 
 def test_a_failed_cell_says_why_and_pending_cells_say_where(tmp_path):

@@ -344,7 +344,7 @@ def test_reuse_figure_panels_do_not_overlap_and_the_framed_column_says_how_it_is
 
 
 def _fake_run(root: Path, name: str, model: str, dataset: str, epochs: int, size=32, classes=10, **args):
-    from densenet.weights import save_model
+    from densenet.saved_model import save_model
 
     d = root / name
     (d / "best").mkdir(parents=True)

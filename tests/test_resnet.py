@@ -14,7 +14,7 @@ import densenet
 from densenet.analysis import count_macs, count_params
 from densenet.cli import main
 from densenet.models.resnet import UNITS, ResNet, ResNetConfig, ZeroPadShortcut
-from densenet.weights import CheckpointError
+from densenet.runs import CheckpointError
 
 DENSENET_FAMILIES = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)")
 BASELINES = [n for n in densenet.list_models() if densenet.get_entry(n).family not in DENSENET_FAMILIES]

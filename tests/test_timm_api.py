@@ -13,8 +13,7 @@ import torch
 
 import densenet
 import densenet.export
-import densenet.weights
-from densenet.weights import save_model
+from densenet.saved_model import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(depth=16, growth_rate=4)  # DenseNet-BC L=16, k=4: a few thousand parameters
@@ -173,7 +172,7 @@ def test_trained_checkpoint_carries_its_own_preprocessing(tmp_path):
            "image_size": [12, 12]}
     save_model(m, tmp_path / "m.safetensors", {"model_args": {"num_classes": 3, **SMALL}, "preprocessing": pre,
                                                "classes": ["a", "b", "c"]})
-    loaded, _ = densenet.weights.load_model(tmp_path / "m.safetensors")
+    loaded, _ = load_model(tmp_path / "m.safetensors")
     assert densenet.resolve_data_config(loaded) == {"input_size": (3, 12, 12), "interpolation": "bilinear",
                                                     "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2),
                                                     "crop_pct": 1.0, "crop_mode": "center"}

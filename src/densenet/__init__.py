@@ -5,10 +5,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Imported on first use (PEP 562), so that `densenet --help` and `--version` start without torch.
-_LAZY = {"load": ".inference", "DenseNet": ".models", "DenseNetConfig": ".models", "ModelEntry": ".registry",
-         "create_model": ".registry", "get_entry": ".registry", "list_models": ".registry",
-         "register_model": ".registry", "create_transform": ".pretrained", "resolve_data_config": ".pretrained"}
+# Imported on first use (PEP 562), so that `densenet --help` and `--version` start without torch. Each name
+# maps to the module that defines it (tests/test_layering.py checks): a lazy import, never an old path.
+_LAZY = {"load": ".inference", "DenseNet": ".models.densenet", "DenseNetConfig": ".models.densenet",
+         "ModelEntry": ".registry", "create_model": ".registry", "get_entry": ".registry",
+         "list_models": ".registry", "register_model": ".registry", "create_transform": ".pretrained",
+         "resolve_data_config": ".pretrained"}
 _SUBMODULES = {"analysis", "cli", "data", "export", "grid", "hub", "inference", "models", "paper", "pretrained",
                "recipes", "registry", "saved_model", "train", "utils", "weights"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "create_transform", "get_entry",
@@ -20,7 +22,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
-    if name in _SUBMODULES:  # `import densenet; densenet.weights.load_model(...)` as before
+    if name in _SUBMODULES:  # `import densenet; densenet.registry.list_models()`: the submodule itself
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from .hub_files import LIBRARY, _fetch, _hf, load_from_hub  # noqa: F401 (load_from_hub: public here too)
-from .weights import MODEL_FILE
+from .hub_files import LIBRARY, _fetch, _hf
+from .runs import MODEL_FILE
 
 CONFIG_FILE = "config.json"
 
@@ -109,4 +109,4 @@ def from_pretrained(repo_id: str, map_location: str = "cpu", **kwargs: Any) -> t
     return load_model(_fetch(repo_id, MODEL_FILE, **kwargs), map_location)
 
 
-__all__ = ["from_pretrained", "load_from_hub", "push_to_hub", "save_pretrained"]
+__all__ = ["from_pretrained", "push_to_hub", "save_pretrained"]

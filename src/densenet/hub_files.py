@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .weights import MODEL_FILE
+from .runs import MODEL_FILE
 
 LIBRARY = "densenet-paper"
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .data.sources import IMAGE_SUFFIXES, DataError, _decode, convert_image, max_file_bytes, open_image, walk_files
 from .data.transforms import Normalization
 from .saved_model import load_model
-from .weights import CheckpointError
+from .runs import CheckpointError
 
 
 class Preprocess:

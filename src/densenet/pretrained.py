@@ -126,15 +126,4 @@ def _hub_dir() -> str:
     return torch.hub.get_dir()
 
 
-def __getattr__(name: str):
-    """pretrained_cfg moved to registry.py (it describes a registered network); importable from here
-    for one release, imported on first use so that this module needs no registry."""
-    if name == "pretrained_cfg":
-        from .registry import pretrained_cfg
-
-        return pretrained_cfg
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["TORCHVISION_FILES", "create_transform", "has_pretrained", "pretrained_cfg", "resolve_data_config",
-           "resolve_pretrained"]
+__all__ = ["TORCHVISION_FILES", "create_transform", "has_pretrained", "resolve_data_config", "resolve_pretrained"]

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from .utils.validate import needing
-from .runs import resolve_checkpoint
-from .weights import CheckpointError, convert_state_dict, describe_mismatch, read_state_dict, warn_non_finite
+from .runs import CheckpointError, resolve_checkpoint
+from .weights import convert_state_dict, describe_mismatch, read_state_dict, warn_non_finite
 
 FORMAT = "densenet.model/1"
 

@@ -14,16 +14,15 @@ containers and refuses everything else.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from .runs import MODEL_FILE, CheckpointError, resolve_checkpoint
+from .runs import CheckpointError, resolve_checkpoint
 
 _OLD_TORCHVISION_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -163,13 +162,3 @@ def load_pretrained(model: nn.Module, path: str | Path, *, reset_classifier: boo
         for k, v in sd.items():
             own[k].copy_(v)
     return model
-
-
-def __getattr__(name: str):
-    """save_model, load_model and check_info moved to saved_model.py (the package's own file format);
-    importable from here for one release, imported on first use so that this module needs no registry."""
-    if name in ("save_model", "load_model", "check_info"):
-        from . import saved_model
-
-        return getattr(saved_model, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

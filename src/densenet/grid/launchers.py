@@ -3,14 +3,29 @@
 cell does is the same everywhere (`run_cell`), and everything about its state is written into its
 run directory, so `densenet reproduce status` reads it back whichever launcher ran it.
 
-    RUN/launch.json   written when the cell is handed to a scheduler: launcher, job id, time
-    RUN/.lock         held (flock) while an attempt runs; keeps host, pid, job id, attempt number
-    RUN/error.json    why the last attempt failed (removed when a new attempt starts)
-    RUN/summary.json  written by training when the cell is done
+    RUN/launch.json     written when the cell is handed to a scheduler: launcher, job id, time
+    RUN/densenet.lock   the run's one lock (train/lock.py), held while an attempt runs; its record:
+                        host, pid, start, attempt number, and the cell's launcher, job id, key and
+                        the epoch it resumed at (kept after the attempt, marked released)
+    RUN/error.json      why the last attempt failed (removed when a new attempt starts)
+    RUN/summary.json    written by training when the cell is done
 
 A cell is idempotent: a done cell is skipped, a cell with a checkpoint is resumed from it, and the
 lock makes a second attempt of the same cell give way while the first runs. So re-running the same
 command (or a scheduler retrying a job after pre-emption) can never train a cell twice at once.
+
+One lock. A cell is locked by train/lock.py's `DirLock`, the very lock `densenet train --out/--resume`
+takes, so a run started by hand in a cell's directory and a grid's attempt at it exclude each other,
+whichever came first: the grid reports the cell as running (busy) and skips it; the hand-started run
+is refused with one line naming the attempt (pid, host, grid cell, job). An attempt takes the lock
+first (not waiting: a held lock means busy), decides under it whether the cell is done and whether
+to resume it, records the epoch it resumes at, then runs the cell's own training inside
+`lock.hand_over()`: the `DirLock` that `fit` takes in this process takes the attempt's lock over
+(it is not refused by its own launcher, and nothing can slip in between), and so does torchrun's
+`densenet train` of a multi-GPU cell, a child process started with the hand-over's environment
+(this process keeps the flock for the child's whole life). The kernel releases the flock when the
+attempt dies (kill -9, OOM, pre-emption), so a dead attempt never blocks the next one; the record
+stays, and the next attempt counts on from it.
 
 submitit and Ray are optional: pip install "densenet-paper[cluster]".
 """
@@ -20,38 +35,22 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from ..train.lock import DirLock, LockedError
 from ..utils.atomic import write_text_atomic
 
 LAUNCHERS = ("local", "slurm", "ray")
-LAUNCH_FILE, LOCK_FILE, ERROR_FILE, SUMMARY_FILE = "launch.json", ".lock", "error.json", "summary.json"
+LAUNCH_FILE, ERROR_FILE, SUMMARY_FILE = "launch.json", "error.json", "summary.json"
 
 
 class LauncherError(ValueError):
     """A launcher cannot be used as asked (missing package, bad option); printed as one line."""
-
-
-# --- the run-directory lock ----------------------------------------------------------------------------
-# A minimal stand-in for the reliability issue's run-directory lock (train/lock.py there): the
-# interface is `acquire(run_dir)`, a context manager raising RunLocked while another process holds
-# it, and `holder(run_dir)`. flock is released by the kernel when its process dies (kill -9, OOM,
-# pre-emption), so a dead attempt never leaves a stale lock; on NFS, Linux maps it to POSIX locks.
-
-class RunLocked(RuntimeError):
-    """Another process trains this run directory now."""
-
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; cells are then not protected against running twice
-    fcntl = None  # type: ignore[assignment]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -60,84 +59,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-class Held(dict):
-    """What the lock's file says about the attempt holding it; `save()` rewrites it."""
-
-    def __init__(self, fd: int, info: dict):
-        super().__init__(info)
-        self._fd = fd
-
-    def save(self) -> None:
-        # through the locking descriptor only: on NFS, flock is a POSIX lock, which closing any other
-        # descriptor of the file would drop
-        data = (json.dumps(self) + "\n").encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
-
-
-@contextlib.contextmanager
-def acquire(run_dir: str | Path, info: dict | None = None, wait_s: float = 2.0) -> Iterator[Held]:
-    """Hold RUN/.lock for the body; raise RunLocked if another process holds it for longer than
-    `wait_s` (the wait: a `status` glancing at the lock never makes an attempt give up)."""
-    path = Path(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait_s
-        while fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if not isinstance(e, BlockingIOError):
-                    raise OSError(f"the file system of {run_dir} cannot lock files ({e.strerror}): a cell could "
-                                  f"run twice there; put --out on a file system with locks (e.g. Lustre mounted "
-                                  f"with -o flock)") from None
-                if time.monotonic() > deadline:
-                    who = _read_json(path) or {}
-                    raise RunLocked(f"{run_dir} is being trained by pid {who.get('pid', '?')} on "
-                                    f"{who.get('host', '?')}" + (f" (job {who['job_id']})" if who.get("job_id") else "")
-                                    + " since " + _when(who.get("started"))) from None
-                time.sleep(0.1)
-        try:
-            previous = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-        except ValueError:
-            previous = {}
-        attempt = previous.get("attempt", 0) if isinstance(previous, dict) else 0
-        held = Held(fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                         "attempt": (attempt if isinstance(attempt, int) else 0) + 1, **(info or {})})
-        held.save()
-        yield held
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def holder(run_dir: str | Path) -> dict | None:
-    """The lock's holder if an attempt runs now, else None."""
-    path = Path(run_dir) / LOCK_FILE
-    if fcntl is None or not path.is_file():
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        return _read_json(path) or {}
-    except OSError:  # no locks on this file system: nobody can be known to hold it
-        return None
-    finally:
-        os.close(fd)
-
-
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
 
 
 # --- one cell --------------------------------------------------------------------------------------------
@@ -155,43 +76,40 @@ class CellJob:
 def run_cell(job: CellJob, launcher: str = "local", job_id: str | None = None) -> dict:
     """Train one cell to the end, resuming its checkpoint if it has one; skip it if done.
 
-    Returns {"key", "outcome": "done"|"skipped"|"busy", "summary"}. A failure is written to
-    RUN/error.json and raised again (TrainingStopped keeps its exit code)."""
+    Returns {"key", "outcome": "done"|"skipped"|"busy", "summary"}; "busy" (with "error", the holder) while
+    another process holds the cell's lock: another attempt, or a `densenet train` started by hand. A failure
+    is written to RUN/error.json and raised again (TrainingStopped keeps its exit code)."""
     run = Path(job.run_dir)
-    with contextlib.ExitStack() as stack:
-        if not (run / SUMMARY_FILE).is_file():
-            try:
-                held = stack.enter_context(acquire(run, {"launcher": launcher, "job_id": job_id, "key": job.key}))
-            except RunLocked as e:
-                return {"key": job.key, "outcome": "busy", "error": str(e)}
-        if (run / SUMMARY_FILE).is_file():  # done, perhaps by another attempt while this one waited
+    if (run / SUMMARY_FILE).is_file():
+        return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
+    try:
+        lock = DirLock(run, {"launcher": launcher, "job_id": job_id, "key": job.key}).acquire()
+    except LockedError as e:
+        return {"key": job.key, "outcome": "busy", "error": str(e)}
+    try:
+        if (run / SUMMARY_FILE).is_file():  # done by another attempt just before this one took the lock
             return {"key": job.key, "outcome": "skipped", "summary": _read_json(run / SUMMARY_FILE)}
-        from ..train.lock import LockedError, holder as run_holder
-
-        if run_holder(run) is not None:  # trained outside the launcher now (the run's own lock, train/lock.py)
-            return {"key": job.key, "outcome": "busy", "error": f"{run} is being trained by another process "
-                                                                  f"({run_holder(run)})"}
-        try:
-            return {"key": job.key, "outcome": "done", "summary": _attempt(job, run, held)}
-        except LockedError as e:  # taken by hand between the check and the start: that run goes on
-            return {"key": job.key, "outcome": "busy", "error": str(e)}
+        return {"key": job.key, "outcome": "done", "summary": _attempt(job, run, lock)}
+    except LockedError as e:  # not expected (the lock is handed over to the cell's training): not a failure
+        return {"key": job.key, "outcome": "busy", "error": str(e)}
+    finally:
+        lock.release()
 
 
-def _attempt(job: CellJob, run: Path, held: Held) -> dict:
+def _attempt(job: CellJob, run: Path, lock: DirLock) -> dict:
     from ..train import TrainConfig, TrainingStopped, fit
-    from ..train.lock import LockedError
 
     with contextlib.suppress(FileNotFoundError):
         (run / ERROR_FILE).unlink()
     resume = (run / "last").exists()
-    held["resumed_at_epoch"] = checkpoint_epoch(run) if resume else 0
-    held.save()
+    lock.update(resumed_at_epoch=checkpoint_epoch(run) if resume else 0)
     try:
-        if job.procs > 1:
-            return _torchrun(job, resume)
-        return fit(TrainConfig.from_dict(job.config), resume=str(run) if resume else None)
+        with lock.hand_over() as env:  # the cell's own training takes this lock over (module docstring)
+            if job.procs > 1:
+                return _torchrun(job, resume, env)
+            return fit(TrainConfig.from_dict(job.config), resume=str(run) if resume else None)
     except TrainingStopped as e:
-        _record_error(run, str(e), e.exit_code, held)
+        _record_error(run, str(e), e.exit_code, lock.record)
         raise
     except LockedError:  # another process trains the run: not a failure of this cell
         raise
@@ -201,7 +119,7 @@ def _attempt(job: CellJob, run: Path, held: Held) -> dict:
             text = f"the job exited (status {e.code}) before the cell finished"
         elif isinstance(e, KeyboardInterrupt):
             text = "interrupted"
-        _record_error(run, text, getattr(e, "exit_code", 1), held)
+        _record_error(run, text, getattr(e, "exit_code", 1), lock.record)
         raise
 
 
@@ -231,8 +149,9 @@ def checkpoint_epoch(run: Path) -> int:
         return 0
 
 
-def _torchrun(job: CellJob, resume: bool) -> dict:
-    """A multi-GPU cell: `densenet train` under torchrun, one process per GPU of this job."""
+def _torchrun(job: CellJob, resume: bool, handover: dict[str, str]) -> dict:
+    """A multi-GPU cell: `densenet train` under torchrun, one process per GPU of this job. `handover`: the
+    environment by which its rank 0 takes over the cell's lock, which this process holds meanwhile."""
     run = Path(job.run_dir)
     config_file = run / "cell-config.json"
     write_text_atomic(config_file, json.dumps(job.config, indent=2) + "\n")
@@ -242,7 +161,7 @@ def _torchrun(job: CellJob, resume: bool) -> dict:
         cmd += ["--resume", str(run)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    code = subprocess.call(cmd, env=env)
+    code = subprocess.call(cmd, env={**env, **handover})
     if code != 0 or not (run / SUMMARY_FILE).is_file():
         from ..train import TrainingStopped
 

@@ -1,7 +1,7 @@
 """The state of each cell of a grid, read from its run directory alone (whichever launcher ran it).
 
     done     RUN/summary.json exists
-    running  an attempt holds RUN/.lock now
+    running  an attempt holds RUN/densenet.lock now (the run's one lock, train/lock.py)
     failed   the last attempt ended without finishing: RUN/error.json says why, or it died without a
              word (killed, pre-empted, out of memory) and left only its checkpoint
     pending  nothing has run yet, or the cell was handed to a scheduler after its last attempt
@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .launchers import (ERROR_FILE, LAUNCH_FILE, LOCK_FILE, SUMMARY_FILE, _epochs_done, _read_json, checkpoint_epoch,
-                        holder)
+from ..train.lock import LOCK_FILE, holder
+from .launchers import ERROR_FILE, LAUNCH_FILE, SUMMARY_FILE, _epochs_done, _read_json, checkpoint_epoch
 
 GRID_FILE = "grid.json"  # OUT/grid.json: the grid's name and cells, written by `densenet reproduce`
 
@@ -51,11 +51,7 @@ def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
         if err is None:
             err, split = summary.get("val_top1_error"), "val"
         return state("done", f"{split} error {err:.2f}%" if isinstance(err, (int, float)) else "finished")
-    who = holder(run)
-    if who is None:  # trained outside the launcher (e.g. `densenet train --out` by hand): the run's own lock
-        from ..train.lock import holder as run_holder
-
-        who = run_holder(run)
+    who = holder(run)  # the run's one lock: a grid attempt or a `densenet train --out` started by hand
     if who is not None:
         where = f"on {who.get('host', '?')}, pid {who.get('pid', '?')}"
         if who.get("job_id"):
@@ -63,6 +59,7 @@ def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
         return state("running", where + (f", resumed at epoch {who['resumed_at_epoch']}"
                                          if who.get("resumed_at_epoch") else ""))
     started = (last_try or {}).get("started", 0)
+    started = started if isinstance(started, (int, float)) else 0  # a record of another format: no time
     if launch is not None and launch.get("submitted", 0) > started:
         job = f" as {launch.get('launcher')} job {launch['job_id']}" if launch.get("job_id") else ""
         note = f" ({launch['note']})" if launch.get("note") else ""

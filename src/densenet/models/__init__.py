@@ -1,5 +1,6 @@
 """Model families. Each module builds its networks from the paper's parts; registry.py names them.
-The classes load on first use, so that importing one family (models.resnet) loads no other."""
+The classes load on first use, so that importing one family (models.resnet) loads no other; each name
+maps to the module that defines it."""
 import importlib
 
 _LAZY = {"DenseNet": ".densenet", "DenseNetConfig": ".densenet", "ResNet": ".resnet", "ResNetConfig": ".resnet",

@@ -28,18 +28,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..saved_model import model_metadata, write_model_file  # noqa: F401 (model_metadata: its old place)
+from ..runs import MODEL_FILE, CheckpointError
+from ..saved_model import write_model_file
 from ..utils.atomic import _fsync_dir, atomic_write, write_text_atomic
 from ..utils.validate import needing
-from ..weights import CheckpointError, read_state_dict
+from ..weights import read_state_dict
 
-MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
+STATE_FILE = "state.safetensors"
 RECORD_FILE = "written.json"
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "ckpt", "last", "best", RECORD_FILE,
              "tensorboard")
 # what else lives in a run directory while it runs: the run lock (train/lock.py) and, in a grid cell,
 # the launcher's files (grid/launchers.py); no output may replace them either
-_RUN_OWNED = RUN_FILES + ("densenet.lock", "launch.json", ".lock", "error.json")
+_RUN_OWNED = RUN_FILES + ("densenet.lock", "launch.json", "error.json")
 
 
 def refuse_run_file(path: str | Path, what: str) -> None:

@@ -26,7 +26,8 @@ from ..data.transforms import ten_crop_padding
 from ..registry import create_model
 from ..saved_model import model_metadata
 from ..utils.atomic import write_text_atomic
-from ..weights import MODEL_FILE, CheckpointError, describe_mismatch, non_finite, read_state_dict
+from ..runs import MODEL_FILE, CheckpointError
+from ..weights import describe_mismatch, non_finite, read_state_dict
 from . import logs
 from .checkpoint import RunDir, set_rng_state
 from .resume import check_settings, plan_schedule
