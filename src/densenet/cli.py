@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,27 +150,10 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 @command("train", "train a registered model with the paper's recipe (defaults: the digits first run)", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, TrainingStopped, fit
-    from .train.checkpoint import RunDir
-    from .train.config import read_config_file
+    from .train import TrainingStopped, fit
+    from .train.config import settings_for_run
 
-    settings: dict = {}
-    saved = RunDir(args.resume).read_config() if args.resume else {}
-    settings.update(saved)
-    from_file = read_config_file(args.config) if args.config else {}
-    settings.update(from_file)
-    if isinstance(saved.get("model_args"), dict) and isinstance(from_file.get("model_args"), dict):
-        settings["model_args"] = {**saved["model_args"], **from_file["model_args"]}  # a file adds to the run's
-    given = _train_settings(args)  # a resume refuses changed settings in the engine (train/resume.py)
-    if "model_args" in given and "model_args" in settings:
-        if not isinstance(settings["model_args"], dict):
-            raise UsageError(f"model_args in {args.config or args.resume} must be a table of option = value, "
-                             f"got {settings['model_args']!r}"[:300])
-        given["model_args"] = {**settings["model_args"], **given["model_args"]}
-    settings.update(given)
-    if args.resume:
-        settings["out"] = args.resume
-    cfg = TrainConfig.from_dict(settings)
+    cfg = settings_for_run(_train_settings(args), config_file=args.config, resume=args.resume)
     try:
         summary = fit(cfg, resume=args.resume)
     except TrainingStopped as e:
@@ -221,77 +203,24 @@ def _eval_checkpoint(args: argparse.Namespace) -> str:
 
 @command("eval", "top-1 and top-5 error of a checkpoint on a dataset split", _eval_args)
 def _eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .data import load_splits
-    from .train.config import TrainConfig
-    from .train.distributed import Distributed
-    from .train.engine import evaluate, evaluation_batches, select_splits
-    from .saved_model import load_model
+    from .evaluation import evaluate_checkpoint
 
     checkpoint = _eval_checkpoint(args)
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
-    device = Distributed().device(args.device)
-    model, info = load_model(checkpoint, device, args.which)
-    if "preprocessing" not in info or "classes" not in info:
-        raise UsageError(f"{checkpoint} holds no preprocessing or class names (it was not written by "
-                         f"`densenet train`)")
-    origin = info["checkpoint"]
-    saved = info.get("config") or {}
-    # the schedule is not needed to evaluate (and a 1-epoch run's resolved milestones include 0)
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
-                                 if k in {f.name for f in dataclasses.fields(TrainConfig)} and k != "milestones"})
-    if args.dataset:
-        cfg = dataclasses.replace(cfg, dataset=args.dataset, val_size=None if args.dataset != cfg.dataset else cfg.val_size)
-    if args.data:
-        cfg = dataclasses.replace(cfg, data=args.data)
-    cfg = cfg.resolve()
-    pre = info["preprocessing"]
-    # the test split alone is read (and SVHN's extra images are not), unless BN statistics need training images
-    test_only = args.split == "test" and not args.recalibrate_bn
-    splits = load_splits(cfg.dataset, cfg.data, svhn_extra=cfg.svhn_extra and not test_only,
-                         in_memory=pre["source"] == "memory", in_channels=pre["channels"],
-                         only=("test",) if test_only else None)
-    if len(splits.classes) != len(info["classes"]):
-        raise UsageError(f"the checkpoint has {len(info['classes'])} classes, the dataset {len(splits.classes)}")
-    if test_only:
-        data, train, val = splits.test, None, None
-    else:
-        train, val, test = select_splits(cfg, splits)
-        data = {"train": train, "val": val, "test": test}[args.split]
-    if data is None:
-        where = cfg.data or cfg.dataset
-        if args.split == "test" and (test_only or val is not None and not cfg.val_size):
-            raise UsageError(f"{where} has no test split (a folder needs a test/ folder); in ImageNet's layout "
-                             f"(train/ and val/) the val/ folder is the evaluation split: use --split val")
-        raise UsageError(f"{where} has no {args.split} split" +
-                         (" (a folder needs test/ or val/)" if args.split == "test" else " (the run used --val-size 0)"))
-    batches = evaluation_batches(data, pre, args.batch_size, device, ten_crop=args.ten_crop, workers=args.workers)
-    recalibrated = None
-    if args.recalibrate_bn:
-        import torch
-
-        from .train.recalibrate import recalibrate_bn
-
-        g = torch.Generator().manual_seed(cfg.seed)  # a seeded sample of the training images, shuffled
-        idx = torch.randperm(len(train), generator=g)[:args.recalibrate_bn]
-        recalibrated = recalibrate_bn(model, evaluation_batches(train.subset(idx), pre, args.batch_size, device,
-                                                                workers=args.workers))
-    result = evaluate(model, batches)
-    result = {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
-              "loss": result["loss"], "split": args.split, "dataset": cfg.dataset, "ten_crop": args.ten_crop,
-              "model": info["model"], "checkpoint": str(origin.file), "which": origin.which, "epoch": origin.epoch,
-              "recalibrated_bn_images": recalibrated}
+    result, origin = evaluate_checkpoint(checkpoint, split=args.split, dataset=args.dataset, data=args.data,
+                                         which=args.which, ten_crop=args.ten_crop, recalibrate_bn=args.recalibrate_bn,
+                                         batch_size=args.batch_size, workers=args.workers, device=args.device)
     if args.json:
         _print_json(result)
-    else:
-        print(checkpoint_line(origin, info["model"])
-              + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
-                 f"paper's protocol)" if recalibrated else ""))
-        print(f"{info['model']} on {cfg.dataset} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
-              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
-              f"({result['images']} images)")
+        return 0
+    recalibrated = result["recalibrated_bn_images"]
+    print(checkpoint_line(origin, result["model"])
+          + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
+             f"paper's protocol)" if recalibrated else ""))
+    print(f"{result['model']} on {result['dataset']} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
+          f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+          f"({result['images']} images)")
     return 0
 
 
@@ -432,18 +361,8 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 @command("reproduce", "run a named grid of the paper's experiments (here, on SLURM or on Ray); tables beside "
                       "the published numbers; `reproduce status DIR`: each cell's state", _reproduce_args)
 def _reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .analysis.complexity import count_macs
-    from .grid.status import cell_state, write_grid
-    from .grid.launchers import CellJob, launch, options_from_args, run_cell
-    from .grid.launchers import check as check_launcher
-    from .grid.reproduce import cell_config, cost, describe, grid_cells, write_tables
-    from .paper import SETTING_DATA
-    from .registry import create_model
-    from .train import TrainingStopped
+    from .grid.command import run_grid
+    from .grid.launchers import options_from_args
 
     if args.grid == "status":
         return _reproduce_status(args)
@@ -462,116 +381,30 @@ def _reproduce(args: argparse.Namespace) -> int:
             raise UsageError(f"--data takes DATASET=PATH, got {item!r}")
         k, v = item.split("=", 1)
         data[k.strip()] = str(Path(v).expanduser())
-    out = Path(args.out)
-    cells = _grid_cells_of(args, grid_cells)
-    total = 0.0
-    extra = {"device": args.device, "amp": args.amp}
-    if not args.dry_run:
-        check_launcher(opts, out)
-        write_grid(out, args.grid, cells)
-    jobs = []
-    macs_of: dict[tuple[str, int], int] = {}  # a network's cells share its count (one per number of classes)
-    for c in cells:
-        cfg = cell_config(c, data, args.epochs, args.budget, out, extra)
-        dataset = SETTING_DATA[c.setting][0]
-        classes = 100 if dataset == "cifar100" else 10
-        if (c.model, classes) not in macs_of:
-            with torch.device("meta"):
-                macs_of[c.model, classes] = count_macs(create_model(c.model, num_classes=classes), (3, 32, 32))
-        macs = macs_of[c.model, classes]
-        n_train = cfg.known_train_images(dataset)  # the setting's dataset, also where given as a folder
-        macs_run = cost(cfg, macs, n_train)
-        total += macs_run
-        st = cell_state(c.path(out)).state
-        where = data.get(dataset)
-        line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
-                f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
-        print(line.rstrip() + "\n    " + describe(c, cfg))
-        if args.dry_run or st in ("done", "running") or not where:
-            continue
-        job = CellJob(f"{c.row}/{c.setting}/seed{c.seed}", str(c.path(out)), cfg.to_dict())
-        if opts.launcher != "local":
-            jobs.append(job)
-            continue
-        try:
-            r = run_cell(job, "local")  # today's behaviour: one cell after another, here
-        except TrainingStopped as e:
-            write_tables(args.grid, cells, out)
-            print(f"densenet reproduce: {e}; run the same command again to continue the grid", file=sys.stderr)
-            return e.exit_code
-        if r["outcome"] == "busy":
-            print(f"  skipped: {r['error']}", file=sys.stderr)
-        write_tables(args.grid, cells, out)
-    print(f"total: {len(cells)} runs, {total / 1e15:.2f} PMACs of training (forward + backward ~ 3 forward passes)")
-    if jobs and not args.dry_run:
-        def report(r: dict) -> None:
-            extra_text = f": {r['error']}" if r.get("error") else ""
-            print(f"{r['key']}: {r['outcome']}{extra_text}", file=sys.stderr)
-            write_tables(args.grid, cells, out)
-
-        outcomes = launch(jobs, opts, out, report)
-        submitted = sum(r["outcome"] == "submitted" for r in outcomes)
-        if submitted:
-            print(f"submitted {submitted} cells; follow them with `densenet reproduce status {out}`")
-        failed = [r["key"] for r in outcomes if r["outcome"] == "failed"]
-        if failed:
-            write_tables(args.grid, cells, out)
-            print(f"densenet reproduce: {len(failed)} cell(s) failed ({', '.join(failed[:3])}"
-                  f"{', ...' if len(failed) > 3 else ''}); `densenet reproduce status {out}` says why; run the "
-                  f"same command again to resubmit them", file=sys.stderr)
-            return 1
-    if not args.dry_run:
-        for p in write_tables(args.grid, cells, out):
-            print(p)
-    return 0
-
-
-def _grid_cells_of(args: argparse.Namespace, grid_cells) -> list:
-    cells = grid_cells(args.grid, args.seeds)
-    if args.only:
-        cells = [c for c in cells if any(o in (c.row, f"{c.row}/{c.setting}") for o in args.only)]
-        if not cells:
-            raise UsageError(f"--only {' '.join(args.only)} matches no cell of {args.grid}")
-    return cells
+    return run_grid(args.grid, args.out, launch_options=opts, data=data, epochs=args.epochs, budget=args.budget,
+                    seeds=args.seeds, only=args.only, dry_run=args.dry_run, device=args.device, amp=args.amp)
 
 
 def _reproduce_status(args: argparse.Namespace) -> int:
     """Each cell's state from its run directory alone; results.md rebuilt from the finished cells."""
-    from pathlib import Path
-
-    from .grid.status import cell_state, format_table, read_grid
-    from .grid.reproduce import GRIDS, Cell, grid_cells, write_tables
+    from .grid.command import grid_status
+    from .grid.reproduce import GRIDS
+    from .grid.status import format_table
 
     if args.target in GRIDS:
         if not args.out:
             raise UsageError(f"status {args.target} needs --out DIR, the grid directory")
-        args.grid, out = args.target, Path(args.out)
-        name, cells = args.target, _grid_cells_of(args, grid_cells)
+        states, tables = grid_status(args.out, args.target, args.seeds, args.only)
     else:
         if not (args.target or args.out):
             raise UsageError("status needs the grid directory: densenet reproduce status DIR")
-        out = Path(args.target or args.out)
-        if not out.is_dir():
-            raise UsageError(f"{out} is not a directory: give the --out of a `densenet reproduce` run")
-        grid = read_grid(out)
-        if not isinstance(grid, dict) or not isinstance(grid.get("grid"), str) or grid["grid"] not in GRIDS:
-            raise UsageError(f"{out}/grid.json is missing or damaged: name the grid, "
-                             f"e.g. densenet reproduce status table2 --out {out}")
-        name = grid["grid"]
-        try:
-            cells = [Cell(str(r), str(s), int(i)) for r, s, i in grid["cells"]]
-        except (TypeError, ValueError):
-            raise UsageError(f"{out}/grid.json is damaged: name the grid, e.g. "
-                             f"densenet reproduce status {name} --out {out}") from None
-    states = [cell_state(c.path(out), f"{c.row}/{c.setting}/seed{c.seed}") for c in cells]
+        states, tables = grid_status(args.target or args.out)
     if args.json:
         _print_json([s.as_dict() for s in states])
     else:
         print(format_table(states))
-    recorded = read_grid(out) if out.is_dir() else None
-    if isinstance(recorded, dict) and recorded.get("grid") == name:  # a grid directory of this grid only
-        for p in write_tables(name, cells, out):
-            print(p, file=sys.stderr if args.json else sys.stdout)
+    for p in tables:
+        print(p, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

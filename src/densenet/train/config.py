@@ -307,6 +307,32 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def settings_for_run(given: dict[str, Any], *, config_file: str | Path | None = None,
+                     resume: str | Path | None = None) -> TrainConfig:
+    """The TrainConfig of `densenet train`: the resumed run's saved settings, then the config file's, then
+    `given` (the command-line options), each winning over the ones before; model_args tables merge the
+    same way, key by key. A resume refuses changed settings in the engine (train/resume.py)."""
+    from .checkpoint import RunDir
+
+    settings: dict[str, Any] = {}
+    saved = RunDir(resume).read_config() if resume else {}
+    settings.update(saved)
+    from_file = read_config_file(config_file) if config_file else {}
+    settings.update(from_file)
+    if isinstance(saved.get("model_args"), dict) and isinstance(from_file.get("model_args"), dict):
+        settings["model_args"] = {**saved["model_args"], **from_file["model_args"]}  # a file adds to the run's
+    given = dict(given)
+    if "model_args" in given and "model_args" in settings:
+        if not isinstance(settings["model_args"], dict):
+            raise ValueError(f"model_args in {config_file or resume} must be a table of option = value, "
+                             f"got {settings['model_args']!r}"[:300])
+        given["model_args"] = {**settings["model_args"], **given["model_args"]}
+    settings.update(given)
+    if resume:
+        settings["out"] = resume
+    return TrainConfig.from_dict(settings)
+
+
 def parse_value(text: str) -> ModelArg:
     """A command-line value in its natural type: 40 -> int, 0.5 -> float, true -> bool, 6,12 -> list."""
     low = text.strip().lower()
