@@ -11,7 +11,7 @@ and the Hub all read a run directory's checkpoint through `resolve_checkpoint`:
 - a file: itself.
 
 The answer names the file, which checkpoint it is, why, and the epoch it was saved at, so every command
-can say what it read (`Checkpoint.describe`).
+can say what it read (`cli.checkpoint_line`).
 """
 from __future__ import annotations
 
@@ -38,32 +38,19 @@ class Checkpoint:
     epoch: int | None = None
     step: int | None = None
 
-    def describe(self) -> str:
-        """One line for the user: 'RUN/last (epoch 8; the protocol's: test_on final)'."""
-        where = str(self.file.parent if self.file.name == MODEL_FILE and self.which else self.file)
-        parts = [f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")] if self.epoch is not None else []
-        if self.why:
-            parts.append(self.why)
-        return where + (f" ({'; '.join(parts)})" if parts else "")
-
 
 def is_run_directory(path: Path) -> bool:
     return path.is_dir() and any((path / w).exists() for w in WHICH) and not (path / MODEL_FILE).is_file()
 
 
 def protocol_which(run: Path) -> tuple[str, str]:
-    """The checkpoint a run's protocol reports, and why: config.json's test_on (the dataset's default for
-    runs that did not record it)."""
+    """The checkpoint a run's protocol reports, and why: config.json's test_on (`densenet train` records
+    it resolved by the recipe; without it, the final epoch)."""
     try:
         saved = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         saved = {}
     test_on = saved.get("test_on") if isinstance(saved, dict) else None
-    if test_on is None and isinstance(saved, dict) and isinstance(saved.get("dataset"), str):
-        from .data import DATASETS
-
-        spec = DATASETS.get(saved["dataset"])
-        test_on = spec.test_on if spec is not None else None
     if test_on == "best":
         return "best", "the protocol's: test_on best"
     return "last", "the protocol's: test_on final" if test_on == "final" else "the protocol's: the final epoch"

@@ -36,7 +36,6 @@ tests/test_inference_path.py checks it against the reference path.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -130,7 +129,7 @@ class _Frozen:
 class FrozenCache:
     """The folded eval-mode tensors of one dense block, owned by the block (`DenseBlock.frozen`): not
     state (not in its state_dict), not copied or pickled with it (`__reduce__`: an empty cache), freed
-    with the block. `clear()` drops them; the next eval call folds them again."""
+    with the block. An entry is used while its key (the tensors it was folded from) is current."""
 
     __slots__ = ("entry",)
 
@@ -139,9 +138,6 @@ class FrozenCache:
 
     def __reduce__(self):
         return (FrozenCache, ())
-
-    def clear(self) -> None:
-        self.entry = None
 
 
 def _folded_tensors(layers) -> list:
@@ -217,9 +213,7 @@ def _bn1_affine(layers) -> tuple[tuple, tuple]:
 
 def _frozen(block: nn.Module, layers) -> list[tuple]:
     key = _key(layers)
-    cache = block.__dict__.get("frozen")
-    if cache is None:  # a block built by hand without one
-        cache = block.__dict__["frozen"] = FrozenCache()
+    cache = block.__dict__["frozen"]  # DenseBlock's own (read from __dict__: Module.__getattr__ is slow)
     f = cache.entry
     if f is None or f.key != key:
         with torch.inference_mode(False):  # usable outside inference_mode too

@@ -57,11 +57,6 @@ def recipe_milestones(cfg: TrainConfig, epochs: int) -> tuple[float, ...] | None
     return TrainConfig.from_dict(d).resolve().milestones
 
 
-def _decays(ms, epoch: int) -> int:
-    """How many decays epoch `epoch` (0-indexed) trains after (recipes.learning_rate's rule)."""
-    return sum(1 for m in ms if epoch >= m)
-
-
 def plan_schedule(saved: TrainConfig, cfg: TrainConfig, epochs_done: int, mid_epoch: bool,
                   run) -> tuple[TrainConfig, str | None]:
     """The resolved config the resumed run trains with, and a line that says how its schedule changed
@@ -83,15 +78,17 @@ def plan_schedule(saved: TrainConfig, cfg: TrainConfig, epochs_done: int, mid_ep
         if carried:
             return cfg, None
         planned, how = cfg.milestones, "as given"
-    elif (_plain(saved.milestones) == _plain(recipe_milestones(saved, old_n))
-          and (carried or _plain(cfg.milestones) == _plain(recipe_milestones(saved, new_n)))):
-        planned, how = recipe_milestones(saved, new_n), "by the recipe's rule"
     else:
-        planned, how = cfg.milestones, "as given"
+        by_recipe = recipe_milestones(saved, new_n)
+        if (_plain(saved.milestones) == _plain(recipe_milestones(saved, old_n))
+                and (carried or _plain(cfg.milestones) == _plain(by_recipe))):
+            planned, how = by_recipe, "by the recipe's rule"
+        else:
+            planned, how = cfg.milestones, "as given"
     new = dataclasses.replace(cfg, milestones=planned)
     old_ms, new_ms = saved.lr_milestones(), new.lr_milestones()
     trained = epochs_done + (1 if mid_epoch else 0)
-    if all(_decays(old_ms, e) == _decays(new_ms, e) for e in range(trained)):
+    if all(saved.learning_rate(e) == new.learning_rate(e) for e in range(trained)):  # the schedule's own rule
         if new_ms == old_ms and new_n == old_n:
             return new, None
         return new, (f"schedule planned {how} for {new_n} epochs: the rate decays after epochs "
