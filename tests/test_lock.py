@@ -151,6 +151,10 @@ def test_a_refused_run_leaves_no_lock_file_in_a_users_directory(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "already holds" in err, err
     assert sorted(p.name for p in proj.iterdir()) == before  # no densenet.lock left behind
-    with DirLock(tmp_path / "empty"):  # a lock let go where no run began: gone with it
+    with DirLock(tmp_path / "empty"):  # a lock let go where no run began: gone with it, and the folder it made
         pass
-    assert list((tmp_path / "empty").iterdir()) == []
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "kept").mkdir()
+    with DirLock(tmp_path / "kept"):  # a folder that was there stays
+        pass
+    assert list((tmp_path / "kept").iterdir()) == []

@@ -15,6 +15,7 @@ with torch.jit.load.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .utils.atomic import atomic_write
+from .utils.atomic import atomic_write, check_destination
 
 FORMATS = ("onnx", "torchscript")
 PARITY_BATCHES = (2, 3)
@@ -62,6 +63,7 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
     refuse_run_file(out, "--out")
     if Path(out).is_dir():
         raise ValueError(f"--out {out} is a directory: give the file to write, e.g. {Path(out) / ('model.onnx' if format == 'onnx' else 'model.pt')}")
+    check_destination(out, "--out")  # a FIFO or a device (/dev/null): refused before the export's work
     if opset is not None and (format != "onnx" or isinstance(opset, bool) or not isinstance(opset, int)
                               or not 7 <= opset <= 30):
         raise ValueError(f"opset {opset!r}: an ONNX opset number (e.g. 17), for --format onnx only")
@@ -73,7 +75,7 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
     g = torch.Generator().manual_seed(0)
     example = torch.randn(PARITY_BATCHES[0], *input_size, generator=g)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_write(out) as tmp, reference_path():
+    with atomic_write(out, "--out") as tmp, reference_path():
         if format == "onnx":
             exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta, opset)
         else:
@@ -117,6 +119,23 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
         return int(model(example[:1]).shape[1])
 
 
+@contextlib.contextmanager
+def _interrupts_kept():
+    """Re-raise a Ctrl-C that torch.export wrapped into its own error (TorchExportError, "from" the
+    KeyboardInterrupt) as the KeyboardInterrupt it was: the command then exits 130, "interrupted"."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: str, meta: dict[str, str],
                  opset: int | None = None) -> str:
     if importlib.util.find_spec("onnx") is None:
@@ -129,7 +148,7 @@ def _export_onnx(ref: nn.Module, example: torch.Tensor, path: Path, exporter: st
         raise ValueError(f"onnx_exporter must be auto, dynamo or legacy, got {exporter!r}")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
         raise ValueError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript (or use legacy)")
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _interrupts_kept():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         if exporter == "dynamo":
             torch.onnx.export(ref, (example,), str(path), dynamo=True, external_data=False, verbose=False,

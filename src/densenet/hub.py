@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .hub_files import LIBRARY, _fetch, _hf
 from .runs import MODEL_FILE
+from .utils.validate import read_json
 
 CONFIG_FILE = "config.json"
 
@@ -64,8 +65,8 @@ def _check_own(directory: Path) -> None:
 
     cfg = directory / CONFIG_FILE
     try:
-        ours = cfg.is_file() and json.loads(cfg.read_text()).get("library") == LIBRARY
-    except (OSError, ValueError, AttributeError):
+        ours = cfg.is_file() and read_json(cfg).get("library") == LIBRARY
+    except (OSError, ValueError):
         ours = False
     if (directory / "last").exists() or (directory / "ckpt").exists() or (cfg.is_file() and not ours) \
             or (directory / "state.safetensors").exists() or (not ours and (directory / MODEL_FILE).exists()):

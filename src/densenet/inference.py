@@ -53,7 +53,7 @@ class Preprocess:
             raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
         path = Path(image)
         if not path.is_file():
-            raise DataError(f"{path} " + ("is a directory, not an image" if path.is_dir() else "does not exist"))
+            raise DataError(f"{path} is a directory, not an image" if path.is_dir() else _not_a_file(path))
         try:
             if path.stat().st_size > max_file_bytes():
                 raise DataError(f"{path}: the file has {path.stat().st_size / 2 ** 20:,.0f} MiB, over the limit of "
@@ -108,18 +108,35 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu",
     return model, Preprocess(info["preprocessing"])
 
 
-def find_images(paths: Iterable[str | Path]) -> list[tuple[str, str | None]]:
+def find_images(paths: Iterable[str | Path], include_hidden: bool = False) -> list[tuple[str, str | None]]:
     """(path, error or None) for each file given, and for each image (by suffix) under each folder
-    given, searched recursively in sorted order. A folder without images is an error."""
+    given, searched recursively in sorted order. Below a folder given, hidden files and folders (a
+    name starting with ".": `.venv/`, `.git/`, `.ipynb_checkpoints/`) are skipped unless
+    `include_hidden`. A folder without images is an error."""
     out: list[tuple[str, str | None]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES
+                           and (include_hidden or not any(part.startswith(".") for part in f.relative_to(p).parts)))
             out += [(str(f), None) for f in found] or [(str(p), f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) "
                                                                 f"in this folder")]
         else:
-            out.append((str(p), None if p.is_file() else f"{p} does not exist"))
+            out.append((str(p), None if p.is_file() else _not_a_file(p)))
     return out
+
+
+def _not_a_file(p: Path) -> str:
+    """Why `p` is not an image file to read: missing, or a FIFO, device or socket (never opened: a FIFO
+    would block)."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return f"{p} does not exist"
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"{p} is {kind}, not an image file"
 
 
 def predict(model: nn.Module, transform: Preprocess, paths: Iterable[str | Path], *, top_k: int = 5,

@@ -15,9 +15,10 @@ can say what it read (`cli.checkpoint_line`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .utils.validate import parse_json, read_json
 
 MODEL_FILE = "model.safetensors"
 WHICH = ("best", "last")
@@ -47,8 +48,8 @@ def protocol_which(run: Path) -> tuple[str, str]:
     """The checkpoint a run's protocol reports, and why: config.json's test_on (`densenet train` records
     it resolved by the recipe; without it, the final epoch)."""
     try:
-        saved = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
+        saved = read_json(run / "config.json")
+    except (OSError, ValueError):  # missing or damaged: the final epoch (reading it says what is wrong)
         saved = {}
     test_on = saved.get("test_on") if isinstance(saved, dict) else None
     if test_on == "best":
@@ -99,7 +100,7 @@ def _with_epoch(c: Checkpoint) -> Checkpoint:
         from safetensors import safe_open
 
         with safe_open(str(state), framework="pt") as f:
-            train = json.loads((f.metadata() or {}).get("train", "{}"))
+            train = parse_json((f.metadata() or {}).get("train", "{}"), str(state), dict)
         epoch, step = train.get("epoch"), train.get("step")
         if isinstance(epoch, int) and isinstance(step, int):
             return Checkpoint(c.file, c.which, c.why, epoch, step)

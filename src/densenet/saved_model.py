@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .utils.validate import needing
+from .utils.validate import needing, parse_json
 from .runs import CheckpointError, resolve_checkpoint
 from .weights import convert_state_dict, describe_mismatch, read_state_dict, warn_non_finite
 
@@ -88,9 +88,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     for key in ("model_args", "classes", "preprocessing", "config"):
         if key in meta:
             try:
-                info[key] = json.loads(meta[key])
+                info[key] = parse_json(meta[key], f"{path}: its metadata {key}")
             except ValueError as e:
-                raise CheckpointError(f"{path}: its metadata {key} is damaged ({e})") from None
+                raise CheckpointError(str(e)) from None
     if not isinstance(info["model_args"], dict) or not all(isinstance(k, str) for k in info["model_args"]):
         raise CheckpointError(f"{path}: its metadata model_args must be a table of option: value, "
                               f"got {info['model_args']!r}"[:300])

@@ -2,11 +2,11 @@
 middle) from run directories, with the paper's published points beside the user's."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..paper import RESNET_IMAGENET_FB, TABLE1, TABLE2, TABLE2_ROWS
+from ..utils.validate import number_field, parse_json, read_json
 
 
 @dataclass
@@ -29,9 +29,9 @@ class RunResult:
         """(error %, which split): the final epoch's test error where measured, else validation."""
         summary = self.path / "summary.json"
         if summary.is_file():
-            s = json.loads(summary.read_text())
-            if s.get("test_top1_error") is not None:
-                return s["test_top1_error"], "test"
+            err = number_field(read_json(summary), "test_top1_error", summary)
+            if err is not None:
+                return err, "test"
         if self.epochs and "val_top1_error" in self.epochs[-1]:
             return self.epochs[-1]["val_top1_error"], "val"
         return None
@@ -56,15 +56,16 @@ def read_run(path: str | Path) -> RunResult:
     cfg_file, metrics = path / "config.json", path / "metrics.jsonl"
     if not cfg_file.is_file():
         raise ValueError(f"{path} is not a run directory of `densenet train` (no config.json)")
-    cfg = json.loads(cfg_file.read_text())
-    rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()] if metrics.is_file() else []
+    cfg = read_json(cfg_file)
+    rows = [parse_json(r, f"{metrics} line {i + 1}", dict) for i, r in enumerate(metrics.read_text().splitlines())
+            if r.strip()] if metrics.is_file() else []
     _, meta = read_state_dict(path)
-    args = json.loads(meta["model_args"])
-    pre = json.loads(meta["preprocessing"])
+    args = parse_json(meta["model_args"], f"{path}: its metadata model_args", dict)
+    pre = parse_json(meta["preprocessing"], f"{path}: its metadata preprocessing", dict)
     with torch.device("meta"):
         model = create_model(meta["model"], **args)
     size = (pre["channels"], *pre["image_size"])
-    classes = json.loads(meta["classes"]) if "classes" in meta else []
+    classes = parse_json(meta["classes"], f"{path}: its metadata classes", list) if "classes" in meta else []
     return RunResult(path, path.name, meta["model"], cfg["dataset"], cfg.get("augment") or "", rows,
                      count_params(model), count_macs(model, size), tuple(size), len(classes))
 
@@ -98,8 +99,7 @@ def plot_curves(runs: list[RunResult], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 
@@ -107,11 +107,23 @@ def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | Non
     """Error against parameters (x="params") or multiply-adds (x="macs") for each run, with the
     paper's published points for the runs' data setting (Table 2 on CIFAR/SVHN, Table 1 on ImageNet);
     `setting` names it where the dataset cannot (a folder holding CIFAR-10 images: "C10+")."""
-    plt = _plt()
     fig = efficiency_figure(runs, x, setting)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
+
+
+def save_figure(fig, out: Path, **kwargs) -> None:
+    """Write the figure atomically (a reader never sees half a PNG; a FIFO, device or directory at `out`
+    is refused, not written into) and close it."""
+    import matplotlib.pyplot as plt
+
+    from ..utils.atomic import atomic_write
+
+    try:
+        with atomic_write(out, "--out") as tmp:
+            fig.savefig(tmp, dpi=130, format=out.suffix.lstrip(".").lower() or "png", **kwargs)
+    finally:
+        plt.close(fig)
 
 
 def _place_labels(fig, ax, points: list[tuple[float, float, str]]) -> None:
@@ -228,7 +240,12 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path, setting: str | None 
     for r in runs:  # distinct labels when run folders share a name
         if labels.count(r.label) > 1:
             r.label = f"{r.path.parent.name}/{r.path.name}"
+    from ..utils.atomic import check_destination
+
     out_dir = Path(out_dir)
+    check_destination(out_dir / "curves.png", "--out")  # all three, before any is drawn
+    check_destination(out_dir / "error_vs_params.png", "--out")
+    check_destination(out_dir / "error_vs_flops.png", "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     return [plot_curves(runs, out_dir / "curves.png"),
             plot_efficiency(runs, out_dir / "error_vs_params.png", "params", setting),

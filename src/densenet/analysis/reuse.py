@@ -90,6 +90,7 @@ def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> li
     from matplotlib.backend_bases import FigureCanvasBase
 
     from ..train.checkpoint import refuse_run_file
+    from ..utils.atomic import atomic_write, check_destination, write_text_atomic
 
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
@@ -99,26 +100,25 @@ def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> li
     csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
     for path in (out, csv_path, json_path):  # the figure and its numbers beside it
         refuse_run_file(path, "--out")
+        check_destination(path, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [(b.block, s, b.target_names[t], v) for b in blocks for s, row in enumerate(b.values)
             for t, v in enumerate(row) if not math.isnan(v)]
-    with open(csv_path, "w", newline="") as f:
+    with atomic_write(csv_path, "--out") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["block", "source", "target", "l1_per_input_map"])
         w.writerows(rows)
-    json_path.write_text(json.dumps([{"block": b.block, "targets": b.target_names, "sources": list(range(len(b.values))),
-                                      "values": [[None if math.isnan(v) else v for v in r] for r in b.values]}
-                                     for b in blocks], indent=1))
+    numbers = [{"block": b.block, "targets": b.target_names, "sources": list(range(len(b.values))),
+                "values": [[None if math.isnan(v) else v for v in r] for r in b.values]} for b in blocks]
+    write_text_atomic(json_path, json.dumps(numbers, indent=1), "--out")
     _plot(blocks, out, title)
     return [out, csv_path, json_path]
 
 
 def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
+    from .plots import save_figure
 
-    fig = reuse_figure(blocks, title)
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(reuse_figure(blocks, title), out, bbox_inches="tight")
 
 
 FRAMED_NOTE = ("framed column: the transition (T) or classifier (C) after the block, scaled to its own maximum "

@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 from ..train.lock import DirLock, LockedError
 from ..utils.atomic import write_text_atomic
+from ..utils.validate import parse_json, read_json
 
 LAUNCHERS = ("local", "slurm", "ray")
 LAUNCH_FILE, ERROR_FILE, SUMMARY_FILE = "launch.json", "error.json", "summary.json"
@@ -54,11 +55,11 @@ class LauncherError(ValueError):
 
 
 def _read_json(path: Path) -> dict | None:
+    """A cell's JSON record, None where there is none; a damaged one is a ValueError naming the file."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except FileNotFoundError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 # --- one cell --------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _epochs_done(run: Path) -> int:
     """Epochs finished by the run so far: the last row of its metrics."""
     try:
         lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        return int(json.loads(lines[-1])["epoch"]) if lines else 0
+        return int(parse_json(lines[-1], "metrics.jsonl", dict)["epoch"]) if lines else 0
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 0
 
@@ -144,7 +145,7 @@ def checkpoint_epoch(run: Path) -> int:
         from safetensors import safe_open
 
         with safe_open(str(run / "last" / "state.safetensors"), framework="pt") as f:
-            return int(json.loads((f.metadata() or {})["train"])["epoch"])
+            return int(parse_json((f.metadata() or {})["train"], "state.safetensors", dict)["epoch"])
     except Exception:  # noqa: BLE001 -- no or an unreadable checkpoint: nothing to resume from
         return 0
 

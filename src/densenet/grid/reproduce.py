@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils.atomic import write_text_atomic
+from ..utils.validate import number_field, read_json
 from ..paper import SETTING_DATA, TABLE2, TABLE2_BY_KEY, TABLE2_ROWS, TABLE2_SETTINGS, published_error
 
 
@@ -148,11 +148,11 @@ def result(cell: Cell, out: Path) -> tuple[float, str] | None:
     f = cell.path(out) / "summary.json"
     if not f.is_file():
         return None
-    s = json.loads(f.read_text())
-    if s.get("test_top1_error") is not None:
-        return s["test_top1_error"], "test"
-    if s.get("val_top1_error") is not None:
-        return s["val_top1_error"], "val"
+    s = read_json(f)  # a damaged summary is an error naming it
+    for key, split in (("test_top1_error", "test"), ("val_top1_error", "val")):
+        err = number_field(s, key, f)
+        if err is not None:
+            return err, split
     return None
 
 

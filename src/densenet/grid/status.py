@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..train.lock import LOCK_FILE, holder
+from ..utils.validate import number_field
 from .launchers import ERROR_FILE, LAUNCH_FILE, SUMMARY_FILE, _epochs_done, _read_json, checkpoint_epoch
 
 GRID_FILE = "grid.json"  # OUT/grid.json: the grid's name and cells, written by `densenet reproduce`
@@ -32,25 +33,43 @@ class CellState:
 
 
 def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
+    """The cell's state; a damaged record in its directory makes it `failed`, naming the file and what
+    is wrong with it (the other cells are still reported)."""
     run = Path(run_dir)
     key = key or str(run)
+    try:
+        return _cell_state(run, key)
+    except ValueError as e:
+        return CellState(key, "failed", _epochs_done(run), None, f"{e}; delete or repair it"[:300], 0)
+
+
+def _count(record: dict | None, field: str, where: Path) -> int:
+    value = (record or {}).get(field) or 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where} is damaged: {field} must be a count, got {value!r}"[:200])
+    return value
+
+
+def _cell_state(run: Path, key: str) -> CellState:
     config = _read_json(run / "config.json") or {}
     launch = _read_json(run / LAUNCH_FILE)
-    last_try = _read_json(run / LOCK_FILE)
-    epochs = config.get("epochs") or (launch or {}).get("epochs")
+    try:
+        last_try = _read_json(run / LOCK_FILE)
+    except ValueError:  # empty for a moment while a holder writes it; not a damaged cell
+        last_try = None
+    epochs = _count(config, "epochs", run / "config.json") or _count(launch, "epochs", run / LAUNCH_FILE) or None
     epoch = _epochs_done(run)
-    attempts = int((last_try or {}).get("attempt", 0) or 0)
+    attempts = _count(last_try, "attempt", run / LOCK_FILE)
 
     def state(name: str, detail: str) -> CellState:
         return CellState(key, name, epoch, epochs, detail, attempts)
 
     summary = _read_json(run / SUMMARY_FILE)
     if summary is not None:
-        err = summary.get("test_top1_error")
-        split = "test"
+        err, split = number_field(summary, "test_top1_error", run / SUMMARY_FILE), "test"
         if err is None:
-            err, split = summary.get("val_top1_error"), "val"
-        return state("done", f"{split} error {err:.2f}%" if isinstance(err, (int, float)) else "finished")
+            err, split = number_field(summary, "val_top1_error", run / SUMMARY_FILE), "val"
+        return state("done", f"{split} error {err:.2f}%" if err is not None else "finished")
     who = holder(run)  # the run's one lock: a grid attempt or a `densenet train --out` started by hand
     if who is not None:
         where = f"on {who.get('host', '?')}, pid {who.get('pid', '?')}"
@@ -60,7 +79,7 @@ def cell_state(run_dir: str | Path, key: str | None = None) -> CellState:
                                          if who.get("resumed_at_epoch") else ""))
     started = (last_try or {}).get("started", 0)
     started = started if isinstance(started, (int, float)) else 0  # a record of another format: no time
-    if launch is not None and launch.get("submitted", 0) > started:
+    if launch is not None and (number_field(launch, "submitted", run / LAUNCH_FILE) or 0) > started:
         job = f" as {launch.get('launcher')} job {launch['job_id']}" if launch.get("job_id") else ""
         note = f" ({launch['note']})" if launch.get("note") else ""
         resumes = checkpoint_epoch(run)

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from ..runs import MODEL_FILE, CheckpointError
 from ..saved_model import write_model_file
 from ..utils.atomic import _fsync_dir, atomic_write, write_text_atomic
-from ..utils.validate import needing
-from ..weights import read_state_dict
+from ..utils.validate import needing, parse_json, read_json
+from ..weights import non_finite, read_state_dict
 
 STATE_FILE = "state.safetensors"
 RECORD_FILE = "written.json"
@@ -209,9 +209,9 @@ class RunDir:
         write_text_atomic(self.path / RECORD_FILE, json.dumps(
             {"format": "densenet.written/1", "checkpoints": sorted(names)}) + "\n")
 
-    def start_new(self) -> None:
-        """Claim the directory for a new run: refused if it holds another run's files (a directory of
-        a run that never finished its first checkpoint is taken again)."""
+    def check_new(self) -> None:
+        """Refuse a directory that holds another run's files (a directory of a run that never finished
+        its first checkpoint may be taken again): checked before any work, claimed by `start_new`."""
         f = self.path / RECORD_FILE
         restart = f.is_file() and not self.written() and self.resolve("last") is None
         if not restart:
@@ -220,6 +220,11 @@ class RunDir:
                 raise CheckpointError(f"{self.path} already holds {', '.join(clash)}, not written by a run that "
                                       f"can be restarted: give a new --out directory (or --resume {self.path} "
                                       f"if it is a run to continue)")
+
+    def start_new(self) -> None:
+        """Claim the directory for a new run, once its data and model are built: a run refused before
+        that leaves nothing behind (its lock file goes with it, train/lock.py)."""
+        self.check_new()
         self._record(set())
 
     def _collect_garbage(self) -> None:
@@ -253,7 +258,7 @@ class RunDir:
         rows = []
         for i, line in enumerate(lines):
             try:
-                row = json.loads(line)
+                row = parse_json(line, f"{f} line {i + 1}", dict)
                 epoch = row["epoch"]
                 if not isinstance(epoch, int) or isinstance(epoch, bool):
                     raise ValueError("epoch is not an integer")
@@ -286,6 +291,11 @@ class RunDir:
             raise CheckpointError(f"{self.path} has no {name!r} checkpoint to resume from (expected "
                                   f"{self.path / name}/{STATE_FILE}); start a new run with --out instead")
         weights, _ = read_state_dict(target / MODEL_FILE)
+        bad = non_finite(weights)
+        if bad:  # saving refuses non-finite weights, so these were changed on disk: never resumed from
+            raise CheckpointError(f"{target / MODEL_FILE} holds non-finite values ({len(bad)} tensors, e.g. "
+                                  f"{', '.join(bad[:3])}): it was damaged after it was saved and is not resumed "
+                                  f"from; start again with --out, or restore the file")
         from safetensors import safe_open
 
         try:
@@ -298,10 +308,14 @@ class RunDir:
             raise CheckpointError(f"{target / STATE_FILE} is not a densenet training state")
         where = target / STATE_FILE
         try:
-            plain = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+            plain = {k: parse_json(v, f"{where}: its metadata {k}") for k, v in meta.items() if k != "format"}
         except ValueError as e:
-            raise CheckpointError(f"{where} is damaged: its metadata is not JSON ({e})") from None
+            raise CheckpointError(str(e)) from None
         check_train_state(plain, tensors, where)
+        bad = non_finite({k: v for k, v in tensors.items() if k.startswith("optim.")})
+        if bad:
+            raise CheckpointError(f"{where} holds non-finite optimizer state ({', '.join(bad[:3])}): it was damaged "
+                                  f"after it was saved and is not resumed from; start again with --out")
         try:
             plain["optimizer"] = _unflatten_optimizer(tensors, plain["optimizer"])
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -314,9 +328,6 @@ class RunDir:
         if not f.is_file():
             raise CheckpointError(f"{self.path} is not a run directory: {f} is missing")
         try:
-            config = json.loads(f.read_text())
+            return read_json(f)
         except ValueError as e:
-            raise CheckpointError(f"{f} is damaged: {e}") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{f} is damaged: it holds no table of settings")
-        return config
+            raise CheckpointError(str(e)) from None

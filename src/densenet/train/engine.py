@@ -142,6 +142,11 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[n
     was asked for. A `drop_rate` given in model_args always reaches the builder."""
     from ..recipes import has_dropout
 
+    for key, data_value, what in (("num_classes", num_classes, "classes"), ("in_channels", in_channels, "channels")):
+        given = cfg.model_args.get(key, data_value)
+        if given != data_value:  # a head of another size trains to nonsense (or fails at the first loss)
+            raise ValueError(f"--model-arg {key}={given!r}: the data has {data_value} {what}, and training sets "
+                             f"{key} from the data; drop --model-arg {key}")
     args = {"num_classes": num_classes, "in_channels": in_channels, **cfg.model_args}
     if has_dropout(cfg.model):  # the recipe's rate, 0 included, wins over the registry's
         args.setdefault("drop_rate", cfg.drop_rate or 0.0)
@@ -345,7 +350,7 @@ class Trainer:
     # --- the phases, in order ---------------------------------------------------------------------------
 
     def _check_request(self, dist: Distributed) -> torch.device:
-        """Refuse what cannot run before any work; a new run directory is claimed here."""
+        """Refuse what cannot run before any work (a new run directory is claimed in `_start`)."""
         cfg = self.cfg
         device = dist.device(cfg.device)
         if cfg.sync_bn and device.type != "cuda":
@@ -358,7 +363,7 @@ class Trainer:
                 raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, "
                                  f"or give another --out")
             if dist.is_main:
-                RunDir(cfg.out).start_new()  # refuses a directory with another run's files in it
+                RunDir(cfg.out).check_new()  # refuses a directory with another run's files in it
         return device
 
     def _build(self, dist: Distributed, device: torch.device) -> RunState:
@@ -431,6 +436,8 @@ class Trainer:
     def _start(self, s: RunState) -> None:
         """The run directory's config and metrics; the model wrapped for DDP and torch.compile."""
         if s.run and s.dist.is_main:
+            if not self.resume:  # claimed now that data and model are built: a refusal before leaves nothing
+                s.run.start_new()
             s.run.write_config(s.cfg.to_dict())
             s.run.truncate_metrics(s.epoch)
         s.net = s.model

@@ -72,8 +72,8 @@ def _me() -> dict[str, Any]:
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, RecursionError):  # missing, or not a record (standard library only here:
+        return None  # a child process loads this file alone)
     return data if isinstance(data, dict) else None
 
 
@@ -146,6 +146,7 @@ class DirLock:
         self._flock = True
         self._probe = False
         self._created = False  # this holder made the lock file
+        self._made_dir = False  # and the directory
         self._lender: DirLock | None = None  # taken over from a lock of this process (hand_over())
         self._borrower: DirLock | None = None  # who has taken this one over now
         self._inherited = False  # taken over from the parent process that holds it (hand_over())
@@ -154,6 +155,7 @@ class DirLock:
     def acquire(self, _probe: bool = False) -> "DirLock":
         if self.held:
             return self
+        self._made_dir = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         if not _probe and self._take_over():
             return self
@@ -207,7 +209,7 @@ class DirLock:
         """This holder's record: the attempt after the one the file records (read under the lock)."""
         previous: Any = None
         if fd is not None:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, RecursionError):
                 previous = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
         attempt = previous.get("attempt", 0) if isinstance(previous, dict) else 0
         attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 0
@@ -331,6 +333,9 @@ class DirLock:
             # nothing behind. Unlinked while still locked: a process waiting on the old file sees it gone
             # and locks a new one (acquire's inode check)
             self.path.unlink(missing_ok=True)
+            if self._made_dir:  # and the directory it made, if nothing else is in it
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
         else:  # the record stays, marked as let go: the attempts of a directory are counted on
             with contextlib.suppress(OSError):
                 data = (json.dumps({**self.record, "released": time.time()}) + "\n").encode()

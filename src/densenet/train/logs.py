@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..utils.validate import parse_json
+
 _TB_MISSING_SAID = False
 
 
@@ -34,7 +36,9 @@ def write_csv(run_path: str | Path) -> Path:
     from ..utils.atomic import write_text_atomic
 
     run_path = Path(run_path)
-    rows = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    f = run_path / "metrics.jsonl"
+    rows = [parse_json(line, f"{f} line {i + 1}", dict) for i, line in enumerate(f.read_text().splitlines())
+            if line.strip()]
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]

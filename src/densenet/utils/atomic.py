@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -28,13 +29,33 @@ def _umask() -> int:
     return mask
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_destination(path: str | Path, what: str = "the output") -> None:
+    """Raise ValueError if `path` exists and is not a regular file (after links): writing a file
+    "over" a directory, a FIFO, a device such as /dev/null or a socket would replace that node, as
+    root too, so nothing is written there. A path that does not exist, or a regular file, passes."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing (the usual case), or unreadable: the write itself reports what is wrong
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"{what} {path} exists and is {kind}, not a regular file: nothing was written; "
+                         f"give the path of a file to create or replace")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, what: str = "the output") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     If the body raises (or the process dies), `path` is untouched and the temporary file is removed
-    (or, after a kill -9, left behind under a name no reader looks for).
+    (or, after a kill -9, left behind under a name no reader looks for). A destination that exists and
+    is not a regular file is refused before anything is written (`check_destination`).
     """
+    check_destination(path, what)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,6 +76,6 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_write(path) as tmp:
+def write_text_atomic(path: str | Path, text: str, what: str = "the output") -> None:
+    with atomic_write(path, what) as tmp:
         tmp.write_text(text)

@@ -77,3 +77,70 @@ def _describe(t: Any) -> str:
         return "a table of option = value"
     return {type(None): "unset (null)", bool: "true or false", int: "an integer", float: "a finite number",
             str: "a string", list: "a list"}.get(t, getattr(t, "__name__", str(t)))
+
+
+MAX_JSON_DEPTH = 64  # deeper than any file this package writes; 100,000 levels overflow the parser's stack
+
+
+def parse_json(text: str | bytes, where: str, kind: type | None = None) -> Any:
+    """JSON text -> value, every failure a ValueError naming `where` (a file, or a file and its field):
+    not JSON, nested deeper than MAX_JSON_DEPTH (checked before parsing: the C parser would recurse
+    until a RecursionError), or not of `kind` (e.g. dict) at the top."""
+    import json
+
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{where} is damaged: not UTF-8 text (a binary file?)") from None
+    depth = _nesting(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} is damaged: its JSON is nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where} is damaged: its text is not JSON ({e})"[:300]) from None
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{where} is damaged: expected a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (an upper bound where brackets sit in strings
+    with escaped quotes: only ever too strict for such strings, and deep files are refused anyway)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # the usual file: nothing to scan
+        return 0
+    import re
+
+    depth = deepest = 0
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
+        t = token.group()
+        if t in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif t in "]}":
+            depth -= 1
+    return deepest
+
+
+def read_json(path, kind: type | None = dict) -> Any:
+    """The JSON value in the file at `path` (a dict unless `kind` says otherwise): ValueError naming the
+    file when it is damaged; OSError (FileNotFoundError) when it cannot be read."""
+    from pathlib import Path
+
+    return parse_json(Path(path).read_bytes(), str(path), kind)
+
+
+def number_field(record: dict, key: str, where) -> float | None:
+    """record[key] as a finite number, None where absent or null; anything else is a ValueError naming
+    the file and the field (a summary.json edited by hand, or of another program)."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} is damaged: {key} must be a number, got {value!r}"[:300])
+    return float(value)
