@@ -4,6 +4,7 @@ CRC is checked, a resumed checkpoint must be finite, JSON is bounded in depth an
 (utils/validate.py's `parse_json`), and a Ctrl-C inside torch.export is an interruption (exit 130)."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -246,3 +247,126 @@ def test_read_json_names_the_file(tmp_path):
     f.write_text('"just a string"')
     with pytest.raises(ValueError, match=r"config\.json is damaged: expected a JSON object, got str"):
         read_json(f)
+
+
+# --- the fuzz: one draw from each class of damage, through the real commands ----------------------------
+
+def _one_line_error(rc: int, err: str) -> None:
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert rc in (1, 2) and len(lines) == 1, (rc, err)
+    assert "internal error" not in err and "Traceback" not in err, err
+
+
+def _damage_destination(case, tmp_path, tiny_run):
+    """A non-regular file where an output goes: export, reuse or plot must refuse it and leave it be."""
+    kind, command = case
+    out = tmp_path / ("out.png" if command == "reuse" else "out.pt")
+    keep = None
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "directory":
+        out.mkdir()
+    else:
+        import socket
+
+        keep = socket.socket(socket.AF_UNIX)
+        keep.bind(str(out))
+    argv = {"export": ["export", str(tiny_run["run"]), "--format", "torchscript", "--out", str(out)],
+            "reuse": ["reuse", str(tiny_run["run"]), "--out", str(out)]}[command]
+    try:
+        return argv, lambda: not out.is_file() and out.exists()
+    finally:
+        if keep is not None:
+            keep.close()
+
+
+@pytest.mark.slow
+def test_fuzz_every_class_of_damage_through_the_commands(tiny_run, tmp_path_factory, archive_bytes):
+    """Non-regular destinations, CRC flips and trailer cuts at drawn positions, deep nesting and wrong JSON
+    types in drawn files: each through the real command, each a one-line error naming what is wrong."""
+    import hypothesis.strategies as st
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.data())
+    def one(data):
+        tmp_path = tmp_path_factory.mktemp("fuzz")
+        cls = data.draw(st.sampled_from(["destination", "gzip", "png", "nesting", "types"]))
+        if cls == "destination":
+            argv, intact = _damage_destination(
+                (data.draw(st.sampled_from(["fifo", "directory", "socket"])),
+                 data.draw(st.sampled_from(["export", "reuse"]))), tmp_path, tiny_run)
+            with _captured() as err:
+                rc = main(argv)
+            _one_line_error(rc, err.getvalue())
+            assert intact()
+        elif cls == "gzip":
+            raw = bytearray(archive_bytes)
+            if data.draw(st.booleans()):
+                at = data.draw(st.integers(10, len(raw) - 9))  # past gzip's header, before its trailer
+                raw[at] ^= 1 << data.draw(st.integers(0, 7))
+            else:
+                raw = raw[:-data.draw(st.integers(1, 64))]
+            (tmp_path / "d.tar.gz").write_bytes(bytes(raw))
+            with pytest.raises(DataError, match=r"d\.tar\.gz"):
+                _read_archive(tmp_path / "d.tar.gz")
+        elif cls == "png":
+            png = bytearray(_png(seed=data.draw(st.integers(0, 9))))
+            at = data.draw(st.integers(8, len(png) - 1))  # any byte after the signature
+            png[at] ^= 1 << data.draw(st.integers(0, 7))
+            with pytest.raises(DataError, match=r"x\.png"):
+                _decode(bytes(png), "x.png", "RGB")
+        elif cls == "nesting":
+            depth = data.draw(st.integers(MAX_JSON_DEPTH + 1, 200_000))
+            opener = data.draw(st.sampled_from(["[", '{"a":']))
+            closer = "]" if opener == "[" else "}"
+            with pytest.raises(ValueError, match=f"nested {depth} levels"):
+                parse_json(opener * depth + "1" + closer * depth, "f.json")
+        else:
+            value = data.draw(st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.booleans(),
+                                        st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)))
+            grid = _grid(tmp_path, json.dumps({"test_top1_error": value}))
+            with _captured() as out:
+                main(["reproduce", "status", str(grid)])
+            assert "test_top1_error must be a number" in out.getvalue(), out.getvalue()
+
+    one()
+
+
+@contextlib.contextmanager
+def _captured():
+    import sys
+
+    buf = io.StringIO()
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = buf
+    try:
+        yield buf
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
+def test_sigint_during_an_onnx_export_exits_130_and_writes_nothing(tiny_run, tmp_path, delay):
+    """A real Ctrl-C (SIGINT to the process) at a drawn moment of an ONNX export: 130, "interrupted"
+    (or, if the export had finished, 0 and a complete file); never "internal error", never a partial file."""
+    pytest.importorskip("onnx")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m.onnx"
+    p = subprocess.Popen([sys.executable, "-m", "densenet", "export", str(tiny_run["run"]), "--format", "onnx",
+                          "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert "internal error" not in err and "Traceback" not in err, err
+    if p.returncode == 0:
+        assert out.stat().st_size > 0
+    else:
+        assert p.returncode == 130 and "interrupted" in err, (p.returncode, err)
+        assert not out.exists()
+    assert not list(tmp_path.glob(".m.onnx.*"))
