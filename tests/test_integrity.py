@@ -367,6 +367,8 @@ def test_sigint_during_an_onnx_export_exits_130_and_writes_nothing(tiny_run, tmp
     if p.returncode == 0:
         assert out.stat().st_size > 0
     else:
-        assert p.returncode == 130 and "interrupted" in err, (p.returncode, err)
+        # 130, or death by SIGINT itself (what a shell also reports as 130): Python ends that way when a
+        # library's C code saw the KeyboardInterrupt first, after the command had printed "interrupted"
+        assert p.returncode in (130, -signal.SIGINT) and "interrupted" in err, (p.returncode, err)
         assert not out.exists()
     assert not list(tmp_path.glob(".m.onnx.*"))

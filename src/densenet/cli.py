@@ -531,7 +531,9 @@ def _one_line(e: BaseException) -> str:
         last = lines[-1]
         text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
             else last
-    return " ".join(text.split())[:2000]
+    text = " ".join(text.split())[:2000]
+    # control characters (a terminal escape in a file name, say) are shown escaped, never sent to the terminal
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -554,9 +556,19 @@ def _command_name(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .utils.interrupts import Interrupts
+
+    with Interrupts() as interrupts:
+        try:
+            return _main(list(sys.argv[1:] if argv is None else argv), interrupts)
+        except KeyboardInterrupt:
+            print("densenet: interrupted", file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str], interrupts) -> int:
     import warnings
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     from .options import flag
 
     debug = "--debug" in argv or flag("DENSENET_DEBUG", False)
@@ -575,22 +587,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one line each, restored on the way out
             return int(run(args) or 0)
-    except KeyboardInterrupt:
-        print("densenet: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # the top of the program: every error is one line
         if debug:
             raise
-        if _out_of_memory(e):
-            print(f"densenet {args.command}: error: out of memory ({_one_line(e)[:300]}); use a smaller "
-                  f"--batch-size or a smaller model", file=sys.stderr)
-            return 2
-        if isinstance(e, _user_errors()):
-            print(f"densenet {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        print(f"densenet {args.command}: error: internal error ({type(e).__name__}: {_one_line(e)[:500]}); "
-              f"run again with --debug for the traceback, and please report it", file=sys.stderr)
-        return 1
+        if interrupts.seen:  # a library swallowed the Ctrl-C and failed later because of it
+            print(f"densenet: interrupted (then {type(e).__name__})", file=sys.stderr)
+            return 130
+        return _report(args.command, e)
+
+
+def _report(command: str, e: Exception) -> int:
+    """Print an error that reached the top as one line; return the exit status."""
+    if _out_of_memory(e):
+        print(f"densenet {command}: error: out of memory ({_one_line(e)[:300]}); use a smaller "
+              f"--batch-size or a smaller model", file=sys.stderr)
+        return 2
+    if isinstance(e, _user_errors()):
+        print(f"densenet {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"densenet {command}: error: internal error ({type(e).__name__}: {_one_line(e)[:500]}); "
+          f"run again with --debug for the traceback, and please report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
