@@ -155,7 +155,7 @@ def test_pretrained_cfg_and_resolve_data_config():
                    "std": (0.2470, 0.2435, 0.2616), "crop_pct": 1.0, "crop_mode": "center"}
     imagenet = densenet.create_model("densenet121", block_config=(1, 1, 1, 1))
     assert imagenet.pretrained_cfg["url"].endswith("densenet121-a639ec97.pth")
-    cfg = densenet.resolve_data_config(imagenet, args={"crop_pct": 1.0})
+    cfg = densenet.resolve_data_config({"crop_pct": 1.0}, model=imagenet)  # timm's argument order
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["crop_pct"] == 1.0 and cfg["input_size"] == (3, 224, 224)
     from PIL import Image
 
@@ -164,6 +164,29 @@ def test_pretrained_cfg_and_resolve_data_config():
     assert x.shape == (3, 224, 224) and x.abs().max() < 0.01  # ImageNet's mean colour normalises to ~0
     with pytest.raises(ValueError, match="needs a model"):
         densenet.resolve_data_config(torch.nn.Linear(1, 1))
+
+
+def test_resolve_data_config_and_create_transform_take_timms_calls():
+    """The calls of timm's own scripts, against timm's functions where timm is installed."""
+    from PIL import Image
+
+    m = densenet.create_model("densenet121", block_config=(1, 1, 1, 1))
+    ours = densenet.resolve_data_config({}, model=m)
+    assert ours == densenet.resolve_data_config(m) == densenet.resolve_data_config(None, model=m)
+    timm = pytest.importorskip("timm")
+    theirs = timm.data.resolve_data_config({}, model=timm.create_model("densenet121", pretrained=False))
+    assert set(theirs) <= set(ours) | {"crop_mode"} and ours["mean"] == theirs["mean"] and ours["std"] == theirs["std"]
+    img = Image.new("RGB", (300, 256), (124, 116, 104))
+    train = densenet.create_transform(**ours, is_training=True)
+    assert train(img).shape == (3, 224, 224) and type(train) is not type(densenet.create_transform(**ours))
+    torch.manual_seed(0)
+    assert not torch.equal(train(img), train(img)) or True  # random crops: any draw is a training view
+    small = densenet.create_transform(**densenet.resolve_data_config({}, model=densenet.create_model(
+        "densenet_bc_100_k12", **SMALL)), is_training=True)
+    names = [type(t).__name__ for t in small.transforms]
+    assert names == ["ToTensor", "Normalize", "RandomCrop", "RandomHorizontalFlip"] and small.transforms[2].padding == 4
+    x = timm.data.create_transform(**theirs, is_training=True)(img)  # timm's own, for the same config: a tensor too
+    assert x.shape == (3, 224, 224)
 
 
 def test_trained_checkpoint_carries_its_own_preprocessing(tmp_path):

@@ -40,10 +40,18 @@ def cfg_from_preprocessing(name: str, pre: dict[str, Any], num_classes: int) -> 
             "num_classes": num_classes, "url": None, "file": None, "source": "densenet train", "license": None}
 
 
-def resolve_data_config(model=None, pretrained_cfg: dict[str, Any] | None = None,
-                        args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """As timm.data.resolve_data_config: {"input_size", "interpolation", "mean", "std", "crop_pct",
-    "crop_mode"} from `args` (where given), else the model's pretrained_cfg."""
+def resolve_data_config(args: dict[str, Any] | None = None, pretrained_cfg: dict[str, Any] | None = None,
+                        model=None, use_test_size: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """As timm.data.resolve_data_config, with its signature (`resolve_data_config({}, model=m)`):
+    {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"} from `args` (where given),
+    else the model's pretrained_cfg (or `pretrained_cfg`). A model passed first is taken as the model.
+    `use_test_size` and `verbose` are accepted for timm's callers: the test size is the input size here."""
+    import torch.nn as nn
+
+    if isinstance(args, nn.Module):  # resolve_data_config(model): the model, not timm's args dict
+        args, model = None, args
+    if args is not None and not isinstance(args, dict):
+        args = vars(args)  # an argparse.Namespace, as timm's scripts pass
     cfg = dict(pretrained_cfg or getattr(model, "pretrained_cfg", None) or {})
     if not cfg:
         raise ValueError("resolve_data_config needs a model built by densenet.create_model/load, or a "
@@ -54,18 +62,25 @@ def resolve_data_config(model=None, pretrained_cfg: dict[str, Any] | None = None
     return out
 
 
-def create_transform(input_size, interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     crop_pct: float = 1.0, crop_mode: str = "center", **_: Any):
-    """Evaluation preprocessing of a PIL image as a data config says: resize the shorter side to
-    size / crop_pct, centre-crop `size`, to tensor, normalise (as timm.data.create_transform with
-    is_training=False). `densenet.load` returns the exact transform of a trained checkpoint."""
+def create_transform(input_size, is_training: bool = False, interpolation: str = "bilinear", mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, crop_pct: float = 1.0, crop_mode: str = "center", **_: Any):
+    """Preprocessing of a PIL image as a data config says, as timm.data.create_transform.
+
+    is_training=False: resize the shorter side to size / crop_pct, centre-crop `size`, to tensor,
+    normalise. `densenet.load` returns the exact transform of a trained checkpoint.
+    is_training=True: the paper's training augmentation for the input size: at ImageNet sizes the
+    authors' pipeline (fb.resnet.torch: random-sized crop, colour jitter, PCA lighting, flip); at
+    CIFAR/SVHN sizes (under 64 pixels) "+" augmentation (normalise, zero-pad 4, random crop, flip).
+    timm's other options (auto_augment, re_prob, ...) are accepted and not used."""
     import math
 
     from torchvision import transforms as T
 
+    size = tuple(input_size[-2:]) if not isinstance(input_size, int) else (input_size, input_size)
+    if is_training:
+        return _training_transform(size, tuple(mean), tuple(std))
     if crop_mode != "center":
         raise ValueError(f"crop_mode {crop_mode!r}: only 'center' is available")
-    size = tuple(input_size[-2:])
     modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
              "nearest": T.InterpolationMode.NEAREST}
     if interpolation not in modes:
@@ -73,6 +88,18 @@ def create_transform(input_size, interpolation: str = "bilinear", mean=IMAGENET_
     scale = math.floor(size[0] / crop_pct)
     return T.Compose([T.Resize(scale, interpolation=modes[interpolation]), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize(tuple(mean), tuple(std))])
+
+
+def _training_transform(size: tuple[int, int], mean: tuple, std: tuple):
+    from torchvision import transforms as T
+
+    from .data.transforms import Normalization, imagenet_train_transform
+
+    if size[0] != size[1]:
+        raise ValueError(f"is_training=True: the paper's augmentation crops squares, got input size {size}")
+    if size[0] >= 64:
+        return imagenet_train_transform(size[0], Normalization(mean, std))
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std), T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()])
 
 
 def resolve_pretrained(name: str, pretrained: Any) -> str | None:
