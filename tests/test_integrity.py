@@ -107,6 +107,21 @@ def test_predict_names_a_png_with_a_bad_crc(tiny_run, tmp_path, capsys):
     assert "fails its CRC check" in capsys.readouterr().err
 
 
+def test_predict_keeps_each_image_on_its_line_and_skips_hidden_folders(tiny_run, tmp_path, capsys):
+    """A newline or terminal escape in a file name is shown escaped; `.venv/`-like folders are skipped below
+    a folder given, unless --include-hidden."""
+    png = next(tiny_run["folder"].rglob("*.png")).read_bytes()
+    (tmp_path / "two\nlines\x1b[31m.png").write_bytes(png)
+    (tmp_path / ".venv" / "site").mkdir(parents=True)
+    (tmp_path / ".venv" / "site" / "logo.png").write_bytes(png)
+    assert main(["predict", str(tiny_run["run"]), str(tmp_path), "--top-k", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "two\\nlines\\x1b[31m.png" in out[0] and "\x1b" not in out[0], out
+    assert main(["predict", str(tiny_run["run"]), str(tmp_path), "--top-k", "1", "--include-hidden"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and any("logo.png" in line for line in out), out
+
+
 def _copy_run(tiny_run, dst: Path) -> Path:
     shutil.copytree(tiny_run["run"], dst, symlinks=True)
     for p in dst.rglob("*"):

@@ -422,6 +422,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help='a JSON list of {"path", "predictions": [{"class", "index", "probability"}]} '
                         'or {"path", "error"}')
+    p.add_argument("--include-hidden", action="store_true",
+                   help="also search hidden files and folders (names starting with '.') below the given folders")
 
 
 @command("predict", "the most probable classes of images, preprocessed as the checkpoint's training did; "
@@ -434,15 +436,16 @@ def _predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     model, transform = load(args.checkpoint, Distributed().device(args.device), args.which)
     print(f"densenet predict: {checkpoint_line(model.checkpoint, model.model_name)}", file=sys.stderr)
-    paths = [p for p, _ in find_images(args.paths)]  # folders walked once, here
-    path_width, class_width = max(map(len, paths)), max(map(len, model.classes))
+    paths = [p for p, _ in find_images(args.paths, include_hidden=args.include_hidden)]  # folders walked once
+    shown = {p: _printable(p) for p in paths}  # a newline or escape in a file name stays on its line
+    path_width, class_width = max(map(len, shown.values())), max(map(len, model.classes))
     results, failed = [], 0
     for r in predict(model, transform, paths, top_k=args.top_k, batch_size=args.batch_size):
         if "error" in r:
             failed += 1
-            print(f"densenet predict: error: {r['error']}", file=sys.stderr)
+            print(f"densenet predict: error: {_printable(r['error'])}", file=sys.stderr)
         elif not args.json:
-            print(f"{r['path']:<{path_width}}  " + "  ".join(
+            print(f"{shown[r['path']]:<{path_width}}  " + "  ".join(
                 f"{p['class']:<{class_width}} {p['probability']:.4f}" for p in r["predictions"]), flush=True)
         results.append(r)
     if args.json:
@@ -531,9 +534,14 @@ def _one_line(e: BaseException) -> str:
         last = lines[-1]
         text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
             else last
-    text = " ".join(text.split())[:2000]
-    # control characters (a terminal escape in a file name, say) are shown escaped, never sent to the terminal
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return _printable(" ".join(text.split())[:2000])
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters (a newline or terminal escape in a file name, say) shown escaped,
+    never sent to the terminal."""
+    return text if text.isprintable() else \
+        "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
