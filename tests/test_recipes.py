@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,3 +417,128 @@ def test_reproduce_cell_of_an_iteration_recipe_on_the_cifar_folder(tmp_path):
     assert "64,000 it (182 ep)" in describe(cell, cfg)  # 45,000 images / 128 = 352 steps per epoch
     half = cell_config(cell, {"cifar10": str(folder)}, None, 0.5, tmp_path)
     assert (half.epochs, half.milestones) == (82, (40.0, 61.0))  # half of 164 epochs, decays at 50% and 75%
+
+
+# --- 8. One recipe resolution, pinned -----------------------------------------------------------------
+# Every registered family (a representative each, and the models with their own row in recipes._BY_MODEL)
+# on every dataset, with a few user settings, and every grid cell of `densenet reproduce`: the fully
+# resolved TrainConfig, recorded from the code before the recipe moved out of DatasetSpec
+# (tests/data/resolved_configs.json). Regenerate only for an intended change: python tests/test_recipes.py
+
+PINNED = Path(__file__).parent / "data" / "resolved_configs.json"
+PIN_MODELS_BY_ROW = ("resnet110", "resnet1202", "preact_resnet1001")  # a recipe of their own (He 2015/2016)
+PIN_SETTINGS = (  # user settings (command line or config file); "_train_images": resolve(train_images=...)
+    {}, {"epochs": 8, "milestones": [0.5, 0.75]}, {"epochs": 8}, {"recipe": "dataset"}, {"augment": "none"}, {"warmup_iterations": 400}, {"val_size": 100, "test_on": "best"},
+    {"epochs": 8, "lr": 0.05, "batch_size": 32, "milestones": [3, 6]}, {"_train_images": 1000},
+)
+
+
+def _pin_models() -> list[str]:
+    """One model per family the package registers (in registration order), and the models of their own row."""
+    from densenet.registry import _REGISTRY, list_models
+
+    firsts: dict[str, str] = {}
+    for name in list_models():
+        entry = _REGISTRY[name]
+        if entry.builder.__module__.startswith("densenet."):  # not a network a test registered
+            firsts.setdefault(entry.family, name)
+    return list(firsts.values()) + [m for m in PIN_MODELS_BY_ROW if m not in firsts.values()]
+
+
+def _resolved(make) -> dict:
+    """What `make()` resolves to (the fields resolve() sets or changes; the others are as given), or its error."""
+    try:
+        given, cfg = make()
+    except ValueError as e:
+        return {"error": str(e)}
+    before, after = given.to_dict(), cfg.to_dict()
+    return {k: v for k, v in after.items() if v != before[k] and k not in ("out", "progress")}
+
+
+def resolved_cases() -> dict[str, dict]:
+    from densenet.data import DATASETS
+    from densenet.grid.reproduce import GRIDS, cell_config, grid_cells
+
+    cases: dict[str, dict] = {}
+    for model in _pin_models():
+        for dataset in DATASETS:
+            for settings in PIN_SETTINGS:
+                settings = dict(settings)
+                n = settings.pop("_train_images", None)
+
+                def make(model=model, dataset=dataset, settings=settings, n=n):
+                    cfg = TrainConfig(model=model, dataset=dataset, **settings)
+                    return cfg, cfg.resolve(train_images=n)
+
+                key = f"{model} {dataset} " + json.dumps(settings, sort_keys=True) + (f" train_images={n}" if n else "")
+                cases[key] = _resolved(make)
+    out = Path("OUT")
+    for grid in GRIDS:
+        for cell in grid_cells(grid, only_published=False):
+            for data, epochs, budget in (({"cifar10": "c10", "cifar100": "c100", "svhn": "svhn"}, None, None),
+                                         ({"cifar10": "c10", "cifar100": "c100", "svhn": "svhn"}, None, 0.1),
+                                         ({"cifar10": "c10", "cifar100": "c100", "svhn": "svhn"}, 2, None),
+                                         ({"cifar10": "c10.tar.gz", "cifar100": "c100.tgz"}, None, 0.5)):
+                def make(cell=cell, data=data, epochs=epochs, budget=budget):
+                    cfg = cell_config(cell, data, epochs, budget, out)
+                    return TrainConfig(), cfg  # against the defaults: every setting the cell makes
+
+                key = f"cell {grid} {cell.row} {cell.setting} data={sorted(data.values())} epochs={epochs} budget={budget}"
+                cases[key] = _resolved(make)
+    return cases
+
+
+def test_every_family_and_dataset_resolves_as_pinned():
+    """The recipe of every family on every dataset, digits and folder included, with user settings winning,
+    and every grid cell's config: unchanged by moving the recipe facts out of DatasetSpec into Recipes."""
+    from densenet.registry import _REGISTRY
+
+    expected = json.loads(PINNED.read_text())
+    got = resolved_cases()
+    families = {_REGISTRY[k.split()[0]].family for k in got if not k.startswith("cell ")}
+    assert families == {e.family for e in _REGISTRY.values() if e.builder.__module__.startswith("densenet.")}
+    assert len(got) > 700 and set(got) == set(expected)
+    wrong = [k for k in expected if got[k] != expected[k]]
+    assert not wrong, f"{len(wrong)} resolved configs changed, e.g. {wrong[0]}: {got[wrong[0]]} != {expected[wrong[0]]}"
+
+
+def test_every_dataset_has_a_recipe_and_its_spec_holds_data_facts_only():
+    """One resolution: recipes.recipe_for gives every model on every dataset a complete Recipe; DatasetSpec
+    holds no recipe fact; each setting's help text is its field's metadata."""
+    import dataclasses
+
+    from densenet.data import DATASETS, DatasetSpec
+    from densenet.recipes import DATASET_RECIPES, Recipe, recipe_for
+    from densenet.train.config import RECIPE_SETTINGS, SETTING_HELP
+
+    assert set(DATASET_RECIPES) == set(DATASETS)
+    assert [f.name for f in dataclasses.fields(DatasetSpec)] == ["name", "normalize", "needs_path", "description",
+                                                                  "train_images", "extra_images"]
+    assert set(RECIPE_SETTINGS) <= {f.name for f in dataclasses.fields(Recipe)}
+    for model in _pin_models():
+        for dataset in DATASETS:
+            for recipe in ("auto", "dataset"):
+                rec = recipe_for(model, dataset, recipe)
+                assert None not in (rec.augment, rec.val_size, rec.test_on), (model, dataset, recipe)
+    digits = recipe_for("densenet_bc_100_k12", "digits")
+    assert (digits.epochs, digits.batch_size, digits.milestones, digits.val_size, digits.augment, digits.drop_rate,
+            digits.name) == (30, 64, (0.5, 0.75), 300, "none", 0.0, "dataset")
+    folder, cifar = recipe_for("densenet_bc_100_k12", "folder"), recipe_for("densenet_bc_100_k12", "cifar10")
+    assert (folder.augment, cifar.augment, cifar.name) == ("auto", "cifar", "densenet-cifar")
+    assert dataclasses.replace(folder, augment="cifar", source="") == dataclasses.replace(
+        recipe_for("densenet_bc_100_k12", "cifar10", "dataset"), source="")
+    svhn = recipe_for("densenet_40_k12", "svhn")
+    assert (svhn.name, svhn.epochs, svhn.val_size, svhn.test_on, svhn.augment) == ("densenet-svhn", 40, 6000, "best", "none")
+    assert recipe_for("resnet20", "svhn").name == "dataset"  # no He 2015 recipe for SVHN: the dataset's
+    assert recipe_for("resnet20", "cifar10", "wrn-svhn").drop_rate == 0.4  # a recipe's own rate stays
+    assert recipe_for("resnet20", "cifar10", "densenet-cifar").drop_rate == 0.0  # no dropout option: none
+    cfg = TrainConfig(model="resnet110", dataset="cifar10", warmup_iterations=100, warmup_lr=0.02).resolve()
+    assert (cfg.warmup_iterations, cfg.warmup_lr, cfg.lr) == (100, 0.02, 0.1)
+    assert SETTING_HELP == {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    assert "after any warm-up" in SETTING_HELP["lr"] and "96x96" in SETTING_HELP["in_memory"]
+
+
+if __name__ == "__main__":  # regenerate the pinned configs (an intended change of a recipe)
+    PINNED.parent.mkdir(exist_ok=True)
+    PINNED.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                                         for k, v in resolved_cases().items()) + "\n}\n")

@@ -1,6 +1,8 @@
 """Training recipes as data: for every registered family, the recipe its own paper ran, checked against
-its authors' code (cited beside each). `densenet train` uses the recipe of the model and dataset unless
-a setting is given; `densenet reproduce` trains each cell with its row's recipe.
+its authors' code (cited beside each), and for every dataset its own (DenseNet's, with the dataset's
+protocol: augmentation, hold-out, tested weights). `recipe_for` is the one resolution of a recipe:
+`densenet train` (TrainConfig.resolve) and `densenet reproduce` (grid/reproduce.cell_config) fill every
+setting not given from what it returns.
 
 Schedules are written as `milestones`: the number of epochs done before each learning-rate decay
 (PyTorch's MultiStepLR convention), so `(149, 224)` trains epoch 150 (1-indexed) at the decayed rate, as
@@ -10,6 +12,7 @@ same Lua rule (`first_decayed_epoch = ceil(f * epochs)`); absolute milestones sc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -29,14 +32,18 @@ class Recipe:
     weight_decay: float
     milestones: tuple[float, ...]  # epochs done before each decay (iterations where `iterations` is set)
     lr_gamma: float = 0.1
-    drop_rate: float | None = None  # None: DenseNet's rule (0.2 without augmentation), or no dropout option
+    # drop_rate, augment, val_size, test_on: None in a paper's recipe leaves them to the dataset's (recipe_for)
+    drop_rate: float | None = None  # None: DenseNet's rule (0.2 without augmentation), or 0 without a dropout option
     iterations: int | None = None  # the schedule counts optimizer steps: stop after about this many
     warmup_lr: float | None = None  # a constant rate for the first `warmup_iterations` steps
     warmup_iterations: int = 0
     augment: str | None = None  # None: the dataset's standard augmentation
-    val_size: int | None = None  # None: the dataset's protocol
+    val_size: int | None = None  # images held out of train for validation; None: the dataset's protocol
     test_on: str | None = None  # "final" or "best" (validation); None: the dataset's protocol
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # False: absolute milestones stay at their epochs when `--epochs` changes the run's length (the datasets'
+    # own recipes, as the DatasetSpec schedules they replaced did; the papers' recipes scale them)
+    scale_milestones: bool = True
 
     def schedule_text(self) -> str:
         """The schedule in words, e.g. "lr 0.1, x0.1 after epochs 149, 224"."""
@@ -151,7 +158,35 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     PREACT_CIFAR, PREACT_1001, STOCHDEPTH_CIFAR, STOCHDEPTH_SVHN, WRN_CIFAR, WRN_SVHN, RESNEXT_CIFAR,
     RESNEXT_IMAGENET]}
 
-# Which recipe a model trains with, by dataset kind: the model's own row first, then its family's.
+# --- Each dataset's own recipe (`recipe = "dataset"`) ------------------------------------------------------
+# DenseNet's schedule with the dataset's protocol, complete: what a network of a family without a recipe for
+# the dataset trains with, and where a paper's recipe leaves the protocol (augmentation, hold-out, tested
+# weights) to the dataset. Named "dataset": the setting that selects it.
+_DATASET = dict(name="dataset", scale_milestones=False)
+DATASET_CIFAR = dataclasses.replace(
+    DENSENET_CIFAR, source="DenseNet's CIFAR recipe; C10+ (pad-crop-flip), 5,000 held out, the final epoch tested",
+    augment="cifar", val_size=5000, test_on="final", **_DATASET)
+DATASET_SVHN = dataclasses.replace(
+    DENSENET_SVHN, source="DenseNet's SVHN recipe; no augmentation, 6,000 held out (the authors' split), the "
+    "model of lowest validation error tested", augment="none", val_size=6000, test_on="best", **_DATASET)
+DATASET_IMAGENET = dataclasses.replace(
+    DENSENET_IMAGENET, source="DenseNet's ImageNet recipe; fb.resnet.torch's augmentation, val/ for validation",
+    augment="imagenet", val_size=0, test_on="final", **_DATASET)
+# image folders: as CIFAR, the augmentation chosen by image size (the paper's crops below 64 px)
+DATASET_FOLDER = dataclasses.replace(DATASET_CIFAR, source="DenseNet's CIFAR recipe; augmentation by image "
+                                     "size", augment="auto")
+# the digits are no paper's dataset; no dropout: with dropout 0.2 the BN statistics training leaves do not fit
+# the dropout-free test network (4.17% test error, 1.11% after re-estimating them; without dropout 0.56%;
+# BENCHMARKS.md)
+DATASET_DIGITS = Recipe(source="this package: DenseNet's schedule scaled to 30 epochs, 300 held out, no "
+                        "augmentation, no dropout", epochs=30, batch_size=64, milestones=(0.5, 0.75),
+                        drop_rate=0.0, augment="none", val_size=300, test_on="final", **_DENSENET, **_DATASET)
+DATASET_RECIPES: dict[str, Recipe] = {"cifar10": DATASET_CIFAR, "cifar100": DATASET_CIFAR, "svhn": DATASET_SVHN,
+                                      "imagenet": DATASET_IMAGENET, "folder": DATASET_FOLDER,
+                                      "digits": DATASET_DIGITS}
+PROTOCOL = ("augment", "val_size", "test_on", "drop_rate")  # what a paper's recipe may leave to the dataset's
+
+# Which paper's recipe a model trains with, by dataset kind: the model's own row first, then its family's.
 _BY_MODEL: dict[str, dict[str, Recipe]] = {
     "resnet110": {"cifar": RESNET_CIFAR_WARMUP},
     "resnet1202": {"cifar": RESNET_CIFAR_WARMUP},
@@ -169,7 +204,6 @@ _BY_FAMILY: dict[str, dict[str, Recipe]] = {
     "ResNeXt (ImageNet)": {"imagenet": RESNEXT_IMAGENET},
 }
 _KIND = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn", "imagenet": "imagenet"}
-# What the generic datasets (folders, digits) borrow: the DenseNet recipe of the dataset spec.
 FAMILIES_WITH_DROPOUT = ("DenseNet (CIFAR/SVHN)", "DenseNet (ImageNet)", "Wide ResNet (CIFAR)")
 
 
@@ -179,9 +213,19 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def recipe_for(model: str, dataset: str) -> Recipe | None:
-    """The recipe `model` trains with on `dataset` by default (None: the dataset's generic DenseNet
-    recipe, e.g. for image folders and the digits; also for a family without a recipe on that dataset)."""
+def dataset_recipe(dataset: str) -> Recipe:
+    """The dataset's own recipe (complete: every protocol field set)."""
+    if dataset not in DATASET_RECIPES:
+        from .data import get_dataset_spec
+
+        get_dataset_spec(dataset)  # an unknown dataset: the data's error, which names the known ones
+        raise ValueError(f"dataset {dataset!r} has no recipe: add it to recipes.DATASET_RECIPES")
+    return DATASET_RECIPES[dataset]
+
+
+def paper_recipe(model: str, dataset: str) -> Recipe | None:
+    """The recipe of `model`'s own paper on `dataset`: the model's row, then its family's (None: the paper
+    has none for the dataset, e.g. for image folders and the digits, or a family registered elsewhere)."""
     from .registry import _REGISTRY
 
     kind = _KIND.get(dataset)
@@ -191,6 +235,23 @@ def recipe_for(model: str, dataset: str) -> Recipe | None:
         return _BY_MODEL[model][kind]
     entry = _REGISTRY.get(model)
     return _BY_FAMILY.get(entry.family, {}).get(kind) if entry is not None else None
+
+
+def recipe_for(model: str, dataset: str, recipe: str = "auto") -> Recipe:
+    """The one resolution of a recipe (TrainConfig.resolve, the grid's cells): the recipe `model` trains
+    with on `dataset`. `recipe`: "auto" (the model's paper's recipe for the dataset, else the dataset's
+    own), "dataset" (the dataset's own), or a name of RECIPES. A paper's recipe gets what it leaves to the
+    dataset (augmentation, hold-out, tested weights) from the dataset's recipe, and no dropout for a network
+    without a dropout option. `drop_rate` stays None where DenseNet's rule decides: 0.2 without
+    augmentation, else 0 (TrainConfig.resolve applies it once the augmentation is known)."""
+    base = dataset_recipe(dataset)
+    rec = base if recipe == "dataset" else paper_recipe(model, dataset) if recipe == "auto" else get_recipe(recipe)
+    if rec is None or rec is base:
+        return base
+    rec = dataclasses.replace(rec, **{k: getattr(base, k) for k in PROTOCOL if getattr(rec, k) is None})
+    if rec.drop_rate is None and not has_dropout(model):
+        rec = dataclasses.replace(rec, drop_rate=0.0)  # He 2015/2016's ResNets, ResNeXts: no dropout in their papers
+    return rec
 
 
 def has_dropout(model: str) -> bool:

@@ -1,4 +1,5 @@
-"""Datasets by name with the paper's recipe for each, in-memory batches and streamed folders."""
+"""Datasets by name (the facts of each: its normalisation, size and where it is read from), in-memory
+batches and streamed folders. How a network trains on a dataset is its recipe (`densenet.recipes`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,19 +10,13 @@ from .transforms import AUGMENTATIONS, Normalization, channel_stats
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the paper does with a dataset; every field is a default the command line can override."""
+    """What a dataset is; how to train on it (schedule, augmentation, hold-out, tested weights) is its
+    recipe, `densenet.recipes.DATASET_RECIPES` and the families' recipes."""
 
     name: str
-    epochs: int
-    batch_size: int
-    milestones: tuple[float, ...]  # lr / 10 at these epochs; values < 1 are fractions of the epochs
-    val_size: int  # images held out of the training set for model selection
-    augment: str  # "cifar" (pad-crop-flip), "flip", "none", or "imagenet" (streamed folders)
     normalize: str  # "stats": per-channel mean/std of the training set; "div255"; "imagenet"
     needs_path: bool = True
     description: str = ""
-    test_on: str = "final"  # the weights whose test error is reported: the final epoch's, or the best validation's
-    drop_rate: float | None = None  # None: the paper's rule (0.2 without augmentation, else 0)
     train_images: int | None = None  # the official training set's size (None: counted when loaded)
     extra_images: int = 0  # SVHN's extra set, trained on beside train as the paper (--svhn-extra)
 
@@ -31,21 +26,17 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec("cifar10", 300, 64, (0.5, 0.75), 5000, "cifar", "stats", train_images=50_000,
+    DatasetSpec("cifar10", "stats", train_images=50_000,
                 description="CIFAR-10, official python format (torchvision); C10+ by default, --augment none for C10"),
-    DatasetSpec("cifar100", 300, 64, (0.5, 0.75), 5000, "cifar", "stats", train_images=50_000,
+    DatasetSpec("cifar100", "stats", train_images=50_000,
                 description="CIFAR-100, official python format; C100+ by default"),
-    DatasetSpec("svhn", 40, 64, (0.5, 0.75), 6000, "none", "div255", test_on="best", train_images=73_257,
-                extra_images=531_131,
+    DatasetSpec("svhn", "div255", train_images=73_257, extra_images=531_131,
                 description="SVHN train + extra (604,388 images), official .mat files; no augmentation; "
                             "the model of lowest validation error is tested"),
-    DatasetSpec("imagenet", 90, 256, (30, 60), 0, "imagenet", "imagenet",
-                description="ImageNet-layout folder (train/, val/), streamed; 224 crops"),
-    DatasetSpec("folder", 300, 64, (0.5, 0.75), 5000, "auto", "stats",
+    DatasetSpec("imagenet", "imagenet", description="ImageNet-layout folder (train/, val/), streamed; 224 crops"),
+    DatasetSpec("folder", "stats",
                 description="any folder or .tar.gz with train/ (and val/ or test/) of class sub-folders"),
-    # not a paper dataset; no dropout: with dropout 0.2 the BN statistics training leaves do not fit the
-    # dropout-free test network (4.17% test error, 1.11% after re-estimating them; without dropout 0.56%; BENCHMARKS.md)
-    DatasetSpec("digits", 30, 64, (0.5, 0.75), 300, "none", "stats", needs_path=False, drop_rate=0.0,
+    DatasetSpec("digits", "stats", needs_path=False,
                 description="scikit-learn's handwritten digits, 8x8 grayscale, offline (the first run; "
                             "no dropout)"),
 ]}

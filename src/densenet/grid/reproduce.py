@@ -37,14 +37,14 @@ class Cell:
         return r.model if r is not None and r.model else self.row
 
     def recipe(self):
-        """The recipe of the row for its setting (densenet.recipes), None: DenseNet's for the dataset."""
-        from ..recipes import get_recipe, recipe_for
+        """The row's recipe for its setting, complete (`recipes.recipe_for`): the row's own paper's where
+        Table 2 names one (the constant-depth ResNet of stochastic depth), else its model's."""
+        from ..recipes import recipe_for
 
         dataset = SETTING_DATA[self.setting][0]
         r = TABLE2_BY_KEY.get(self.row)
-        if r is not None and r.recipe:
-            return get_recipe(f"{r.recipe}-{'svhn' if dataset == 'svhn' else 'cifar'}")
-        return recipe_for(self.model, dataset)
+        name = f"{r.recipe}-{'svhn' if dataset == 'svhn' else 'cifar'}" if r is not None and r.recipe else "auto"
+        return recipe_for(self.model, dataset, name)
 
     def path(self, out: Path) -> Path:
         return out / self.row / self.setting / f"seed{self.seed}"
@@ -81,32 +81,31 @@ def grid_cells(name: str, seeds: int = 1, only_published: bool = True) -> list[C
 def cell_config(cell: Cell, data: dict[str, str], epochs: int | None, budget: float | None, out: Path,
                 extra: dict | None = None):
     """The TrainConfig of a cell: its row's recipe for the setting (the row's own paper's, see
-    densenet.recipes), optionally scaled, and the protocol of the published number."""
-    from ..data import get_dataset_spec
+    densenet.recipes.recipe_for), optionally scaled, and the protocol of the published number: the setting's
+    augmentation (a recipe's own augmented one, WRN's reflection-padded crops, where the setting is
+    augmented); a run on all of train where the recipe tests the final weights (the papers' numbers on
+    CIFAR), else the recipe's hold-out; images given as a folder (no test split) hold out the dataset's."""
+    from ..recipes import dataset_recipe
     from ..train.config import TrainConfig
 
     dataset, augment = SETTING_DATA[cell.setting]
     rec = cell.recipe()
-    if augment != "none" and rec is not None and rec.augment and rec.augment != "none":
+    if augment != "none" and rec.augment != "none":
         augment = rec.augment  # e.g. WRN's reflection-padded crops
     path = data.get(dataset)
     kind = dataset
     if path is not None and (str(path).endswith((".tar.gz", ".tgz", ".tar")) or (Path(path) / "train").is_dir()):
         kind = "folder"  # e.g. the CIFAR-10 training images as a folder archive
-    spec = get_dataset_spec(dataset)
-    n_epochs = epochs or (max(1, round(spec.epochs * budget)) if budget else None)
+    n_epochs = epochs
     if budget and not epochs:  # a fraction of the row's own recipe (WRN 200 epochs, stochastic depth 500, ...)
-        full = TrainConfig(model=cell.model, dataset=dataset, recipe=rec.name if rec else "dataset",
-                           val_size=0).resolve().epochs
+        full = TrainConfig(model=cell.model, dataset=dataset, recipe=rec.name, val_size=0).resolve().epochs
         n_epochs = max(1, round(full * budget))
     settings = dict(model=cell.model, dataset=kind, data=path, augment=augment, epochs=n_epochs, seed=cell.seed,
-                    out=str(cell.path(out)), progress=False, recipe=rec.name if rec is not None else "dataset")
+                    out=str(cell.path(out)), progress=False, recipe=rec.name)
     if kind == "folder":  # no test split (the CIFAR-10 images given here): report validation error
-        settings["val_size"] = spec.val_size
-    elif rec is not None and rec.val_size is not None:  # the row's protocol (stochastic depth: 45k/5k, best)
-        settings["val_size"] = rec.val_size
-    elif spec.test_on == "final":  # CIFAR: the paper's test error is of a run on all 50,000 images
-        settings["val_size"] = 0
+        settings["val_size"] = dataset_recipe(dataset).val_size
+    else:  # CIFAR: the paper's test error is of a run on all 50,000 images; stochastic depth: 45k/5k, best
+        settings["val_size"] = 0 if rec.test_on == "final" else rec.val_size
 
     settings.update(extra or {})
     cfg = TrainConfig(**settings)

@@ -1,10 +1,11 @@
 """The training configuration: one dataclass, its defaults the recipe of the model and dataset.
 
-Sources, lowest priority first: the recipe (`densenet.recipes`: the model family's paper and authors'
-code, e.g. He 2015 for ResNets, Zagoruyko 2016 for WRNs; DenseNet's own for DenseNets, image folders
-and the digits), the dataset's protocol (DATASETS), a TOML/YAML file (`--config`), the command line.
-`resolve()` fills every recipe default in; the resolved config is saved with the run (config.json)
-and in every checkpoint.
+Sources, lowest priority first: the recipe (`densenet.recipes.recipe_for`: the model family's paper and
+authors' code, e.g. He 2015 for ResNets, Zagoruyko 2016 for WRNs, DenseNet's for DenseNets; what a paper
+leaves open, and every setting of a family without a recipe for the dataset, from the dataset's own
+recipe), a TOML/YAML file (`--config`), the command line. `resolve()` fills every recipe default in;
+the resolved config is saved with the run (config.json) and in every checkpoint. Each setting's help
+text (`densenet train --help`) is its field's metadata, SETTING_HELP.
 """
 from __future__ import annotations
 
@@ -20,54 +21,89 @@ from ..utils.validate import check_types, needing
 ModelArg = int | float | bool | str | list
 
 
+def setting(help: str, default: Any = None, **kw: Any) -> Any:
+    """A TrainConfig field with its help text (`densenet train --help`; the default is appended where the
+    text does not say it)."""
+    if "default_factory" in kw:
+        return field(metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class TrainConfig:
-    """One run's settings; `densenet train --help` shows each with its help text from SETTING_HELP."""
+    """One run's settings; `densenet train --help` shows each with its help text (SETTING_HELP)."""
 
     # what to train
-    model: str = "densenet_bc_100_k12"  # a registered name (`densenet models`)
-    model_args: dict[str, ModelArg] = field(default_factory=dict)  # overrides: depth, growth_rate, ...
-    dataset: str = "digits"  # cifar10, cifar100, svhn, imagenet, folder, digits
-    data: str | None = None  # where the dataset is (a folder, or a .tar.gz for `folder`)
-    download: bool = False  # fetch CIFAR/SVHN into `data` (needs a network)
-    svhn_extra: bool = True  # train on train + extra, as the paper
-    in_memory: bool | None = None  # folder datasets: hold decoded images in memory (None: small images do)
-    val_size: int | None = None  # images held out of train for validation (recipe: 5,000 for CIFAR)
-    split_seed: int = 0  # seeds the validation split alone: every run of a dataset validates on the same images
-    train_subset: int | None = None  # train on the first N images of the shuffled train split (quick runs)
-    augment: str | None = None  # cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size)
-    image_size: int = 224  # streamed folders: training crop and evaluation centre crop
-    resize: int = 256  # streamed folders: evaluation resizes the shorter side to this, then crops
-    # the recipe (None: the value of the model's recipe for the dataset, `densenet.recipes`)
-    recipe: str = "auto"  # auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name
-    epochs: int | None = None
-    batch_size: int | None = None  # global batch, split across processes under torchrun
-    lr: float | None = None  # 0.1 in every recipe but WRN on SVHN (0.01)
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    milestones: tuple[float, ...] | None = None  # lr x lr_gamma after this many epochs (< 1: fraction of the run)
-    milestone_unit: str | None = None  # epochs, or iterations (He 2015/2016 decay at 32k and 48k steps)
-    iterations: int | None = None  # run length in steps where the recipe counts them (epochs follow)
-    lr_gamma: float | None = None
-    warmup_lr: float | None = None  # a constant rate for the first warmup_iterations steps (He 2015: 0.01)
-    warmup_iterations: int | None = None  # steps at warmup_lr before the recipe's rate (He 2015 ResNet-110: 400)
-    drop_rate: float | None = None  # None: the recipe's (DenseNet: 0.2 without augmentation, 0 with it)
-    test_on: str | None = None  # final or best: the weights whose test error is reported (None: the protocol's)
-    label_smoothing: float = 0.0
-    accumulate: int = 1  # split each batch into this many micro-batches (BN then sees the micro-batches)
+    model: str = setting("a registered name (`densenet models`)", "densenet_bc_100_k12")
+    model_args: dict[str, ModelArg] = setting(
+        "overrides of the model's options: depth, growth_rate, ... (default: none: the registered network as it "
+        "is)", default_factory=dict)
+    dataset: str = setting("cifar10, cifar100, svhn, imagenet, folder, digits", "digits")
+    data: str | None = setting("where the dataset is (a folder, or a .tar.gz for `folder`) (default: none; every "
+                               "dataset but digits needs one)")
+    download: bool = setting("fetch CIFAR/SVHN into `data` (needs a network)", False)
+    svhn_extra: bool = setting("train on train + extra, as the paper", True)
+    in_memory: bool | None = setting(
+        "folder datasets: hold the decoded images in memory (default: an archive's, and a folder's of images up "
+        "to 96x96; larger ones are streamed; imagenet always streams)")
+    val_size: int | None = setting(
+        "images held out of train for validation (default: the recipe's: 5,000 for CIFAR and folders, 6,000 for "
+        "SVHN, 300 for the digits, 0 for ImageNet and for the papers that train on all of train)")
+    split_seed: int = setting("seeds the validation split alone: every run of a dataset validates on the same "
+                              "images", 0)
+    train_subset: int | None = setting("train on the first N images of the shuffled train split (quick runs) "
+                                       "(default: all)")
+    augment: str | None = setting("cifar (pad 4, crop, flip), cifar-reflect (WRN's reflection padding), flip, "
+                                  "none, imagenet, auto (folders: by image size) (default: the recipe's)")
+    image_size: int = setting("streamed folders: training crop and evaluation centre crop", 224)
+    resize: int = setting("streamed folders: evaluation resizes the shorter side to this, then crops", 256)
+    # the recipe: a setting left unset (None) takes the recipe's value (`densenet.recipes.recipe_for`)
+    recipe: str = setting("auto (the model's paper's recipe for the dataset, else the dataset's own), dataset "
+                          "(the dataset's own: DenseNet's schedule and the dataset's protocol), or a recipe name",
+                          "auto")
+    epochs: int | None = setting("epochs to train (default: the recipe's: DenseNet's 300 on CIFAR, 40 SVHN, 90 "
+                                 "ImageNet, 30 digits)")
+    batch_size: int | None = setting("global batch, split across processes under torchrun (default: the "
+                                     "recipe's)")
+    lr: float | None = setting("the learning rate after any warm-up, multiplied by lr_gamma at each milestone "
+                               "(default: the recipe's: 0.1; WRN on SVHN 0.01)")
+    momentum: float | None = setting("SGD momentum (default: the recipe's: 0.9)")
+    nesterov: bool | None = setting("Nesterov momentum (default: the recipe's: on for DenseNet as the authors' "
+                                    "code, off for He 2015/2016's CIFAR ResNets)")
+    weight_decay: float | None = setting("L2 penalty on every parameter (default: the recipe's: 1e-4; WRN, and "
+                                         "ResNeXt on CIFAR: 5e-4)")
+    milestones: tuple[float, ...] | None = setting("lr x lr_gamma after this many epochs (< 1: fraction of the "
+                                                   "run) (default: the recipe's)")
+    milestone_unit: str | None = setting("epochs, or iterations (He 2015/2016 decay at 32k and 48k steps) "
+                                         "(default: the recipe's)")
+    iterations: int | None = setting("run length in steps where the recipe counts them (epochs follow) "
+                                     "(default: the recipe's)")
+    lr_gamma: float | None = setting("factor of the learning rate at each milestone (default: the recipe's: "
+                                     "0.1; WRN on CIFAR 0.2)")
+    warmup_lr: float | None = setting("a constant rate for the first warmup_iterations steps (default: the "
+                                      "recipe's, unless warmup_iterations is given; He 2015: 0.01)")
+    warmup_iterations: int | None = setting("steps at warmup_lr before the recipe's rate (default: the recipe's: "
+                                            "0; He 2015's ResNet-110/1202 and He 2016: 400)")
+    drop_rate: float | None = setting(
+        "dropout rate: DenseNet's after every convolution but the first, WRN's between a block's convolutions "
+        "(default: the recipe's: WRN 0 on CIFAR, 0.4 on SVHN; the digits 0; 0 for a network without a dropout "
+        "option under its paper's recipe; else DenseNet's rule, 0.2 without augmentation and 0 with it)")
+    test_on: str | None = setting("final or best: the weights whose test error is reported (default: the "
+                                  "recipe's: best on SVHN, WRN's aside, and for stochastic depth; else final)")
+    label_smoothing: float = setting("label smoothing of the cross-entropy (0: none, as the paper)", 0.0)
+    accumulate: int = setting("split each batch into this many micro-batches (BN then sees the micro-batches)", 1)
     # how to run it
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    amp: str = "none"  # none, bf16, fp16
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False  # SyncBatchNorm across processes (torchrun)
-    workers: int = 4  # data-loading processes for streamed folders
-    eval_batch_size: int = 256
-    out: str | None = None  # run directory: checkpoints, config, metrics
-    tensorboard: bool = True  # write TensorBoard logs when tensorboard is installed
-    progress: bool = True  # a progress bar per epoch
+    seed: int = setting("seeds initialisation, data order, augmentation and dropout: a seed reproduces a run", 0)
+    device: str = setting("auto, cpu, cuda, cuda:1, mps", "auto")
+    amp: str = setting("none, bf16, fp16", "none")
+    channels_last: bool = setting("the model and its batches in channels-last memory format", False)
+    compile: bool = setting("torch.compile the model", False)
+    sync_bn: bool = setting("SyncBatchNorm across processes (torchrun)", False)
+    workers: int = setting("data-loading processes for streamed folders", 4)
+    eval_batch_size: int = setting("batch of validation and test", 256)
+    out: str | None = setting("run directory: checkpoints, config, metrics (default: none: nothing is saved)")
+    tensorboard: bool = setting("write TensorBoard logs when tensorboard is installed", True)
+    progress: bool = setting("a progress bar per epoch", True)
 
     def __post_init__(self) -> None:
         need = needing("config: ")
@@ -111,12 +147,10 @@ class TrainConfig:
         need(isinstance(self.model_args, dict), "model_args must be a table of option = value")
 
     def get_recipe(self):
-        """The Recipe this config follows (None: DenseNet's recipe of the dataset spec)."""
-        from ..recipes import get_recipe, recipe_for
+        """The Recipe this config follows, complete (`recipes.recipe_for`)."""
+        from ..recipes import recipe_for
 
-        if self.recipe == "dataset":
-            return None
-        return recipe_for(self.model, self.dataset) if self.recipe == "auto" else get_recipe(self.recipe)
+        return recipe_for(self.model, self.dataset, self.recipe)
 
     def known_train_images(self, dataset: str | None = None) -> int | None:
         """Training images of a dataset of known size after the hold-out (None: counted when loaded).
@@ -129,37 +163,23 @@ class TrainConfig:
         return min(n, self.train_subset) if self.train_subset else n
 
     def resolve(self, train_images: int | None = None) -> "TrainConfig":
-        """A copy with every recipe default filled in. A recipe that counts iterations needs the size
-        of the training set for its epochs: known for CIFAR and SVHN, else `train_images` (`fit` gives
-        it once the data is loaded; until then `epochs` stays None)."""
-        from ..recipes import has_dropout, resolve_milestones, epochs_for_iterations
+        """A copy with every recipe default filled in: each setting left None takes the value of the recipe
+        (`recipes.recipe_for`), a warm-up given whole (its rate with its length); the schedule by the recipe's
+        rule for the run's length. A recipe that counts iterations needs the size of the training set for
+        its epochs: known for CIFAR and SVHN, else `train_images` (`fit` gives it once the data is loaded;
+        until then `epochs` stays None)."""
+        from ..recipes import epochs_for_iterations, resolve_milestones
 
-        spec = get_dataset_spec(self.dataset)
         rec = self.get_recipe()
-        c = dataclasses.replace(self, model_args=dict(self.model_args))
-        c.recipe = rec.name if rec is not None else "dataset"
-        plain = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, lr_gamma=0.1)  # DenseNet's
-        for name, value in plain.items():
-            if getattr(c, name) is None:
-                setattr(c, name, getattr(rec, name) if rec is not None else value)
-        c.batch_size = c.batch_size or (rec.batch_size if rec is not None else spec.batch_size)
-        c.augment = c.augment or (rec.augment if rec is not None and rec.augment else spec.augment)
-        if c.val_size is None:
-            c.val_size = rec.val_size if rec is not None and rec.val_size is not None else spec.val_size
-        c.test_on = c.test_on or (rec.test_on if rec is not None and rec.test_on else spec.test_on)
-        if c.warmup_iterations is None:
-            c.warmup_iterations = rec.warmup_iterations if rec is not None else 0
-            c.warmup_lr = c.warmup_lr if c.warmup_lr is not None else (rec.warmup_lr if rec is not None else None)
+        given = {k for k in RECIPE_SETTINGS if getattr(self, k) is not None}
+        if "warmup_iterations" in given:
+            given.add("warmup_lr")
+        c = dataclasses.replace(self, model_args=dict(self.model_args), recipe=rec.name,
+                                **{k: getattr(rec, k) for k in RECIPE_SETTINGS if k not in given})
         if c.warmup_iterations and c.warmup_lr is None:
             raise ValueError("config: warmup_iterations needs warmup_lr (the rate of the warm-up)")
-        if c.drop_rate is None:
-            if rec is not None and rec.drop_rate is not None:
-                c.drop_rate = rec.drop_rate  # WRN: its paper's rate for the dataset
-            elif rec is not None and not has_dropout(c.model):
-                c.drop_rate = 0.0  # ResNets, ResNeXts: no dropout in their papers
-            else:
-                # DenseNet: dropout without augmentation, unless the dataset's recipe is our own (digits)
-                c.drop_rate = spec.drop_rate if spec.drop_rate is not None else 0.2 if c.augment == "none" else 0.0
+        if c.drop_rate is None:  # DenseNet's rule: dropout without augmentation
+            c.drop_rate = 0.2 if c.augment == "none" else 0.0
         if c.milestone_unit == "iterations" and c.milestones is not None:  # decays at exact iterations
             if c.epochs is None:
                 if c.iterations is None:
@@ -167,7 +187,7 @@ class TrainConfig:
                 n = train_images if train_images is not None else c.known_train_images()
                 c.epochs = epochs_for_iterations(c.iterations, n, c.batch_size) if n is not None else None
             return c
-        by_steps = rec is not None and rec.iterations is not None and self.epochs is None
+        by_steps = rec.iterations is not None and self.epochs is None
         if by_steps and c.milestones is None:  # He 2015/2016: decays at exact iterations
             c.iterations = c.iterations or rec.iterations
             c.milestones = tuple(float(m) for m in rec.milestones)
@@ -183,14 +203,13 @@ class TrainConfig:
             c.epochs = epochs_for_iterations(c.iterations or rec.iterations, n, c.batch_size)
         c.iterations = None
         c.milestone_unit = "epochs"
-        c.epochs = c.epochs or (rec.epochs if rec is not None and rec.epochs else spec.epochs)
+        c.epochs = c.epochs or rec.epochs
         if c.milestones is not None:
             c.milestones = resolve_milestones(c.milestones, c.epochs)
-        elif rec is not None and rec.iterations:  # the run's length given: the decays at the same fractions
+        elif rec.iterations:  # the run's length given: the decays at the same fractions
             c.milestones = resolve_milestones(tuple(m / rec.iterations for m in rec.milestones), c.epochs)
         else:
-            ms = rec.milestones if rec is not None else spec.milestones
-            c.milestones = resolve_milestones(ms, c.epochs, rec.epochs if rec is not None else None)
+            c.milestones = resolve_milestones(rec.milestones, c.epochs, rec.epochs if rec.scale_milestones else None)
         return c
 
     def lr_milestones(self) -> list[int]:
@@ -227,56 +246,11 @@ class TrainConfig:
             raise ValueError(f"{where}: {e}") from None
 
 
-SETTING_HELP: dict[str, str] = {  # `densenet train --help` (the default is appended where not said)
-    "model": "a registered name (`densenet models`)",
-    "model_args": "overrides of the model's options: depth, growth_rate, ... (default: none: the registered network "
-        "as it is)",
-    "dataset": "cifar10, cifar100, svhn, imagenet, folder, digits",
-    "data": "where the dataset is (a folder, or a .tar.gz for `folder`) (default: none; every dataset but digits "
-        "needs one)",
-    "download": "fetch CIFAR/SVHN into `data` (needs a network)",
-    "svhn_extra": "train on train + extra, as the paper",
-    "in_memory": "folder datasets: hold decoded images in memory (default: small images are held)",
-    "val_size": "images held out of train for validation (default: the recipe's: 5,000 for CIFAR, 6,000 for SVHN)",
-    "split_seed": "seeds the validation split alone: every run of a dataset validates on the same images",
-    "train_subset": "train on the first N images of the shuffled train split (quick runs) (default: all)",
-    "augment": "cifar (pad 4, crop, flip), flip, none, imagenet, auto (folders: by image size) (default: the "
-        "dataset's recipe)",
-    "image_size": "streamed folders: training crop and evaluation centre crop",
-    "resize": "streamed folders: evaluation resizes the shorter side to this, then crops",
-    "recipe": "auto (by model and dataset), dataset (DenseNet's for the dataset), or a recipe name",
-    "epochs": "epochs to train (default: the recipe's: 300 CIFAR, 40 SVHN, 90 ImageNet, 30 digits)",
-    "batch_size": "global batch, split across processes under torchrun (default: the dataset's recipe)",
-    "lr": "initial learning rate, multiplied by --lr-gamma at --milestones (default: the recipe's: 0.1; WRN on SVHN "
-        "0.01)",
-    "momentum": "SGD momentum (default: the recipe's: 0.9)",
-    "nesterov": "Nesterov momentum (default: the recipe's: on for DenseNet as the authors' code, off for He 2015's "
-        "ResNets)",
-    "weight_decay": "L2 penalty on every parameter (default: the recipe's: 1e-4; WRN and ResNeXt 5e-4)",
-    "milestones": "lr x lr_gamma after this many epochs (< 1: fraction of the run) (default: the dataset's recipe)",
-    "milestone_unit": "epochs, or iterations (He 2015/2016 decay at 32k and 48k steps) (default: the recipe's)",
-    "iterations": "run length in steps where the recipe counts them (epochs follow) (default: the recipe's)",
-    "lr_gamma": "factor of the learning rate at each milestone (default: the recipe's: 0.1; WRN on CIFAR 0.2)",
-    "warmup_lr": "a constant rate for the first warmup_iterations steps (default: the recipe's; He 2015: 0.01)",
-    "warmup_iterations": "steps at warmup_lr before the recipe's rate (default: the recipe's: 0; He 2015 "
-        "ResNet-110: 400)",
-    "drop_rate": "dropout after each convolution (default: the paper's rule, 0.2 without augmentation and 0 with "
-        "it; digits: 0)",
-    "test_on": "final or best: the weights whose test error is reported (default: the protocol's)",
-    "label_smoothing": "label smoothing of the cross-entropy (0: none, as the paper)",
-    "accumulate": "split each batch into this many micro-batches (BN then sees the micro-batches)",
-    "seed": "seeds initialisation, data order, augmentation and dropout: a seed reproduces a run",
-    "device": "auto, cpu, cuda, cuda:1, mps",
-    "amp": "none, bf16, fp16",
-    "channels_last": "the model and its batches in channels-last memory format",
-    "compile": "torch.compile the model",
-    "sync_bn": "SyncBatchNorm across processes (torchrun)",
-    "workers": "data-loading processes for streamed folders",
-    "eval_batch_size": "batch of validation and test",
-    "out": "run directory: checkpoints, config, metrics (default: none: nothing is saved)",
-    "tensorboard": "write TensorBoard logs when tensorboard is installed",
-    "progress": "a progress bar per epoch",
-}
+# the settings a Recipe gives where they are not set (the schedule's, epochs to iterations, resolve() plans)
+RECIPE_SETTINGS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_gamma", "warmup_iterations",
+                   "warmup_lr", "augment", "val_size", "test_on", "drop_rate")
+# `densenet train --help`: each field's help text, from its metadata (the default is appended where not said)
+SETTING_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
