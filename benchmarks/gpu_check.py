@@ -14,7 +14,7 @@ The JSON is rewritten after every configuration, so a run cut short keeps what i
             same batch, against torchvision: NCHW, channels_last, memory_efficient, the reference path,
             bf16 autocast (timm too where installed); DenseNet-BC-100 batch 64 at 32x32, then DenseNet-121
             batch 128 at 224x224. After each network the verdict (fused / reference training throughput:
-            the entry for _fused.FUSED_BY_DEVICE) is formed and written; where a row it needs failed or
+            the entry for fused/policy.FUSED_BY_DEVICE) is formed and written; where a row it needs failed or
             was not measured, the verdict says so ("rule": null, "why": ...).
   memory    peak torch.cuda.max_memory_allocated of an fp32 training step after one warm-up step (cuDNN's
             autotuning excluded), DenseNet-BC (k=12) batch 64, L = 100, 190, 250: ours, ours
@@ -475,7 +475,7 @@ class Run:
 
     # the verdict ----------------------------------------------------------------------------------------
     def verdict(self) -> None:
-        """Which path trains faster here, eager: the entry for _fused.FUSED_BY_DEVICE. Never raises."""
+        """Which path trains faster here, eager: the entry for fused/policy.FUSED_BY_DEVICE. Never raises."""
         try:
             self.res["verdict"] = v = self._verdict()
         except Exception as e:  # noqa: BLE001 - the verdict must not end the run
@@ -488,9 +488,9 @@ class Run:
     def _verdict(self) -> dict:
         dev = torch.device(self.args.device).type
         try:
-            from densenet.models import _fused
+            from densenet.models.fused import policy as _policy
 
-            current = _fused.FUSED_BY_DEVICE.get(dev)
+            current = _policy.FUSED_BY_DEVICE.get(dev)
         except Exception:  # noqa: BLE001
             current = None
         votes, missing = {}, []
@@ -615,9 +615,9 @@ class Run:
         rows = self.res.get("eager_cifar", {})
         if spec.get("depth") == r["depth"] and spec.get("batch") == r["batch"] and spec.get("size") == 32:
             try:
-                from densenet.models import _fused
+                from densenet.models.fused import policy as _policy
 
-                fused = _fused.FUSED_BY_DEVICE.get(torch.device(self.args.device).type, False)  # as fused="auto"
+                fused = _policy.FUSED_BY_DEVICE.get(torch.device(self.args.device).type, False)  # as fused="auto"
             except Exception:  # noqa: BLE001
                 fused = False
             amp = "-bf16" if self.cuda else ""
@@ -638,9 +638,9 @@ def verdict_line(v: dict) -> str:
         now = v.get("current")
         change = (" (not in FUSED_BY_DEVICE now: add it)" if now is None else " (as it is)" if now == v.get("fused")
                   else f" (it is {now} now: change it)")
-        return (f"=> set in src/densenet/models/_fused.py: {v['rule']}{change}; {v.get('why', '')}"
+        return (f"=> set in src/densenet/models/fused/policy.py: {v['rule']}{change}; {v.get('why', '')}"
                 + (f"  [{v['note']}]" if v.get("note") else ""))
-    return (f"=> no verdict for FUSED_BY_DEVICE[\"{dev}\"]: {v.get('why', 'not formed')}; leave src/densenet/models/_fused.py "
+    return (f"=> no verdict for FUSED_BY_DEVICE[\"{dev}\"]: {v.get('why', 'not formed')}; leave src/densenet/models/fused/policy.py "
             f"as it is" + (f" (partial: {v['partial']})" if v.get("partial") else ""))
 
 
@@ -687,7 +687,9 @@ def memory_step(label, lib, opts, depth, batch, device) -> dict:
         reset_peak_rss()
         before = rss_mb("VmRSS")
     c.step()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
+    # Linux syncs its per-thread RSS counters lazily (up to 64 pages each), so VmHWM can read a few pages
+    # below the VmRSS read before: the peak is at least what was resident before the step
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max(rss_mb("VmHWM"), rss_mb("VmRSS"), before)
     del c
     return dict(peak_mb=peak if cuda else peak - before, before_mb=before, total_peak_mb=peak,
                 measured_step=2 if cuda else 1)

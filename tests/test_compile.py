@@ -1,6 +1,6 @@
 """torch.compile of the default (fused) path, and higher-order gradients.
 
-Under torch.compile a fused dense block is traced as plain operations (_fused.dense_block_traceable):
+Under torch.compile a fused dense block is traced as plain operations (fused.traceable.dense_block_traceable):
 one graph for the whole network, the same numbers as the eager fused path. Compiling with inductor
 takes minutes on 2 CPU cores, so the fast tests use the "aot_eager" backend (Dynamo and AOTAutograd
 trace forward and backward exactly as for inductor; only the code generation is left out) on tiny

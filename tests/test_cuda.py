@@ -64,12 +64,12 @@ def test_sync_batchnorm_model_takes_the_reference_path(exact_cuda):
     """convert_sync_batchnorm replaces the BNs: the fused path steps aside (it covers plain BatchNorm2d).
     TF32 off (exact_cuda): the fused model's 1x1 products and the reference's cuDNN convolutions would
     otherwise differ at TF32 precision (~1e-3), not float32's."""
-    from densenet.models import _fused
+    from densenet.models.fused import policy
 
     ref = build32("densenet_bc_100_k12", dict(depth=10), fused=True)
     m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
     block = m.features.denseblock1
-    assert not _fused.supported(list(block.values()))
+    assert not policy.supported(list(block.values()))
     x = torch.randn(2, 3, 8, 8, device=CUDA)
     with torch.no_grad():  # eval: SyncBatchNorm needs no process group
         torch.testing.assert_close(m.eval()(x), ref.eval()(x))

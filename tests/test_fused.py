@@ -184,11 +184,11 @@ def test_no_block_state_outlives_its_graph(backward):
     leaked ~20 MB per training step)."""
     import gc
 
-    from densenet.models import _fused
+    from densenet.models.fused import state
 
     def alive():
         gc.collect()
-        return sum(type(o) is _fused._BlockState for o in gc.get_objects())
+        return sum(type(o) is state._BlockState for o in gc.get_objects())
 
     before = alive()  # earlier tests may still hold graphs (pytest keeps tracebacks)
     m = densenet.create_model("densenet_bc_100_k12", depth=10).train()
@@ -343,7 +343,7 @@ def test_bn_relu_input_backward_and_finished_grad_equal_autograd():
     """One reader of the buffer with batch statistics: dL/dx through the reader's affine map
     (_BNReLUInput.backward) plus the term through the shared statistics (_finished_grad) is autograd's
     gradient of relu(batch_norm(x)); dL/dgamma and dL/dbeta too."""
-    from densenet.models import _fused
+    from densenet.models.fused import nodes, state
 
     x = torch.randn(3, 4, 5, 2, dtype=torch.double) * 2 + 1
     w = torch.rand(4, dtype=torch.double) + 0.5
@@ -351,13 +351,13 @@ def test_bn_relu_input_backward_and_finished_grad_equal_autograd():
     gy = torch.randn(3, 4, 5, 2, dtype=torch.double)
     for batch_stats in (True, False):
         rm, rv = torch.randn(4, dtype=torch.double), torch.rand(4, dtype=torch.double) + 0.5
-        st = _fused._BlockState(x, 4, batch_stats=batch_stats, pool=_fused.ScratchPool())
+        st = state._BlockState(x, 4, batch_stats=batch_stats, pool=state.ScratchPool())
         st.write(0, x)
         mean, var = (st.mean, st.var) if batch_stats else (rm, rv)
-        inp = _fused._BNReLUInput(st, 4, mean, var, w, b, 1e-5)
+        inp = nodes._BNReLUInput(st, 4, mean, var, w, b, 1e-5)
         z = inp.z()
         gw, gb = inp.backward(gy.permute(1, 0, 2, 3).reshape(4, -1).clone(), z, w)
-        gx = _fused._finished_grad(st, 0, 4)
+        gx = nodes._finished_grad(st, 0, 4)
         xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
         yr = torch.relu(nn.functional.batch_norm(xr, None if batch_stats else rm, None if batch_stats else rv, wr, br,
                                                  training=batch_stats, eps=1e-5))
@@ -370,15 +370,15 @@ def test_bn_relu_input_backward_and_finished_grad_equal_autograd():
 
 @pytest.mark.parametrize("size", [(4, 6), (5, 7)])
 def test_avg_pool2_and_its_backward_equal_pytorch(size):
-    from densenet.models import _fused
+    from densenet.models.fused import kernels
 
     z = torch.randn(3, 2, *size, dtype=torch.double, requires_grad=True)
     ref = nn.functional.avg_pool2d(z, 2)
-    torch.testing.assert_close(_fused._avg_pool2(z.detach()), ref.detach())
+    torch.testing.assert_close(kernels._avg_pool2(z.detach()), ref.detach())
     gp = torch.randn_like(ref)
     ref.backward(gp)
     out = torch.full_like(z, float("nan"))  # every element written, the unpooled border with 0
-    torch.testing.assert_close(_fused._avg_pool2_backward(gp, out), z.grad)
+    torch.testing.assert_close(kernels._avg_pool2_backward(gp, out), z.grad)
 
 
 def test_needs_maps_gradients_by_name():
@@ -386,44 +386,46 @@ def test_needs_maps_gradients_by_name():
     x_0 ... x_{l-1} only the newest ever takes one."""
     from types import SimpleNamespace
 
-    from densenet.models import _fused
+    from densenet.models.fused import nodes
 
     names = ("st", "c", "w", "b")
     ctx = SimpleNamespace(needs_input_grad=(False, False, True, False, True, True, True))  # 3 chunks
-    need = _fused._Needs(ctx, names)
+    need = nodes._Needs(ctx, names)
     assert need.w and not need.b and need.newest
     with pytest.raises(AttributeError):
         need.bias  # a misspelt name is an error, not False
     g = need.gradients({"w": "gw", "b": "gb", "newest": "gx"})
     assert g == (None, None, "gw", None, None, None, "gx")  # b is not needed: None
-    assert _fused._Needs(SimpleNamespace(needs_input_grad=(False, True)), ("st", "x")).gradients({"x": 1}) == (None, 1)
+    assert nodes._Needs(SimpleNamespace(needs_input_grad=(False, True)), ("st", "x")).gradients({"x": 1}) == (None, 1)
+    with pytest.raises(RuntimeError, match="not arguments of forward"):
+        need.gradients({"weight": "gw"})  # a gradient under a name forward does not have: an error, not dropped
 
 
 def test_dropped_and_undrop_agree():
-    from densenet.models import _fused
+    from densenet.models.fused import kernels
 
     x = torch.randn(2, 8, 5, 5, dtype=torch.double).contiguous(memory_format=torch.channels_last)
-    y, keep = _fused._dropped(x, 0.3)
+    y, keep = kernels._dropped(x, 0.3)
     assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel()
-    torch.testing.assert_close(_fused._undrop(x, keep, 0.3), y)
+    torch.testing.assert_close(kernels._undrop(x, keep, 0.3), y)
     torch.testing.assert_close(y[keep], x[keep] / 0.7)
 
 
 def test_debug_mode_is_on_in_tests():
-    from densenet.models import _fused
+    from densenet.models.fused import state
 
-    assert _fused.DEBUG  # tests/conftest.py sets DENSENET_DEBUG_FUSED=1 before densenet is imported
+    assert state.DEBUG  # tests/conftest.py sets DENSENET_DEBUG_FUSED=1 before densenet is imported
 
 
 def test_debug_mode_catches_a_backward_order_violation(monkeypatch):
     """Within one backward pass a block's nodes must run newest first (see 'Backward order' in
-    _fused.py); a node that runs after an older one raises in debug mode."""
+    fused/__init__.py); a node that runs after an older one raises in debug mode."""
     from types import SimpleNamespace
 
-    from densenet.models import _fused
+    from densenet.models.fused import nodes, state
 
-    st = _fused._BlockState(torch.randn(2, 3, 4, 4), 3, batch_stats=True, pool=_fused.ScratchPool())
-    st.version = _fused._version(st.buf)
+    st = state._BlockState(torch.randn(2, 3, 4, 4), 3, batch_stats=True, pool=state.ScratchPool())
+    st.version = state._version(st.buf)
 
     def backward_pass(order):
         class Probe(torch.autograd.Function):
@@ -434,7 +436,7 @@ def test_debug_mode_catches_a_backward_order_violation(monkeypatch):
             @staticmethod
             def backward(ctx, g):
                 for seq in order:  # as the block's nodes would, numbered in creation order
-                    _fused._begin_backward(SimpleNamespace(st=st, seq=seq))
+                    nodes._begin_backward(SimpleNamespace(st=st, seq=seq))
                 return g
 
         Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
@@ -443,7 +445,7 @@ def test_debug_mode_catches_a_backward_order_violation(monkeypatch):
     backward_pass([3, 2])  # a new backward pass starts afresh
     with pytest.raises(RuntimeError, match="backward order violated"):
         backward_pass([2, 3])
-    monkeypatch.setattr(_fused, "DEBUG", False)
+    monkeypatch.setattr(state, "DEBUG", False)
     backward_pass([2, 3])  # not checked outside debug mode
 
 
@@ -509,10 +511,10 @@ def test_scratch_memory_is_the_blocks_and_can_be_released():
 def test_the_transition_reads_the_block_it_follows(monkeypatch):
     """A block and its transition are one unit (Transition.follow): the transition reads the block's
     buffer when its input is the block's untouched output, and computes from its modules otherwise."""
-    from densenet.models import _fused, _inference
+    from densenet.models import _inference, fused
 
     calls = []
-    for mod in (_fused, _inference):
+    for mod in (fused, _inference):
         real = mod.transition_forward
         monkeypatch.setattr(mod, "transition_forward", lambda *a, real=real, mod=mod: calls.append(mod) or real(*a))
     m = densenet.create_model("densenet_bc_100_k12", depth=16).train()
@@ -520,7 +522,7 @@ def test_the_transition_reads_the_block_it_follows(monkeypatch):
     assert t.block_outputs is block.outputs
     x = torch.randn(2, 3, 8, 8)
     m(x).sum().backward()
-    assert calls == [_fused, _fused]
+    assert calls == [fused, fused]
     with torch.no_grad():
         m.eval()(x)
     assert calls[2:] == [_inference, _inference]
@@ -540,10 +542,11 @@ def test_reference_path_is_one_switch(monkeypatch):
     """densenet.models.reference_path(): every dense block computes as fused=False does, without
     touching the model; counting multiply-adds and exporting use it."""
     from densenet.analysis import count_macs
-    from densenet.models import _fused, reference_path
+    from densenet.models import fused as fused_path
+    from densenet.models import reference_path
 
     calls = []
-    monkeypatch.setattr(_fused, "dense_block_forward", lambda *a: calls.append(1))
+    monkeypatch.setattr(fused_path, "dense_block_forward", lambda *a: calls.append(1))
     fused = build("densenet_bc_100_k12", dict(depth=16), fused=True).train()
     plain = build("densenet_bc_100_k12", dict(depth=16), fused=False).train()
     x = torch.randn(2, 3, 8, 8, dtype=torch.double)
@@ -562,16 +565,16 @@ def test_reference_path_is_one_switch(monkeypatch):
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["default", "memeff"])
 def test_float32_backward_products_in_either_kernel(onednn, memory_efficient, monkeypatch):
     """The 1x1 convolutions' backward products run in oneDNN (float32 on the CPU) or in torch.mm
-    (_fused.ONEDNN_BACKWARD): either way the gradients are the reference path's, to float32 rounding."""
-    from densenet.models import _fused
+    (kernels.ONEDNN_BACKWARD): either way the gradients are the reference path's, to float32 rounding."""
+    from densenet.models import _torch_compat
+    from densenet.models.fused import kernels
 
-    if onednn and _fused._LINEAR is None:
+    if onednn and not (torch.backends.mkldnn.is_available() and _torch_compat.available("linear_pointwise")):
         pytest.skip("this PyTorch build has no oneDNN matrix product (torch.ops.mkldnn._linear_pointwise)")
-    assert not onednn or _fused._linear_works()  # checked once per process (before the spy counts calls)
     calls = []
-    real = _fused._LINEAR
-    monkeypatch.setattr(_fused, "_LINEAR", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(_fused, "ONEDNN_BACKWARD", onednn)
+    real = kernels._linear
+    monkeypatch.setattr(kernels, "_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "ONEDNN_BACKWARD", onednn)
     torch.manual_seed(0)
     plain = densenet.create_model("densenet_bc_100_k12", depth=22, fused=False)
     fused = densenet.create_model("densenet_bc_100_k12", depth=22, memory_efficient=memory_efficient)
@@ -588,36 +591,88 @@ def test_float32_backward_products_in_either_kernel(onednn, memory_efficient, mo
 
 def test_a_onednn_product_that_disagrees_with_mm_is_not_used(monkeypatch):
     """If this PyTorch's oneDNN product fails or disagrees with torch.mm on the backward pass's operand
-    layouts (a private operator), torch.mm computes the products."""
-    from densenet.models import _fused
+    layouts (a private operator, checked before its first use: models._torch_compat), torch.mm computes
+    the products, with a warning."""
+    import dataclasses
+
+    from densenet.models import _torch_compat
+    from densenet.models.fused import kernels
+
+    entry = _torch_compat.ENTRIES["linear_pointwise"]
 
     def broken(*a):
         raise RuntimeError("mkldnn linear: unsupported layout")
 
-    for fake, works in ((broken, False), (lambda a, b, *rest: a @ b.t() + 1.0, False), (_fused._LINEAR, True)):
-        if fake is None:
-            continue
-        monkeypatch.setattr(_fused, "_LINEAR", fake)
-        _fused._linear_works.cache_clear()
-        assert _fused._linear_works() is works
-        expected = works and _fused.ONEDNN_BACKWARD and torch.backends.mkldnn.is_available()
-        assert _fused._onednn(torch.zeros(2, dtype=torch.float32)) is expected
-    _fused._linear_works.cache_clear()
+    for fake, works in ((broken, False), (lambda a, b, *rest: a @ b.t() + 1.0, False), ("real", True)):
+        if fake == "real":
+            try:
+                fake = entry.locate()
+            except (AttributeError, RuntimeError):
+                continue  # no oneDNN product in this build
+        monkeypatch.setitem(_torch_compat.ENTRIES, "linear_pointwise", dataclasses.replace(entry, locate=lambda f=fake: f))
+        monkeypatch.setitem(_torch_compat._status, "linear_pointwise", _torch_compat._Status())  # looked up afresh
+        if works:
+            assert _torch_compat.available("linear_pointwise")
+        else:
+            with pytest.warns(_torch_compat.PrivateTorchAPIWarning, match="_linear_pointwise"):
+                assert not _torch_compat.available("linear_pointwise")
+        expected = works and kernels.ONEDNN_BACKWARD and torch.backends.mkldnn.is_available()
+        assert kernels._onednn(torch.zeros(2, dtype=torch.float32)) is expected
 
 
 def test_the_onednn_check_draws_nothing_from_the_global_generator():
     """The oneDNN product is checked once, inside the first backward pass of a process: drawing from
     torch's default generator there shifted every later dropout mask, so a resumed run (a new process)
     and an uninterrupted one diverged, depending on which process had run the check first."""
-    from densenet.models import _fused
+    from densenet.models import _torch_compat
 
-    _fused._linear_works.cache_clear()
+    entry = _torch_compat.ENTRIES["linear_pointwise"]
     try:
-        before = torch.get_rng_state()
-        _fused._linear_works()
-        assert torch.equal(torch.get_rng_state(), before)
-    finally:
-        _fused._linear_works.cache_clear()
+        linear = entry.locate()
+    except (AttributeError, RuntimeError):
+        pytest.skip("this PyTorch build has no oneDNN matrix product (torch.ops.mkldnn._linear_pointwise)")
+    before = torch.get_rng_state()
+    entry.check(linear)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_every_autograd_function_names_its_arguments_by_forward_signature():
+    """Each fused Function's backward places its gradients by the names of forward's arguments (ARGS):
+    they are read from forward's signature (nodes.function_args), so that an argument added to forward
+    cannot shift the gradients of the others. Every Function in the package's modules has them, and
+    function_args refuses a forward whose arguments Function.apply could not pass by position."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from densenet.models import fused
+    from densenet.models.fused import nodes
+
+    found = []
+    for info in pkgutil.iter_modules(fused.__path__):
+        module = importlib.import_module(f"{fused.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and issubclass(obj, torch.autograd.Function) and obj.__module__ == module.__name__:
+                found.append(obj)
+                params = list(inspect.signature(obj.forward).parameters.values())
+                assert params[0].name == "ctx", obj
+                named = tuple(p.name for p in params[1:] if p.kind is p.POSITIONAL_OR_KEYWORD)
+                assert "ARGS" in vars(obj) and obj.ARGS == named, (obj, getattr(obj, "ARGS", None), named)
+                rest = [p for p in params[1 + len(named):]]
+                assert all(p.kind is p.VAR_POSITIONAL for p in rest) and len(rest) <= 1, obj
+    assert {f.__name__ for f in found} >= {"_LayerInput", "_RecomputedLayer", "_BlockOutput", "_TransitionInput"}
+
+    class Shifted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, st, w, b, *chunks):
+            pass
+
+    assert nodes.function_args(Shifted).ARGS == ("st", "w", "b")
+    for bad in ("ctx, st, w=None", "ctx, st, *chunks, w", "ctx, st, *, w", "ctx, st, newest", "st, w"):
+        namespace = {}
+        exec(f"def forward({bad}):\n    pass", namespace)
+        with pytest.raises(TypeError):
+            nodes.function_args(type("Bad", (torch.autograd.Function,), {"forward": staticmethod(namespace["forward"])}))
 
 
 def test_reference_path_holds_for_the_thread_that_entered_it(monkeypatch):
@@ -625,24 +680,24 @@ def test_reference_path_holds_for_the_thread_that_entered_it(monkeypatch):
     blocks onto the reference path."""
     import threading
 
-    from densenet.models import _fused
+    from densenet.models import fused
 
     entered, checked = threading.Event(), threading.Event()
     seen = {}
 
     def exporter():
-        with _fused.reference_path():
-            seen["exporter"] = _fused.reference_path_active()
+        with fused.reference_path():
+            seen["exporter"] = fused.reference_path_active()
             entered.set()
             checked.wait(10)
 
     t = threading.Thread(target=exporter)
     t.start()
     assert entered.wait(10)
-    seen["trainer"] = _fused.reference_path_active()  # this thread, while the other is inside the context
+    seen["trainer"] = fused.reference_path_active()  # this thread, while the other is inside the context
     calls = []
-    real = _fused.dense_block_forward
-    monkeypatch.setattr(_fused, "dense_block_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused.dense_block_forward
+    monkeypatch.setattr(fused, "dense_block_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = densenet.create_model("densenet_bc_100_k12", depth=10)
     try:
         m.train()(torch.randn(2, 3, 8, 8))
@@ -650,4 +705,4 @@ def test_reference_path_holds_for_the_thread_that_entered_it(monkeypatch):
         checked.set()
         t.join(10)
     assert seen == {"exporter": True, "trainer": False} and calls
-    assert not _fused.reference_path_active()
+    assert not fused.reference_path_active()

@@ -23,7 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet
-from densenet.models import _fused
+from densenet.models import fused
+from densenet.models.fused import kernels, policy
 
 aten = torch.ops.aten
 _LOW = (torch.float16, torch.bfloat16)
@@ -187,7 +188,7 @@ def _autocast(dtype):
 @pytest.fixture
 def cuda_like(monkeypatch):
     """The fused path as it runs on CUDA: oneDNN's products are gated to CPU float32 (checked below)."""
-    monkeypatch.setattr(_fused, "ONEDNN_BACKWARD", False)
+    monkeypatch.setattr(kernels, "ONEDNN_BACKWARD", False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
@@ -244,8 +245,8 @@ def test_onednn_products_are_gated_to_the_cpu():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        assert not _fused._onednn(torch.empty(4, 4, device="cuda"))
-    assert not _fused._onednn(torch.empty(4, 4, dtype=torch.float64))
+        assert not kernels._onednn(torch.empty(4, 4, device="cuda"))
+    assert not kernels._onednn(torch.empty(4, 4, dtype=torch.float64))
 
 
 def _to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -286,16 +287,16 @@ def test_forward_on_fake_cuda_tensors_keeps_device_and_dtype(net, model_dtype, t
 def test_auto_takes_the_reference_path_on_cuda(monkeypatch):
     """Until a GPU has measured the fused path, fused="auto" on CUDA (and on any unmeasured device) is the
     reference path: torch's own modules and cuDNN kernels. fused=True still opts in."""
-    assert _fused.default_fused(torch.device("cpu")) is True
-    assert _fused.default_fused(torch.device("cuda")) is False
-    assert _fused.default_fused(torch.device("cuda:1")) is False
-    assert _fused.default_fused(torch.device("mps")) is False
+    assert policy.default_fused(torch.device("cpu")) is True
+    assert policy.default_fused(torch.device("cuda")) is False
+    assert policy.default_fused(torch.device("cuda:1")) is False
+    assert policy.default_fused(torch.device("mps")) is False
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     calls = []
-    real = _fused.dense_block_forward
-    monkeypatch.setattr(_fused, "dense_block_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused.dense_block_forward
+    monkeypatch.setattr(fused, "dense_block_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     with FakeTensorMode():
         with torch.device("cuda"):
             auto = densenet.create_model("densenet_bc_100_k12", depth=10)

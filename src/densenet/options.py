@@ -9,8 +9,8 @@
 | `DENSENET_MAX_FILE_MB` | 64 | the largest image file read |
 | `DENSENET_MAX_IMAGE_PIXELS` | 89,478,485 (Pillow's) | the most pixels one image may have |
 
-The switches are read once, when the module that uses them is imported (`_fused.DEBUG`,
-`_fused.ONEDNN_BACKWARD`: module attributes, so a program or a test can also set them). torchrun's
+The switches are read once, when the module that uses them is imported (`fused.state.DEBUG`,
+`fused.kernels.ONEDNN_BACKWARD`: module attributes, so a program or a test can also set them). torchrun's
 `RANK`, `WORLD_SIZE`, `LOCAL_RANK` are torchrun's protocol, read by `train.distributed`, and
 `DENSENET_LOCK_HANDOVER` is the run lock's own parent-to-child protocol (`train.lock`), not an option.
 """

@@ -4,7 +4,7 @@ maps to the module that defines it."""
 import importlib
 
 _LAZY = {"DenseNet": ".densenet", "DenseNetConfig": ".densenet", "ResNet": ".resnet", "ResNetConfig": ".resnet",
-         "reference_path": "._fused"}
+         "reference_path": ".fused.policy"}
 
 __all__ = ["DenseNet", "DenseNetConfig", "ResNet", "ResNetConfig", "reference_path"]
 

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _torch_compat
+
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -78,7 +80,7 @@ def _eligible(x: torch.Tensor, module: nn.Module) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _torch_compat.global_forward_hooks_registered() is not False:  # some, or unknown (models._torch_compat)
         return False
     return not _needs_grad(x, module)
 
@@ -87,19 +89,20 @@ def stem_applies(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether the model's stem runs channels_last (its input converted first): when the eval-mode path
     will take the first dense block, which works in that layout (a hook on that block, or a model
     whose first block has other modules, leaves the input as it is)."""
-    from . import _fused
+    from .fused import policy
 
     block = getattr(model.features, "denseblock1", None)
     if block is None:
         return False
-    fused = _fused.default_fused(x.device) if block.fused == "auto" else block.fused
-    return fused and not _fused.reference_path_active() and _eligible(x, model) \
+    fused = policy.default_fused(x.device) if block.fused == "auto" else block.fused
+    return fused and not policy.reference_path_active() and _eligible(x, model) \
         and block_applies(block, list(block.values()), x)
 
 
 def block_applies(block: nn.Module, layers, x0: torch.Tensor) -> bool:
-    """Whether the eval-mode path computes this dense block's forward pass."""
-    if not _eligible(x0, block) or _hooked(block):
+    """Whether the eval-mode path computes this dense block's forward pass (not without PyTorch's version
+    counter, which tells when the folded tensors are stale: models._torch_compat)."""
+    if not _eligible(x0, block) or _hooked(block) or not _torch_compat.available("tensor_version"):
         return False
     for layer in layers:
         mods = layer._modules
@@ -154,16 +157,23 @@ def _folded_tensors(layers) -> list:
     return out
 
 
-def _key(layers) -> tuple:
+def _key(layers) -> tuple | None:
     """The tensors `_freeze` reads, as (storage, dtype, version), and BN2's eps: unchanged as long as none
     was replaced, modified in place or set. (Writes through `.data` bypass the version counter: they
-    are not seen, as in any cache keyed on it; BN1 is not cached.)"""
+    are not seen, as in any cache keyed on it; BN1 is not cached.) None, a key that matches nothing,
+    where the version counter (a private API: models._torch_compat) is unavailable."""
     tensors = _folded_tensors(layers)
     eps = tuple(layer._modules["norm2"].eps for layer in layers if layer.bottleneck)
-    try:
-        return tuple((t.data_ptr(), t.dtype, t._version) for t in tensors) + eps
-    except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
-        return tuple((t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version) for t in tensors) + eps
+    version = _torch_compat.get("tensor_version")
+    if version is not None:
+        try:
+            return tuple((t.data_ptr(), t.dtype, version(t)) for t in tensors) + eps
+        except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
+            pass
+    versions = tuple(_torch_compat.tensor_version(t) for t in tensors)  # 0 for inference tensors
+    if None in versions:
+        return None
+    return tuple((t.data_ptr(), t.dtype, v) for t, v in zip(tensors, versions)) + eps
 
 
 def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +225,7 @@ def _frozen(block: nn.Module, layers) -> list[tuple]:
     key = _key(layers)
     cache = block.__dict__["frozen"]  # DenseBlock's own (read from __dict__: Module.__getattr__ is slow)
     f = cache.entry
-    if f is None or f.key != key:
+    if f is None or key is None or f.key != key:
         with torch.inference_mode(False):  # usable outside inference_mode too
             f = cache.entry = _Frozen(key, _freeze(layers))
     return f.layers
@@ -223,7 +233,7 @@ def _frozen(block: nn.Module, layers) -> list[tuple]:
 
 class FrozenOutput:
     """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock records
-    it in the block's `_fused.BlockOutputs`): that output is the block buffer, pixel-major. It holds
+    it in the block's `fused.state.BlockOutputs`): that output is the block buffer, pixel-major. It holds
     nothing: a reference to the buffer, a view of the output, would keep the output alive."""
 
     __slots__ = ()
