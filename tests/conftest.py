@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# helpers.py's checks (one_line_error, ...) fail with pytest's detailed messages, as asserts in a test do
+pytest.register_assert_rewrite("helpers")
+
 # one thread per pytest-xdist worker (`-n 2` runs two workers on the 2 cores), else up to two
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
-os.environ.setdefault("DENSENET_DEBUG_FUSED", "1")  # the fused block checks its backward order (_fused.DEBUG)
+os.environ.setdefault("DENSENET_DEBUG_FUSED", "1")  # the fused block checks its backward order (fused/state.DEBUG)
 
 # imported now (after the line above), so that the guard below knows their state before any test runs
 import torch._dynamo.config  # noqa: E402  (2 s, once per process)
@@ -23,7 +26,8 @@ import torch._inductor.config  # noqa: E402
 import densenet.cli  # noqa: E402,F401  (these 0.2 s: the modules with switches and tables tests may change)
 import densenet.data  # noqa: E402,F401
 import densenet.grid.reproduce  # noqa: E402,F401
-import densenet.models._fused  # noqa: E402,F401
+import densenet.models._torch_compat  # noqa: E402,F401
+import densenet.models.fused  # noqa: E402,F401
 import densenet.recipes  # noqa: E402,F401
 import densenet.registry  # noqa: E402,F401
 import densenet.train.lock  # noqa: E402,F401
@@ -49,6 +53,34 @@ def tiny_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny_run")
     folder = make_folder(root / "shapes", per_class=12, test_per_class=4, size=12)
     return {"folder": folder, "run": train(folder, root / "run")}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny image folder and a run of one epoch on it (3 steps), shared by the tests that copy it
+    (helpers.copy_run) before they change it: DenseNet-BC (L=10, k=6) on a 3-class folder of 8x8 images
+    (8 train, 2 test per class)."""
+    from densenet.train import fit
+    from helpers import cfg, make_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    folder = make_folder(root / "shapes", per_class=8, test_per_class=2, size=8)
+    fit(cfg(folder, root / "run"))
+    return {"folder": folder, "run": root / "run"}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """The first run's recipe in miniature: digits, no augmentation, dropout 0.2 (the paper's rule).
+    Shared by the tests of `densenet eval` and `densenet reuse`, which only read it."""
+    from densenet.train import TrainConfig, fit
+    from helpers import SMALL
+
+    out = tmp_path_factory.mktemp("digits_run") / "digits"
+    fit(TrainConfig(model="densenet_bc_100_k12", model_args=SMALL, dataset="digits", epochs=1, batch_size=32,
+                    train_subset=128, val_size=32, augment="none", drop_rate=0.2, progress=False,
+                    tensorboard=False, out=str(out)))
+    return out
 
 
 @pytest.fixture
@@ -157,7 +189,7 @@ def _put_back(shot):
 
 
 def _switches() -> dict:
-    """The densenet modules' UPPERCASE globals (switches such as _fused.DEBUG, FUSED_BY_DEVICE,
+    """The densenet modules' UPPERCASE globals (switches such as fused.state.DEBUG, FUSED_BY_DEVICE,
     ONEDNN_BACKWARD; tables such as registry._REGISTRY, data.DATASETS, cli.COMMANDS),
     of the modules imported so far."""
     global _MODULES

@@ -1,15 +1,23 @@
 """Plain helpers shared by the test modules (fixtures are in conftest.py): small real data made by the
 tests themselves, the environment of a child `densenet` process, a tiny trained run, and the
-comparison of the fused and memory-efficient paths against the reference one. Test modules import from
-here, never from one another."""
+comparison of the fused and memory-efficient paths against the reference one, the command line run
+in-process, and hostile files (damaged images and archives). Test modules import from here, never from
+one another."""
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import struct
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit of every repository of the offline hub
@@ -160,3 +168,157 @@ def make_cifar_archive(path: Path, per_class: int = 510, seed: int = 0) -> Path:
                 buf.seek(0)
                 tf.addfile(info, buf)
     return path
+
+
+# --- tiny runs, the command line in-process, and hostile files (made here, not stored) -----------------
+
+SMALL = {"depth": 10, "growth_rate": 6}  # model_args of a tiny DenseNet-BC (L=10, k=6)
+
+
+def cfg(folder, out, **kw):
+    """The settings of a tiny run on an image folder (DenseNet-BC, L=10, k=6, 1 epoch, batches of 8, 3
+    validation images; `out` None: none given); `kw` overrides them."""
+    from densenet.train import TrainConfig
+
+    base = dict(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 6}, dataset="folder",
+                data=str(folder), epochs=1, batch_size=8, val_size=3, progress=False, tensorboard=False,
+                out=str(out) if out else None)
+    return TrainConfig(**{**base, **kw})
+
+
+def copy_run(tiny, dst: Path) -> Path:
+    """A copy of the `tiny` fixture's run at `dst`, writable, for a test that changes it."""
+    shutil.copytree(tiny["run"], dst, symlinks=True)
+    for p in dst.rglob("*"):  # checkpoints may be written read-only
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o644)
+    return dst
+
+
+def cli(*argv) -> tuple[int, str]:
+    """Run the command line in-process: (exit status, stderr)."""
+    import contextlib
+
+    from densenet.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """Run the command line in-process: (exit status, stdout, stderr), as pytest's capsys read them."""
+    from densenet.cli import main
+
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit status 2, no traceback, and one error line that holds every needle."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+def rewrite_safetensors(path: Path, edit) -> None:
+    """Apply `edit(tensors, metadata)` to a safetensors file (in place; both may be changed)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    edit(tensors, meta)
+    os.chmod(path, 0o644)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def lying_png(width=100, height=100, data=bytes(100)) -> bytes:
+    """The red team's 69-byte PNG: IHDR declares 100x100 8-bit grey, IDAT holds 100 bytes. It killed
+    torchvision's decoder (SIGSEGV)."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(data)) + png_chunk(b"IEND", b""))
+
+
+def valid_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    out = {}
+    for name, (im, fmt, kw) in {
+        "rgb.png": (Image.fromarray(rgb), "PNG", {}),
+        "gray.png": (Image.fromarray(rgb).convert("L"), "PNG", {}),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), "PNG", {}),
+        "palette.png": (Image.fromarray(rgb).convert("P"), "PNG", {}),
+        "deep16.png": (Image.fromarray(rng.integers(0, 65536, (9, 11)).astype(np.uint16)), "PNG", {}),
+        "interlaced.png": (Image.fromarray(rgb), "PNG", {"interlace": 1}),
+        "photo.jpg": (Image.fromarray(rgb), "JPEG", {"quality": 90}),
+        "gray.jpg": (Image.fromarray(rgb).convert("L"), "JPEG", {}),
+        "progressive.jpg": (Image.fromarray(rgb), "JPEG", {"progressive": True}),
+        "image.bmp": (Image.fromarray(rgb), "BMP", {}),
+        "image.webp": (Image.fromarray(rgb), "WEBP", {}),
+        "image.tiff": (Image.fromarray(rgb), "TIFF", {}),
+        "image.ppm": (Image.fromarray(rgb), "PPM", {}),
+        "image.gif": (Image.fromarray(rgb).convert("P"), "GIF", {}),
+    }.items():
+        b = io.BytesIO()
+        im.save(b, fmt, **kw)
+        out[name] = b.getvalue()
+    frames = [Image.fromarray(np.full((9, 11, 3), v, np.uint8)).convert("P") for v in (0, 255)]
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
+    out["animated.gif"] = b.getvalue()
+    return out
+
+
+def mutations(data: bytes, seed: int, n: int) -> list[bytes]:
+    """Truncations, bit flips, inserted and deleted bytes, at seeded positions."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        d = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            d = d[:int(rng.integers(0, len(d)))]
+        elif kind == 1:
+            for p in rng.integers(0, len(d), int(rng.integers(1, 4))):
+                d[p] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 2:
+            p = int(rng.integers(0, len(d)))
+            d[p:p] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+        else:
+            p = int(rng.integers(0, len(d)))
+            del d[p:p + int(rng.integers(1, 9))]
+        out.append(bytes(d))
+    return out
+
+
+def make_archive(path: Path, files: dict[str, bytes], order=None, mode="w:gz") -> Path:
+    names = list(files) if order is None else order
+    with tarfile.open(path, mode) as tf:
+        for n in names:
+            info = tarfile.TarInfo(n)
+            info.size = len(files[n])
+            tf.addfile(info, io.BytesIO(files[n]))
+    return path
+
+
+def folder_files(n_per_class=4, size=8) -> dict[str, bytes]:
+    rng = np.random.default_rng(1)
+    out = {}
+    for split, n in (("train", n_per_class), ("test", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                b = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(b, "PNG")
+                out[f"data/{split}/{c}/{i:03d}.png"] = b.getvalue()
+    return out

@@ -1,6 +1,7 @@
 """Every writer refuses a destination that exists and is not a regular file (utils/atomic.py's
 `check_destination`): a FIFO, a device, a socket or a directory is never replaced by a file, as root
-too, and nothing is written before the refusal."""
+too, and nothing is written before the refusal. Nor does any output replace a training run's own files
+(train/checkpoint.py's `refuse_run_file`)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import pytest
 
 from densenet.cli import main
 from densenet.utils.atomic import atomic_write, check_destination, write_text_atomic
+
+from helpers import cli, one_line_error
 
 
 def _fifo(path):
@@ -115,3 +118,52 @@ def test_a_run_directory_whose_config_is_a_fifo_is_refused(tiny_run, tmp_path, c
     with pytest.raises(ValueError, match="metrics.csv exists and is a FIFO"):
         write_text_atomic(RunDir(run).path / "metrics.csv", "x")
     assert _is_fifo(run / "metrics.csv")
+
+
+# --- outputs never replace a run's own files -----------------------------------------------------------
+
+
+def test_outputs_never_overwrite_a_runs_files(tiny_run, tmp_path):
+    """export, reuse, save_pretrained and reproduce status write where they are told, except over a
+    training run's own files (its checkpoints, config, metrics) or a folder of someone else's."""
+    import shutil
+
+    import densenet
+    import densenet.hub as hub
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, symlinks=True)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for argv, needle in [
+        (["export", run, "--format", "torchscript", "--out", run / "last" / "model.safetensors"], "would overwrite"),
+        (["export", run, "--format", "torchscript", "--out", run / "config.json"], "would overwrite"),
+        (["export", run, "--format", "torchscript", "--out", run], "is a directory"),
+        (["reuse", run, "--out", run / "config.png"], "would overwrite"),  # its numbers: config.json
+        (["reuse", run, "--out", run / "metrics.png"], "would overwrite"),  # metrics.csv
+        (["reuse", run, "--out", tmp_path / "x.json"], "does not write json"),  # refused before writing
+    ]:
+        one_line_error(*cli(*argv), needle)
+    with pytest.raises(ValueError, match="not a Hub export"):
+        hub.save_pretrained(densenet.load(run)[0], run / "last")
+    from densenet.train.checkpoint import refuse_run_file
+
+    for name in ("densenet.lock", "launch.json", "error.json"):  # the run lock, a grid cell's files
+        with pytest.raises(ValueError, match="would overwrite"):
+            refuse_run_file(run / name, "output")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "x.csv").exists()
+    code, _ = cli("reuse", run, "--out", run / "reuse.png")  # other names in a run directory are fine
+    assert code == 0 and (run / "reuse.json").is_file()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("mine\n")
+    assert cli("reproduce", "status", "table2", "--out", notes)[0] == 0  # not a grid directory: no tables
+    assert (notes / "results.md").read_text() == "mine\n"
+    (notes / "grid.json").write_text('{"grid": ["table2"], "cells": []}')
+    one_line_error(*cli("reproduce", "status", notes), "grid.json is missing or damaged")
+    from densenet.grid.status import write_grid
+
+    (notes / "grid.json").write_text('{"grid": "table2", "cells": []}')
+    with pytest.raises(ValueError, match="holds the table2 grid"):
+        write_grid(notes, "table2-baselines", [])

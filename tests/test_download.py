@@ -16,6 +16,8 @@ import torch
 
 from densenet.data import load_splits
 
+from helpers import run_main
+
 
 def md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
@@ -95,3 +97,21 @@ def test_svhn_download_then_read(tmp_path, monkeypatch, serve):
     assert s.train.labels[:2].tolist() == [0, 1] and len(s.test) == 3
     only = load_splits("svhn", tmp_path / "data", svhn_extra=False)
     assert len(only.train) == 5
+
+
+# --- without a network: what failed and what to do -----------------------------------------------------
+
+
+def test_download_without_a_network_says_what_and_how(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, err = run_main(capsys, "train", "--dataset", "cifar10", "--data", tmp_path / "c", "--download")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "could not fetch CIFAR-10 from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
+    assert f"unpack it in {tmp_path / 'c'} (giving {tmp_path / 'c' / 'cifar-10-batches-py'}/)" in err
+    assert "without --download" in err

@@ -1,6 +1,7 @@
 """The training loop's pieces that need no training: how a model is built from a config, the help
 texts of `densenet train` (data on TrainConfig's fields), and the dataset sizes the cost of a
-`densenet reproduce` grid is counted from. tests/test_train.py and tests/test_reliability.py train."""
+`densenet reproduce` grid is counted from, and the data checked before training starts.
+tests/test_train.py, tests/test_checkpoint.py and tests/test_resume.py train."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,8 @@ from densenet.recipes import has_dropout
 from densenet.registry import create_model, get_entry, list_models
 from densenet.train.config import TrainConfig
 from densenet.train.engine import build_model
+
+from helpers import cli, make_folder, one_line_error
 
 
 # --- build_model: dropout goes where the network declares it ------------------------------------------------
@@ -103,7 +106,7 @@ def test_known_training_set_sizes():
     svhn = get_dataset_spec("svhn")
     assert (svhn.train_size(), svhn.train_size(extra=False)) == (604_388, 73_257)
     assert "604,388" in svhn.description
-    assert svhn.val_size == 10 * sum(SVHN_VAL_PER_CLASS) == 6_000  # the authors' split: 400 + 200 per class
+    assert TrainConfig(dataset="svhn").resolve().val_size == 10 * sum(SVHN_VAL_PER_CLASS) == 6_000  # the authors' split: 400 + 200 per class
     assert all(DATASETS[n].train_size() is None for n in ("imagenet", "folder", "digits"))  # counted when loaded
     assert TrainConfig(dataset="cifar10", val_size=5_000).known_train_images() == 45_000
     assert TrainConfig(dataset="svhn", val_size=6_000).known_train_images() == 598_388
@@ -176,3 +179,16 @@ def test_cuda_numerics_match_tf32_and_autotune_then_restore():
     with cuda_numerics(torch.device("cuda")):
         assert cudnn.benchmark is True and matmul.allow_tf32 == cudnn.allow_tf32
     assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == before
+
+
+# --- input checks before training ----------------------------------------------------------------------
+
+
+def test_imagenet_augmentation_of_a_grayscale_stream_is_one_line(tmp_path):
+    """Colour jitter and PCA lighting are defined for RGB: a 1-channel streamed folder is refused up
+    front (it was an IndexError in a loading worker)."""
+    folder = make_folder(tmp_path / "shapes", per_class=4, test_per_class=1, size=8)
+    code, err = cli("train", "--dataset", "folder", "--data", folder, "--no-in-memory", "--image-size", "8",
+                    "--resize", "8", "--workers", "0", "--epochs", "1", "--batch-size", "4", "--val-size", "0",
+                    "--depth", "10", "--growth-rate", "6", "--no-progress", "--model-arg", "in_channels=1")
+    one_line_error(code, err, "needs RGB images", "--augment none")

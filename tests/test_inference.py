@@ -15,10 +15,12 @@ from PIL import Image
 import densenet
 from densenet.cli import main
 from densenet.data import DataError, load_splits
+from densenet.data.sources import _decode
+from densenet.inference import load, predict
 from densenet.saved_model import load_model
 from densenet.train.engine import evaluation_batches
 
-from helpers import ENV, train
+from helpers import ENV, lying_png, train, valid_images
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,18 @@ def test_predict_exit_status(runs, tmp_path, capsys, args, code, match):
     assert main(argv) == code
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+# --- an animated GIF, and a batch with a damaged image -------------------------------------------------
+
+
+def test_animated_gif_is_its_first_frame_and_the_batch_survives(tiny, tmp_path):
+    gif = tmp_path / "animated.gif"
+    gif.write_bytes(valid_images()["animated.gif"])
+    assert _decode(gif.read_bytes(), "a", "RGB").shape == (3, 9, 11)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    model, tf = load(tiny["run"])
+    (tmp_path / "bad.png").write_bytes(lying_png())
+    out = list(predict(model, tf, [gif, good, tmp_path / "bad.png"], batch_size=8))
+    assert "predictions" in out[0] and "predictions" in out[1] and "not a readable image" in out[2]["error"]

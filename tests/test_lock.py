@@ -16,7 +16,7 @@ import pytest
 import densenet.train.lock as lock_module
 from densenet.cli import main
 from densenet.train.lock import HANDOVER_ENV, LOCK_FILE, DirLock, LockedError, holder
-from helpers import make_folder
+from helpers import ENV, cli, copy_run, make_folder, one_line_error
 
 # a child process that takes the lock of argv[1] and says what it holds: lock.py alone (standard library
 # only), loaded from its file, so that the child starts in milliseconds
@@ -158,3 +158,100 @@ def test_a_refused_run_leaves_no_lock_file_in_a_users_directory(tmp_path, capsys
     with DirLock(tmp_path / "kept"):  # a folder that was there stays
         pass
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+# --- one process per run directory: a second holder, kill -9, a probe, no flock ------------------------
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path):
+    with DirLock(tmp_path / "run") as first:
+        with pytest.raises(LockedError) as e:
+            DirLock(tmp_path / "run").acquire()
+        assert f"process {os.getpid()} on {socket.gethostname()}" in str(e.value)
+        assert holder(tmp_path / "run")["pid"] == os.getpid() and first.held
+    assert holder(tmp_path / "run") is None
+    with DirLock(tmp_path / "run"):  # released: taken again
+        pass
+
+
+def test_a_lock_left_by_kill_9_does_not_block(tiny, tmp_path):
+    """A process holds the run directory; `densenet train --out` there is refused naming its pid; after
+    kill -9 of the holder, the stale lock file does not block."""
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom densenet.train.lock import DirLock\n"
+                              f"DirLock({str(run)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(300)"],
+                             env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        code, err = cli("train", "--dataset", "folder", "--data", tiny["folder"], "--epochs", "1", "--out", run)
+        one_line_error(code, err, f"in use by process {child.pid} on {socket.gethostname()}")
+        code, err = cli("train", "--resume", copy_run(tiny, tmp_path / "other"))  # the other run is free
+        assert code == 0, err
+    finally:
+        child.kill()
+        child.wait()
+    assert (run / "densenet.lock").exists() and holder(run) is None
+    with DirLock(run):
+        pass
+
+
+def test_a_probe_of_the_lock_does_not_turn_a_run_away(tmp_path, monkeypatch):
+    """holder() takes the lock for a moment to see whether anyone holds it: a run starting in that moment
+    waits for the probe to end (a launcher asking for a cell's state must not make the cell "busy");
+    a lock really held is still refused, after the short grace."""
+    import threading
+    import time
+
+    import densenet.train.lock as lock
+
+    d = tmp_path / "run"
+    d.mkdir()
+    probe = DirLock(d).acquire(_probe=True)  # what holder() does, held here for 50 ms
+    t = threading.Timer(0.05, probe.release)
+    # the grace (0.25 s) widened while the timer must fire within it: on a loaded machine a 50 ms timer
+    # can fire late; the wait still ends as soon as the probe is released
+    grace = lock.PROBE_GRACE_S
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 30.0)
+    t.start()
+    try:
+        with DirLock(d):
+            assert json.loads((d / "densenet.lock").read_text())["pid"] == os.getpid()
+    finally:
+        t.cancel()
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", grace)
+    with DirLock(d):
+        start = time.monotonic()
+        with pytest.raises(LockedError, match=f"process {os.getpid()}"):
+            DirLock(d).acquire()
+        assert time.monotonic() - start >= lock.PROBE_GRACE_S
+
+
+def test_without_flock_the_lock_file_itself_locks(tmp_path, monkeypatch):
+    """File systems without flock: the lock file's creation is the lock; a dead holder's file on this
+    host is taken over, a live holder's is refused."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    d = tmp_path / "run"
+    with DirLock(d):
+        with pytest.raises(LockedError, match=f"process {os.getpid()}"):
+            DirLock(d).acquire()
+    assert not (d / "densenet.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (d / "densenet.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with DirLock(d):  # stale: its process is gone
+        assert json.loads((d / "densenet.lock").read_text())["pid"] == os.getpid()
+    import threading
+
+    import densenet.train.lock as lock
+
+    (d / "densenet.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    t = threading.Timer(0.05, (d / "densenet.lock").unlink)  # holder()'s probe: a live file for a moment
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 30.0)  # a 50 ms timer may fire late on a loaded machine
+    t.start()
+    with DirLock(d):
+        pass
+    t.join()

@@ -16,7 +16,7 @@ from densenet.train import TrainConfig, fit
 from densenet.train.resume import ResumeError, check_settings, plan_schedule
 from densenet.weights import read_state_dict
 
-from helpers import make_folder, train
+from helpers import cfg, cli, copy_run, make_folder, one_line_error, train
 
 
 def resolved(**kw) -> TrainConfig:
@@ -91,3 +91,32 @@ def test_a_run_resumed_with_more_epochs_ends_where_a_run_of_that_length_does(tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     lrs = [json.loads(line)["lr"] for line in (short / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.1, 0.01, 0.001])
+
+
+# --- resuming a run directory: changed settings, a finished run ----------------------------------------
+
+
+def test_resume_refuses_changed_settings_and_a_changed_model(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path / "run")
+    config = (run / "config.json").read_text()
+    one_line_error(*cli("train", "--resume", run, "--lr", "0.5"), "its lr is 0.1, 0.5 given; drop --lr")
+    one_line_error(*cli("train", "--resume", run, "--depth", "16"), "its model has depth = 10, 16 given")
+    assert (run / "config.json").read_text() == config
+    same = tmp_path / "same.yaml"  # the command that started it, again: its settings resolve to the run's
+    same.write_text("dataset: folder\nmilestones: [0.5, 0.75]\nlr: 0.1\nmodel_args: {depth: 10}\n")
+    code, err = cli("train", "--resume", run, "--config", same)
+    assert code == 0 and "nothing to resume" in err, err
+    # the library call: the same rule as the command (train/resume.py)
+    with pytest.raises(ResumeError, match="its model has growth_rate = .*4 given"):
+        fit(cfg(tiny["folder"], None, epochs=2, model_args={"depth": 10, "growth_rate": 4}), resume=str(run))
+    with pytest.raises(ResumeError, match="its lr is 0.1, 0.5 given"):
+        fit(cfg(tiny["folder"], None, epochs=2, lr=0.5), resume=str(run))
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "densenet.lock"}
+    code, err = cli("train", "--resume", run)
+    assert code == 0 and "has finished all 1 epochs: nothing to resume" in err, err
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "densenet.lock"}
+    assert after == before

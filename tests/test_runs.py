@@ -5,6 +5,7 @@ checkpoint (the protocol's by default, `--which` otherwise) and each says which,
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import torch
 import densenet
 from densenet.cli import main
 from densenet.runs import CheckpointError, resolve_checkpoint
+from densenet.saved_model import load_model
 
-from helpers import make_folder, train
+from helpers import cli, copy_run, make_folder, one_line_error, train
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,18 @@ def test_which_needs_a_run_directory_and_an_existing_checkpoint(two_epochs, tmp_
     (partial / "last").symlink_to(run / "last")
     with pytest.raises(CheckpointError, match="has no best/ checkpoint"):
         resolve_checkpoint(partial, "best")
+
+
+# --- links that point outside the run directory --------------------------------------------------------
+
+
+def test_last_pointing_outside_the_run_is_refused(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path / "run")
+    elsewhere = copy_run(tiny, tmp_path / "elsewhere")
+    (run / "last").unlink()
+    (run / "last").symlink_to(os.path.realpath(elsewhere / "last"))
+    one_line_error(*cli("train", "--resume", run, "--epochs", "2"), "last points outside the run directory")
+    (run / "best").unlink()
+    (run / "best").symlink_to(os.path.realpath(elsewhere / "best"))
+    with pytest.raises(CheckpointError, match="points outside"):
+        load_model(run)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import densenet
 from densenet.data.loader import Batches
@@ -20,7 +21,7 @@ from densenet.saved_model import load_model
 from densenet.train.engine import make_optimizer
 from densenet.weights import read_state_dict
 
-from helpers import ENV, ROOT, make_folder
+from helpers import ENV, ROOT, cfg, copy_run, make_folder
 
 
 @pytest.fixture
@@ -329,11 +330,11 @@ def test_best_validation_model_is_tested_where_the_paper_does(folder, tmp_path, 
     """SVHN: the paper tests the model of lowest validation error, not the final one."""
     import dataclasses
 
-    from densenet import data as data_module
+    from densenet import recipes
 
-    monkeypatch.setitem(data_module.DATASETS, "folder",
-                        dataclasses.replace(data_module.DATASETS["folder"], test_on="best"))
-    assert data_module.get_dataset_spec("svhn").test_on == "best"
+    monkeypatch.setitem(recipes.DATASET_RECIPES, "folder",
+                        dataclasses.replace(recipes.DATASET_RECIPES["folder"], test_on="best"))
+    assert recipes.recipe_for("densenet_40_k12", "svhn").test_on == "best"
     run = tmp_path / "run"
     s = fit(small(folder, run, epochs=3, lr=0.5))
     assert s["test_weights"] == f"best validation error (epoch {s['best']['epoch']})"
@@ -396,3 +397,49 @@ def test_compile_with_inductor_end_to_end(folder, tmp_path):
                 "--no-tensorboard", "--compile", "--out", str(tmp_path / "run"), timeout=1200)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
+
+
+# --- a broken model is never saved as good -------------------------------------------------------------
+
+
+def poison_at(monkeypatch, epoch: int):
+    """Make BN running variances infinite during `epoch` (0-based), the loss staying finite: what
+    --lr 50 did."""
+    from densenet.train.engine import Trainer
+
+    original = Trainer._train_epoch
+
+    def train_epoch(self, state, *a, **k):
+        out = original(self, state, *a, **k)
+        if state.epoch == epoch:  # the RunState: the epoch just trained
+            bn = next(m for m in state.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
+
+
+def test_non_finite_buffers_are_never_saved_as_last_or_best(tiny, tmp_path, monkeypatch):
+    run = copy_run(tiny, tmp_path / "run")
+    before = os.readlink(run / "last")
+    poison_at(monkeypatch, 1)
+    with pytest.raises(TrainingStopped) as e:
+        fit(cfg(tiny["folder"], None, epochs=2), resume=str(run))
+    assert e.value.exit_code == 3
+    assert "non-finite at the end of epoch 2" in str(e.value) and "running_var" in str(e.value)
+    assert f"the last good checkpoint is kept ({run / 'last'} -> {before.split('/')[-1]})" in str(e.value)
+    assert os.readlink(run / "last") == before and os.readlink(run / "best") == before
+    w = load_file(str(run / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def test_no_false_claim_of_a_good_checkpoint_when_none_exists(tiny, tmp_path, monkeypatch):
+    poison_at(monkeypatch, 0)
+    with pytest.raises(TrainingStopped, match="no checkpoint was saved yet") as e:
+        fit(cfg(tiny["folder"], tmp_path / "run"))
+    assert "last good" not in str(e.value) and not (tmp_path / "run" / "last").exists()
+    monkeypatch.undo()
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: original(*a, **k) * float("inf"))
+    with pytest.raises(TrainingStopped, match="the loss became inf .* no checkpoint was saved yet"):
+        fit(cfg(tiny["folder"], tmp_path / "run2"))

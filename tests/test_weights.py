@@ -4,17 +4,22 @@ loading never executes code from the file."""
 from __future__ import annotations
 
 import functools
+import json
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import densenet
 from densenet.saved_model import load_model, model_metadata, save_model
 from densenet.runs import CheckpointError
-from densenet.weights import convert_state_dict, read_state_dict
+from densenet.weights import NonFiniteWeightsWarning, convert_state_dict, read_state_dict
+
+from helpers import cli, copy_run, rewrite_safetensors
 
 OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
@@ -183,3 +188,31 @@ def test_missing_and_damaged_files(tmp_path):
         densenet.create_model("densenet121", pretrained=str(bad))
     with pytest.raises(CheckpointError, match="no checkpoint in directory"):
         densenet.create_model("densenet121", pretrained=str(tmp_path))
+
+
+# --- non-finite weights warn; a changed model names every key ------------------------------------------
+
+
+def test_eval_predict_and_load_warn_on_non_finite_weights(tiny, tmp_path):
+    run = copy_run(tiny, tmp_path / "run")
+    f = run / "last" / "model.safetensors"
+    rewrite_safetensors(f, lambda t, m: t["features.norm5.running_var"].fill_(float("nan")))
+    with pytest.warns(NonFiniteWeightsWarning, match="features.norm5.running_var"):
+        load_model(f)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    code, err = cli("predict", f, img)
+    assert "densenet predict: warning: " in err and "non-finite weights" in err and "Traceback" not in err
+
+
+def test_a_changed_model_names_every_key_and_both_shapes(tiny, tmp_path):
+    f = copy_run(tiny, tmp_path / "run") / "last" / "model.safetensors"
+    rewrite_safetensors(f, lambda t, m: m.update(model_args=json.dumps({**json.loads(m["model_args"]), "growth_rate": 4})))
+    with pytest.raises(CheckpointError) as e:
+        load_model(f)
+    msg = str(e.value)
+    assert "Error(s) in loading" not in msg and "shapes differ" in msg
+    import re
+
+    assert re.search(r"features.denseblock1.denselayer1.conv1.weight \(24, \d+, 1, 1\) in the checkpoint, "
+                     r"\(16, \d+, 1, 1\) in the model", msg), msg
