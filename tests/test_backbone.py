@@ -20,8 +20,10 @@ def test_stage_shapes_and_strides_of_every_model(name):
         m = densenet.create_model(name).eval()
     c, h, w = densenet.get_entry(name).input_size
     stages = m.forward_stages(torch.empty(2, c, h, w, device="meta"))
-    assert len(stages) == len(m.stage_channels) == len(m.feature_info)
-    for x, info, ch, stride in zip(stages, m.feature_info, m.stage_channels, m.stage_strides):
+    assert len(stages) == len(m.stage_channels) == len(m.feature_info) - 1  # feature_info[0]: the stem (timm's)
+    stem = m.feature_info[0]
+    assert (stem["num_chs"], stem["reduction"]) == (m.stem_channels, 2 if m.config.stem == "imagenet" else 1)
+    for x, info, ch, stride in zip(stages, m.feature_info[1:], m.stage_channels, m.stage_strides):
         assert x.shape == (2, ch, h // stride, w // stride)
         assert (info["num_chs"], info["reduction"]) == (ch, stride)
     assert m.stage_strides[-1] == m.reduction and m.stage_channels[-1] == m.num_features
@@ -94,3 +96,24 @@ def test_tracing_a_fused_model_records_the_reference_path():
     for batch in (2, 5):
         y = torch.randn(batch, 3, 16, 16)
         torch.testing.assert_close(traced(y), m(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [("densenet_bc_100_k12", dict(depth=16, growth_rate=6)),
+                                     ("densenet121", dict(block_config=(1, 1, 1, 1), growth_rate=4)),
+                                     ("resnet20", {}), ("preact_resnet110", {}), ("resnet18", {})],
+                         ids=["densenet-cifar", "densenet-imagenet", "resnet20", "preact110", "resnet18"])
+def test_feature_info_modules_output_the_intermediates(name, kw):
+    """Each feature_info entry's module, hooked, outputs exactly that feature (the stem's included)."""
+    m = densenet.create_model(name, **kw).eval()
+    modules = dict(m.named_modules())
+    seen = {}
+    hooks = [modules[info["module"]].register_forward_hook(
+        lambda mod, inp, out, i=info["index"]: seen.__setitem__(i, out.clone())) for info in m.feature_info]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        inter = m.forward_intermediates(x, intermediates_only=True)
+    for h in hooks:
+        h.remove()
+    assert len(inter) == len(seen) == len(m.feature_info)
+    for i, t in enumerate(inter):
+        torch.testing.assert_close(t, seen[i], rtol=0, atol=0, msg=m.feature_info[i]["module"])

@@ -98,8 +98,8 @@ def test_reset_classifier_keeps_the_body_and_makes_a_new_head():
     assert (m.get_classifier().bias == 0).all()
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in body.items())
     assert m(torch.randn(3, 3, 32, 32)).shape == (3, 7)
-    with pytest.raises(ValueError, match="global average"):
-        m.reset_classifier(7, global_pool="max")
+    with pytest.raises(ValueError, match="global_pool 'catavgmax'"):
+        m.reset_classifier(7, global_pool="catavgmax")
     with pytest.raises(ValueError, match=">= 0"):
         m.reset_classifier(-1)
 
@@ -115,11 +115,12 @@ def test_headless_model_loads_a_checkpoint_with_a_classifier(tmp_path):
 
 
 @pytest.mark.parametrize("name,kw,channels,reduction", [
-    ("densenet_bc_100_k12", SMALL, [16, 16, 16], [1, 2, 4]),
-    ("densenet121", dict(block_config=(1, 1, 1, 1), growth_rate=4), [12, 10, 9, 8], [4, 8, 16, 32]),
-    ("resnet20", {}, [16, 32, 64], [1, 2, 4]),
+    ("densenet_bc_100_k12", SMALL, [8, 16, 16, 16], [1, 1, 2, 4]),
+    ("densenet121", dict(block_config=(1, 1, 1, 1), growth_rate=4), [8, 12, 10, 9, 8], [2, 4, 8, 16, 32]),
+    ("resnet20", {}, [16, 16, 32, 64], [1, 1, 2, 4]),
 ])
 def test_features_only(name, kw, channels, reduction):
+    """timm's indices: 0 is the stem, 1 to n the stages; all by default; an int n is the last n."""
     full = densenet.create_model(name, **kw).eval()
     torch.manual_seed(1)
     fo = densenet.create_model(name, features_only=True, **kw).eval()
@@ -129,15 +130,39 @@ def test_features_only(name, kw, channels, reduction):
     size = 64 if name == "densenet121" else 32
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        outs, ref = fo(x), full.forward_stages(x)
+        outs, ref = fo(x), full.forward_intermediates(x, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(fo(x)[1:], full.forward_stages(x)))
     assert [o.shape[1] for o in outs] == channels
     assert [size // o.shape[-1] for o in outs] == reduction
     assert all(torch.equal(a, b) for a, b in zip(outs, ref))
     two = densenet.create_model(name, features_only=True, out_indices=(-1, 1), **kw)
     assert two.feature_info.channels() == [channels[-1], channels[1]] and len(two(x)) == 2
     assert two.feature_info.channels(0) == channels[-1]
+    last2 = densenet.create_model(name, features_only=True, out_indices=2, **kw)
+    assert last2.feature_info.channels() == channels[-2:]
     with pytest.raises(ValueError, match="out_indices"):
         densenet.create_model(name, features_only=True, out_indices=(7,), **kw)
+
+
+def test_features_only_matches_timms_densenet121():
+    """timm's densenet121 weights in both: the same five features (stem at stride 2, three dense
+    blocks, the final norm) at the same indices, out_indices=(1, 2) included."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model("densenet121", pretrained=False, features_only=True, out_indices=(1, 2)).eval()
+    full = timm.create_model("densenet121", pretrained=False).eval()
+    ours = densenet.create_model("densenet121", features_only=True, out_indices=(1, 2)).eval()
+    ours.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("classifier")})
+    # timm's features_only flattens `features.x` to `features_x`
+    theirs.load_state_dict({k.replace("features.", "features_", 1): v for k, v in full.state_dict().items()
+                            if k.replace("features.", "features_", 1) in theirs.state_dict()})
+    assert ours.feature_info.channels() == theirs.feature_info.channels() == [256, 512]
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction() == [4, 8]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(ours(x), theirs(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        o, inter = densenet.create_model("densenet121").eval().forward_intermediates(x)
+    assert [t.shape[1] for t in inter] == [64, 256, 512, 1024, 1024] and o.shape == inter[-1].shape
 
 
 def test_features_only_train_and_eval_reach_every_layer():
@@ -242,3 +267,76 @@ def test_hub_without_huggingface_hub_says_how_to_install(monkeypatch):
         densenet.hub.push_to_hub(m, "someone/repo")
     with pytest.raises(ValueError, match=r"densenet-paper\[hub\]"):
         densenet.create_model("densenet_bc_100_k12", pretrained="hf-hub:someone/repo")
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_100_k12", "resnet20"])
+def test_global_pool_as_timm(name):
+    """create_model(global_pool=...) and reset_classifier(n, global_pool): 'avg' is the paper's (and the
+    default); 'max' and 'avgmax' pool otherwise; '' leaves the maps unpooled, a classifier then applied at
+    every position. The option is kept in model_args, so a checkpoint rebuilds the same model."""
+    kw = SMALL if name.startswith("densenet") else {}
+    x = torch.randn(2, 3, 32, 32)
+    m = densenet.create_model(name, global_pool="max", **kw).eval()
+    assert m.model_args["global_pool"] == "max" and m.global_pool == "max"
+    with torch.no_grad():
+        f = m.forward_features(x)
+        torch.testing.assert_close(m(x), m.get_classifier()(f.amax((2, 3))))
+        m.reset_classifier(0, "")
+        assert m(x).shape == f.shape and torch.equal(m(x), f)
+        m.reset_classifier(5, "")
+        cams = m(x)  # (B, classes, H, W): the linear layer at each position
+        assert cams.shape == (2, 5, *f.shape[2:])
+        torch.testing.assert_close(cams.mean((2, 3)), m.get_classifier()(f.mean((2, 3))), rtol=1e-5, atol=1e-5)
+        m.reset_classifier(5, "avgmax")
+        torch.testing.assert_close(m.forward_head(f, pre_logits=True), 0.5 * (f.mean((2, 3)) + f.amax((2, 3))))
+        m.reset_classifier(5, "avg")
+        torch.testing.assert_close(m.forward_head(f, pre_logits=True), f.mean((2, 3)))
+    with pytest.raises(ValueError, match="global_pool 'mean'.*'avg'"):
+        densenet.create_model(name, global_pool="mean", **kw)
+
+
+def test_timms_model_attributes():
+    """default_cfg (timm's old name of pretrained_cfg), head_hidden_size, no_weight_decay (none: the paper
+    decays every parameter) and group_matcher (timm's own patterns, checked against timm where installed)."""
+    m = densenet.create_model("densenet121")
+    assert m.default_cfg is m.pretrained_cfg and m.default_cfg["input_size"] == (3, 224, 224)
+    assert m.default_cfg["pool_size"] == (7, 7) and m.head_hidden_size == m.num_features == 1024
+    assert m.no_weight_decay() == set()
+    r = densenet.create_model("resnet50")
+    # a network built from its class directly has no registry name, hence no cfg (as pretrained_cfg)
+    assert not hasattr(densenet.DenseNet(densenet.DenseNetConfig(block_config=(1, 1))), "default_cfg")
+    timm = pytest.importorskip("timm")
+    for name in ("densenet121", "resnet50"):
+        theirs = timm.create_model(name)
+        ours = m if name == "densenet121" else r
+        assert ours.group_matcher() == theirs.group_matcher()
+        assert ours.group_matcher(coarse=True)["stem"] == theirs.group_matcher(coarse=True)["stem"]
+    # timm's layer-wise decay groups every parameter of ours, in the same number of groups as its own
+    from timm.models import group_parameters
+
+    for coarse in (False, True):
+        ours_groups = group_parameters(m, m.group_matcher(coarse))
+        theirs_groups = group_parameters(timm.create_model("densenet121"), m.group_matcher(coarse))
+        assert len(ours_groups) == len(theirs_groups)
+        assert sum(len(v) for v in ours_groups.values()) == len(list(m.named_parameters()))
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_100_k12", "resnet20", "preact_resnet110"])
+def test_set_grad_checkpointing_gives_the_same_gradients_and_bn_statistics(name):
+    """timm's switch: the same loss, gradients and BN running statistics (updated once, not again by the
+    recomputation) as without it."""
+    kw = SMALL if name.startswith("densenet") else {}
+    torch.manual_seed(0)
+    a = densenet.create_model(name, **kw).double().train()
+    b = densenet.create_model(name, **kw).double().train()
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    for m in (a, b):
+        torch.manual_seed(1)
+        m(x).square().sum().backward()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=k)
+    for (k, s), t in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(s, t, msg=k)
+    b.set_grad_checkpointing(False)

@@ -85,7 +85,8 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     or "hf-hub:org/repo" (weights pushed with `densenet.push_to_hub`). `reset_classifier=True` loads
     everything but the classifier (fine-tuning to other classes). timm's names are accepted:
     `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),
-    `features_only=True` with `out_indices` (a backbone returning its stages' maps, see features.py).
+    `global_pool` ("avg", the paper's; "max", "avgmax", or "" for unpooled maps), `features_only=True`
+    with `out_indices` (timm's indices: 0 the stem, 1 to n the stages; see features.py).
     The model carries `pretrained_cfg`: its input size, mean/std and crop (`resolve_data_config`)."""
     from .pretrained import resolve_pretrained
 
@@ -97,6 +98,7 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     source = resolve_pretrained(name, pretrained)
     overrides.setdefault("num_classes", entry.num_classes)
     model_args = dict(overrides)  # what rebuilds this model: create_model(name, **model.model_args)
+    global_pool = overrides.pop("global_pool", None)
     headless = overrides["num_classes"] == 0 and source is not None
     if headless:  # load the checkpoint's classifier-free weights into a model without one
         overrides["num_classes"] = 1
@@ -113,6 +115,8 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
             load_pretrained(model, source, reset_classifier=reset_classifier or headless)
     if headless:
         model.reset_classifier(0)
+    if global_pool is not None:
+        model.set_global_pool(global_pool)
     cfg = getattr(model, "config", None)
     model.pretrained_cfg = pretrained_cfg(name, getattr(cfg, "in_channels", None), getattr(cfg, "num_classes", None))
     if features_only:
@@ -144,6 +148,7 @@ def pretrained_cfg(name: str, in_channels: int | None = None, num_classes: int |
         # ImageNet: resize to 256 then centre-crop 224 (crop_pct 0.875), torchvision's evaluation;
         # CIFAR/SVHN: the 32x32 image as it is
         "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center", "interpolation": "bilinear",
+        "pool_size": tuple(s // (32 if imagenet else 4) for s in entry.input_size[1:]),  # the final maps' size
         "num_classes": entry.num_classes if num_classes is None else num_classes,
         "first_conv": "conv1" if resnet else "features.conv0",
         "classifier": "fc" if resnet else "classifier",

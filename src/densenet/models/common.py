@@ -1,12 +1,12 @@
 """Small pieces every model family shares: building a config from options, the input check, the
 authors' initialisation, dropout with layout-independent masks, the stage and head API of a backbone.
 
-Nothing here depends on a model family: DenseNet (densenet.py, with its fused path in _fused.py) and
+Nothing here depends on a model family: DenseNet (densenet.py, with its fused path in fused/) and
 the residual networks (resnet.py) both import from here, never from each other."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -97,20 +97,34 @@ class FeatureInfo(list):
 
 
 class StagesMixin:
-    """The stages of a backbone whose first stage sits behind a stem of stride 4 ("imagenet") or 1
-    ("cifar", `config.stem`) and whose every later stage halves the resolution: `reduction`,
-    `stage_strides` and `feature_info`. A network lists its stages' output channels in
-    `stage_channels` and names the module of each stage's output in `stage_module(i)`."""
+    """The feature pyramid of a backbone, as timm describes it: index 0 is the stem's output (stride 2
+    after the ImageNet stem's convolution-BN-ReLU, before its max pooling; stride 1 for the CIFAR stem),
+    indices 1 to n the n stages (dense blocks, residual stages), each later stage halving the resolution,
+    the last taken after the final BN-ReLU. `feature_info`, `forward_intermediates` and features_only
+    models index this list, as timm's do; `forward_stages` returns the stages alone (indices 1 to n).
+
+    A network lists its stages' output channels in `stage_channels`, names the stem's last module in
+    `stem_module`, the module of each stage's output in `stage_module(i)`, and computes the list, up to
+    an index, in `_pyramid(x, last)`."""
 
     stage_channels: list[int]
+    stem_module: str
+    stem_channels: int
 
     def stage_module(self, i: int) -> str:
+        raise NotImplementedError
+
+    def _pyramid(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
 
     @property
     def reduction(self) -> int:
         """Downsampling of the last stage's output."""
         return self.stage_strides[-1]
+
+    @property
+    def stem_stride(self) -> int:
+        return 2 if self.config.stem == "imagenet" else 1
 
     @property
     def stage_strides(self) -> list[int]:
@@ -120,39 +134,127 @@ class StagesMixin:
 
     @property
     def feature_info(self) -> FeatureInfo:
-        """What `forward_stages` returns, as timm describes backbones: channels, stride, module."""
-        return FeatureInfo({"num_chs": c, "reduction": r, "index": i, "module": self.stage_module(i)}
-                           for i, (c, r) in enumerate(zip(self.stage_channels, self.stage_strides)))
+        """The pyramid as timm describes it: channels, stride and module of the stem (index 0) and of
+        every stage (1 to n)."""
+        chans = [self.stem_channels, *self.stage_channels]
+        strides = [self.stem_stride, *self.stage_strides]
+        modules = [self.stem_module, *(self.stage_module(i) for i in range(len(self.stage_channels)))]
+        return FeatureInfo({"num_chs": c, "reduction": r, "module": m, "index": i}
+                           for i, (c, r, m) in enumerate(zip(chans, strides, modules)))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A feature pyramid for detection or segmentation heads: the output of every stage,
+        (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
+        BN-ReLU, so it equals forward_features(x)."""
+        return self._pyramid(x)[1:]
+
+    def feature_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """timm's reading of `indices` over `feature_info`: None all, an int n the last n, a sequence
+        those (negative counts from the end); a ValueError names the valid range."""
+        n = len(self.stage_channels) + 1
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= n:
+                raise ValueError(f"indices={indices}: the last n features, n from 1 to {n}")
+            return list(range(n - indices, n))
+        try:
+            idx = [int(i) for i in indices]
+        except (TypeError, ValueError):
+            raise ValueError(f"indices must be None, an int or feature indices, got {indices!r}") from None
+        if not idx or any(not -n <= i < n for i in idx):
+            raise ValueError(f"indices {indices!r}: this network has {n} features (0: the stem, 1 to {n - 1}: "
+                             f"its stages), indices 0 to {n - 1} or -1 for the last")
+        return [i % n for i in idx]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's call: the features at `indices` of `feature_info` (see `feature_indices`), and unless
+        `intermediates_only`, first the final features (forward_features(x), or with `stop_early` the
+        last one computed). `norm` changes nothing: the last feature is already after the final BN-ReLU."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: these networks give NCHW features only")
+        take = self.feature_indices(indices)
+        feats = self._pyramid(x, max(take) if stop_early else None)
+        inter = [feats[i] for i in take]
+        return inter if intermediates_only else (feats[-1], inter)
+
+
+class _AvgMaxPool(nn.Module):
+    """timm's "avgmax": the mean of global average and global max pooling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+
+
+POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "max": lambda: nn.AdaptiveMaxPool2d(1), "avgmax": _AvgMaxPool,
+         "": nn.Identity}
 
 
 class ClassifierMixin:
     """timm's head API for a network whose linear classifier is the attribute `classifier_name`, whose
-    global average pooling is the attribute `pool_name` and whose pooled features have `num_features`
-    channels: `forward_head(x)`, `get_classifier()`, `reset_classifier(n)` (n = 0: no classifier, the
-    model returns its pooled features) and `num_classes`."""
+    global pooling is the attribute `pool_name` and whose pooled features have `num_features`
+    channels: `forward_head(x)`, `get_classifier()`, `reset_classifier(n, global_pool)` (n = 0: no
+    classifier, the model returns its pooled features), `set_global_pool`, `num_classes`,
+    `head_hidden_size`, `default_cfg`, `no_weight_decay()`.
+
+    Pooling is the paper's global average ("avg") unless changed: "max", "avgmax" (timm's), or ""
+    (none: forward returns (B, C, H, W) maps, and a classifier is applied at every position, giving
+    (B, num_classes, H, W) class maps)."""
 
     classifier_name = "classifier"
     pool_name = "pool"
+    global_pool = "avg"
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = getattr(self, self.pool_name)(x).flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
-        return x if pre_logits else getattr(self, self.classifier_name)(x)
+        x = getattr(self, self.pool_name)(x)
+        if self.global_pool:
+            x = x.flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
+        if pre_logits:
+            return x
+        head = getattr(self, self.classifier_name)
+        if not self.global_pool and not isinstance(head, nn.Identity):
+            return head(x.movedim(1, -1)).movedim(-1, 1)  # the linear layer at every position
+        return head(x)
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def head_hidden_size(self) -> int:
+        """Channels of the features the classifier reads (timm's name; no hidden layer in these heads)."""
+        return self.num_features
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg` (set by create_model): input size, mean/std, crop."""
+        return self.pretrained_cfg  # an AttributeError, as pretrained_cfg, where not built by create_model
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory should not decay: none. The paper (and Torch's SGD in the
+        authors' code) decays every parameter, BN's and biases included."""
+        return set()
+
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)
 
+    def set_global_pool(self, global_pool: str) -> None:
+        """Pool the final maps by "avg" (the paper's), "max", "avgmax", or not at all ("")."""
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool {global_pool!r}: choose one of {', '.join(map(repr, POOLS))} "
+                             f"('avg' is the paper's; '' returns the unpooled maps)")
+        self.global_pool = global_pool
+        setattr(self, self.pool_name, POOLS[global_pool]())
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised classifier for `num_classes` classes (0: none), on the device and
-        in the dtype of the model. Pooling is always the paper's global average (`global_pool="avg"`)."""
-        if global_pool not in (None, "", "avg"):
-            raise ValueError(f"global_pool {global_pool!r}: these networks use global average pooling "
-                             f"(the paper's); only 'avg' is available")
+        in the dtype of the model; `global_pool` also changes the pooling (see `set_global_pool`)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
+        if global_pool is not None:
+            self.set_global_pool(global_pool)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
         ref = next(self.parameters())
         if num_classes:
@@ -164,5 +266,5 @@ class ClassifierMixin:
         setattr(self, self.classifier_name, head)
 
 
-__all__ = ["ClassifierMixin", "FeatureInfo", "StagesMixin", "check_image_batch", "config_from_options", "dropout",
+__all__ = ["POOLS", "ClassifierMixin", "FeatureInfo", "StagesMixin", "check_image_batch", "config_from_options", "dropout",
            "init_weights"]

@@ -7,7 +7,7 @@ Module names follow torchvision (`features.denseblock1.denselayer1.norm1`, `tran
 `classifier`), the de facto DenseNet checkpoint format, so published checkpoints load unchanged.
 
 Two implementations of a dense block compute the same function:
-- the fused path (default, `fused=True`, see `_fused.py`): one feature buffer per block that every
+- the fused path (default, `fused=True`, see the `fused` package): one feature buffer per block that every
   layer writes its k maps into, batch statistics computed once per feature map and shared by every
   layer (and the transition) that reads it, 1x1 convolutions as matrix products. Exact, leaner, and
   faster than torchvision on the two CPUs measured, though not than its channels_last on every one
@@ -19,6 +19,7 @@ Two implementations of a dense block compute the same function:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,7 +30,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types, needing
-from . import _fused, _inference
+from . import _inference
+from . import fused as _fused
 from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, dropout, init_weights
 
 # Table 1 of the paper: layers per dense block of the ImageNet DenseNet-BC networks (k = 32).
@@ -56,8 +58,8 @@ class DenseNetConfig:
     in_channels: int = 3
     stem: Literal["cifar", "imagenet"] = "cifar"  # 3x3 conv; or 7x7/2 conv, BN, ReLU, 3x3/2 max pool
     memory_efficient: bool = False  # recompute each layer's BN-ReLU-Conv input in the backward pass
-    # shared feature buffer and shared BN statistics (exact; see _fused.py); "auto": the path measured
-    # faster on the device the model runs on (_fused.FUSED_BY_DEVICE): the fused one on the CPU, the
+    # shared feature buffer and shared BN statistics (exact; see fused/); "auto": the path measured
+    # faster on the device the model runs on (fused/policy.FUSED_BY_DEVICE): the fused one on the CPU, the
     # reference one on CUDA (not yet measured there; fused=True opts in) and on other devices
     fused: bool | Literal["auto"] = "auto"
     bn_eps: float = 1e-5
@@ -197,7 +199,7 @@ class DenseBlock(nn.ModuleDict):
 
     Besides its layers the block owns three things that are not state (not in its state_dict, not
     copied or pickled with it): the scratch memory of the fused path, kept from one training step to
-    the next (`scratch`, a `_fused.ScratchPool`; `release_scratch()` frees it, and so does `.eval()`),
+    the next (`scratch`, a `fused.ScratchPool`; `release_scratch()` frees it, and so does `.eval()`),
     the eval-mode path's folded tensors (`frozen`, an `_inference.FrozenCache`), and `outputs`, through which the transition after it (`Transition.follow`) reads the buffer
     and statistics behind the block's output instead of recomputing them."""
 
@@ -287,6 +289,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
             self.features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         else:
             self.features.add_module("conv0", _conv(cfg.in_channels, c, 3))
+        self.stem_channels = c
         self.stage_channels: list[int] = []
         for i, n in enumerate(cfg.block_config):
             self.features.add_module(f"denseblock{i + 1}", DenseBlock(n, c, cfg))
@@ -336,22 +339,47 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @property
+    def stem_module(self) -> str:
+        """The stem's last module before the first block's pooling: relu0 (ImageNet), conv0 (CIFAR)."""
+        return "features.relu0" if self.config.stem == "imagenet" else "features.conv0"
+
     def stage_module(self, i: int) -> str:
         """The module whose output is stage i of `forward_stages` (a dense block; the last: after norm5-relu5)."""
         return f"features.denseblock{i + 1}" if i < len(self.stage_channels) - 1 else "features.relu5"
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """A feature pyramid for detection or segmentation heads: the output of every dense block,
-        (B, stage_channels[i], H/stage_strides[i], W/stage_strides[i]); the last after the final
-        BN-ReLU, so it equals forward_features(x)."""
+    def _pyramid(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """The stem's output, then every dense block's (the last after norm5-relu5), up to index `last`."""
+        n = len(self.stage_channels)
+        last = n if last is None else last
         inp, x = x, self._stem_input(x)
-        stages = []
+        stem = self.stem_module.split(".")[-1]
+        feats = []
         for name, module in self.features.named_children():
             x = module(x)
-            if name.startswith("denseblock"):
-                stages.append(x)
-        stages[-1] = self._in_input_format(x, inp)  # after norm5 and relu5
-        return stages
+            if name == stem or name.startswith("denseblock"):
+                feats.append(x)
+                if len(feats) > last and len(feats) <= n:  # stop early: not the last block
+                    return feats
+        feats[-1] = self._in_input_format(x, inp)  # after norm5 and relu5
+        return feats
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then each dense layer
+        (each dense block and transition with `coarse`); the same patterns as timm's DenseNet."""
+        stem = r"^features\.conv[012]|features\.norm[012]|features\.pool[012]"
+        if coarse:
+            return {"stem": stem, "blocks": r"^features\.(?:denseblock|transition)(\d+)"}
+        return {"stem": stem, "blocks": [(r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
+                                         (r"^features\.transition(\d+)", (99999,))]}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for `memory_efficient`: recompute each dense layer's concatenation-BN-ReLU-conv1x1
+        in the backward pass (the same numbers, less memory)."""
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.memory_efficient = bool(enable)
+        self.config = dataclasses.replace(self.config, memory_efficient=bool(enable))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

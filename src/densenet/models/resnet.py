@@ -36,12 +36,15 @@ is a depth and a few options:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types, needing
 from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, init_weights
@@ -301,6 +304,7 @@ class ResNet(StagesMixin, ClassifierMixin, nn.Module):
             self.relu = nn.ReLU()
         if cfg.stem == "imagenet":
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stem_channels = c
         self.stage_channels: list[int] = []
         for s, (n, planes) in enumerate(zip(cfg.layers, cfg.planes)):
             units = []
@@ -333,6 +337,11 @@ class ResNet(StagesMixin, ClassifierMixin, nn.Module):
         check_image_batch(x, model=getattr(self, "model_name", "ResNet"), in_channels=self.config.in_channels,
                           min_size=1, reduction=self.reduction, weight=self.conv1.weight)
 
+    @property
+    def stem_module(self) -> str:
+        """The stem's last module before any pooling: its ReLU, or conv1 (pre-activation CIFAR stems)."""
+        return "relu" if hasattr(self, "bn1") else "conv1"
+
     def stage_module(self, i: int) -> str:
         """The module whose output is stage i of `forward_stages` (the last: after the final activation)."""
         n = len(self.stage_channels)
@@ -340,32 +349,75 @@ class ResNet(StagesMixin, ClassifierMixin, nn.Module):
             return "relu_final"
         return f"layer{i + 1}"
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """A feature pyramid for detection or segmentation heads: the output of every stage; the last
-        after the final activation of pre-activation networks, so it equals forward_features(x)."""
+    def _pyramid(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """The stem's output, then every stage's (the last after the final activation), up to index `last`."""
+        n = len(self.config.layers)
+        last = n if last is None else last
         self.check_input(x)
         x = self.conv1(x)
         if hasattr(self, "bn1"):
             x = self.relu(self.bn1(x))
+        feats = [x]
         if hasattr(self, "maxpool"):
             x = self.maxpool(x)
-        stages = []
-        for s in range(len(self.config.layers)):
-            x = getattr(self, f"layer{s + 1}")(x)
-            stages.append(x)
+        for s in range(min(last, n)):
+            x = self._stage(getattr(self, f"layer{s + 1}"), x)
+            feats.append(x)
+        if last < n:
+            return feats
         if hasattr(self, "bn_final"):
             x = self.bn_final(x)
         if hasattr(self, "relu_final"):
             x = self.relu_final(x)
-        stages[-1] = x
-        return stages
+        feats[-1] = x
+        return feats
+
+    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad):
+            return stage(x)
+        for unit in stage:
+            x = checkpoint(unit, x, use_reentrant=False, context_fn=partial(_recompute_keeps_bn_stats, unit))
+        return x
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each residual unit in the backward pass instead of keeping its
+        activations (the same numbers, less memory; BN's running statistics are updated once, not again
+        by the recomputation). Takes effect where gradients flow into the unit."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then each residual unit
+        (each stage with `coarse`); the same patterns as timm's ResNet."""
+        return {"stem": r"^conv1|bn1|maxpool", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature maps before pooling: (B, num_features, H/r, W/r)."""
-        return self.forward_stages(x)[-1]
+        return self._pyramid(x)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@contextlib.contextmanager
+def _bn_stats_restored(unit: nn.Module):
+    """Put back the BN running statistics a recomputation in the backward pass updated a second time."""
+    bns = [m for m in unit.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(bns, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+
+
+def _recompute_keeps_bn_stats(unit: nn.Module):
+    """checkpoint's context_fn: nothing around the forward, the BN statistics kept around the recomputation."""
+    return contextlib.nullcontext(), _bn_stats_restored(unit)
 
 
 def blocks_per_stage(depth: int, layers_per_unit: int, extra: int, kind: str, stages: int = 3) -> int:
