@@ -277,7 +277,7 @@ def test_global_pool_as_timm(name):
     kw = SMALL if name.startswith("densenet") else {}
     x = torch.randn(2, 3, 32, 32)
     m = densenet.create_model(name, global_pool="max", **kw).eval()
-    assert m.model_args["global_pool"] == "max" and m.global_pool == "max"
+    assert m.model_args["global_pool"] == "max" and m.pool_type == "max"
     with torch.no_grad():
         f = m.forward_features(x)
         torch.testing.assert_close(m(x), m.get_classifier()(f.amax((2, 3))))

@@ -205,16 +205,16 @@ class ClassifierMixin:
 
     classifier_name = "classifier"
     pool_name = "pool"
-    global_pool = "avg"
+    pool_type = "avg"  # the global pooling, by timm's names (timm's `global_pool` is its pooling module)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = getattr(self, self.pool_name)(x)
-        if self.global_pool:
+        if self.pool_type:
             x = x.flatten(1)  # flatten(1), never squeeze(): batch size 1 keeps its dimension
         if pre_logits:
             return x
         head = getattr(self, self.classifier_name)
-        if not self.global_pool and not isinstance(head, nn.Identity):
+        if not self.pool_type and not isinstance(head, nn.Identity):
             return head(x.movedim(1, -1)).movedim(-1, 1)  # the linear layer at every position
         return head(x)
 
@@ -245,7 +245,7 @@ class ClassifierMixin:
         if global_pool not in POOLS:
             raise ValueError(f"global_pool {global_pool!r}: choose one of {', '.join(map(repr, POOLS))} "
                              f"('avg' is the paper's; '' returns the unpooled maps)")
-        self.global_pool = global_pool
+        self.pool_type = global_pool
         setattr(self, self.pool_name, POOLS[global_pool]())
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
