@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import densenet
+from densenet.models import fused
 
 from helpers import MODES, NETS, assert_same, build, train_step
 
@@ -307,7 +308,6 @@ def tiny_block(memory_efficient: bool, drop_rate: float = 0.0):
         with torch.no_grad():  # not 1 and 0: every term of the BN gradient counts
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
-    trans.follow(block)
     return block, trans
 
 
@@ -328,8 +328,9 @@ def test_gradcheck_of_a_two_layer_block_and_its_transition(memory_efficient):
 
     def f(x, *ps):
         p = dict(zip(names, ps))
-        out = functional_call(block, {n: v for n, v in p.items() if not n.startswith("t.")}, (x,))
-        y = functional_call(trans, {n[2:]: v for n, v in p.items() if n.startswith("t.")}, (out,))
+        hand_over = fused.HandOver()  # what DenseFeatures passes from a block to its transition
+        out = functional_call(block, {n: v for n, v in p.items() if not n.startswith("t.")}, (x, hand_over))
+        y = functional_call(trans, {n[2:]: v for n, v in p.items() if n.startswith("t.")}, (out, hand_over))
         nodes.update(type(t.grad_fn).__name__ for t in (out, y))
         return proj_block @ out.reshape(-1), proj_trans @ y.reshape(-1)
 
@@ -482,7 +483,7 @@ def test_a_copied_model_owns_fresh_caches():
         for a, b in zip(m.modules(), other.modules()):
             if type(a).__name__ == "DenseBlock":
                 assert a.frozen.entry is not None and b.frozen.entry is None
-                assert b.scratch is not a.scratch and b.outputs is not a.outputs
+                assert b.scratch is not a.scratch
         with torch.no_grad():
             torch.testing.assert_close(other(x), want, rtol=1e-5, atol=1e-6)
         other.train()(x).sum().backward()  # the fused training path, with its own scratch memory
@@ -496,7 +497,7 @@ def test_scratch_memory_is_the_blocks_and_can_be_released():
     blocks = [mod for mod in m.modules() if type(mod).__name__ == "DenseBlock"]
     m(torch.randn(2, 3, 8, 8)).sum().backward()
     assert all(b.scratch.nbytes > 0 for b in blocks)  # kept for the next step (on the CPU)
-    assert not any("scratch" in k or "outputs" in k for k in m.state_dict())
+    assert not any("scratch" in k or "frozen" in k for k in m.state_dict())
     assert copy.deepcopy(m).features.denseblock1.scratch.nbytes == 0  # not copied
     assert pickle.loads(pickle.dumps(m)).features.denseblock1.scratch.nbytes == 0  # not pickled
     kept = [weakref.ref(t) for b in blocks for t in b.scratch.free.values()]
@@ -508,18 +509,21 @@ def test_scratch_memory_is_the_blocks_and_can_be_released():
     assert all(b.scratch.nbytes == 0 for b in blocks)
 
 
-def test_the_transition_reads_the_block_it_follows(monkeypatch):
-    """A block and its transition are one unit (Transition.follow): the transition reads the block's
-    buffer when its input is the block's untouched output, and computes from its modules otherwise."""
-    from densenet.models import _inference, fused
+def test_the_block_hands_its_state_to_the_transition_explicitly(monkeypatch):
+    """DenseNet.features (DenseFeatures) gives each block a HandOver and passes it to the transition
+    after it: the transition reads the block's buffer when its input is the block's untouched output,
+    and computes from its modules otherwise (no hand-over, a clone, an output a forward hook replaced).
+    Nothing is kept on the modules between passes."""
+    from densenet.models import _inference
+    from densenet.models.densenet import DenseFeatures
 
     calls = []
     for mod in (fused, _inference):
         real = mod.transition_forward
         monkeypatch.setattr(mod, "transition_forward", lambda *a, real=real, mod=mod: calls.append(mod) or real(*a))
     m = densenet.create_model("densenet_bc_100_k12", depth=16).train()
+    assert type(m.features) is DenseFeatures
     t, block = m.features.transition1, m.features.denseblock1
-    assert t.block_outputs is block.outputs
     x = torch.randn(2, 3, 8, 8)
     m(x).sum().backward()
     assert calls == [fused, fused]
@@ -528,14 +532,44 @@ def test_the_transition_reads_the_block_it_follows(monkeypatch):
     assert calls[2:] == [_inference, _inference]
     calls.clear()
     with torch.no_grad():
-        out = block(m.features.conv0(x))
+        hand_over = fused.HandOver()
+        out = block(m.features.conv0(x), hand_over)
         ref = nn.Sequential(*list(t.children()))(out)  # the modules themselves
-        torch.testing.assert_close(t(out.clone()), ref)  # not the block's output: the modules
+        torch.testing.assert_close(t(out), ref)  # no hand-over: the modules
+        torch.testing.assert_close(t(out.clone(), hand_over), ref)  # not the block's output: the modules
         assert calls == []
-        torch.testing.assert_close(t(out), ref, rtol=1e-5, atol=1e-6)  # the block's output: from its buffer
-    assert calls == [_inference]
-    del out
-    assert len(block.outputs) == 0  # nothing outlives the outputs
+        torch.testing.assert_close(t(out, hand_over), ref, rtol=1e-5, atol=1e-6)  # from the block's buffer
+        assert calls == [_inference]
+        calls.clear()
+        handle = block.register_forward_hook(lambda mod, args, y: y * 2)  # a hook that replaces the output
+        try:
+            want = m(x)
+            assert calls == [_inference]  # the second transition only: the first sees the hook's tensor
+        finally:
+            handle.remove()
+    assert not any(isinstance(v, fused.HandOver) for mod in m.modules() for v in vars(mod).values())
+    with torch.no_grad():  # the same numbers with the hook on a plain nn.Sequential of the same modules
+        handle = block.register_forward_hook(lambda mod, args, y: y * 2)
+        try:
+            seq = nn.Sequential(*m.features.children())
+            torch.testing.assert_close(m.forward_head(seq(x)), want, rtol=1e-5, atol=1e-5)
+        finally:
+            handle.remove()
+
+
+def test_the_fused_block_output_modified_in_place_is_not_read_from_the_buffer():
+    """A training-mode output changed in place after the block (a hook, say) bumps the buffer's
+    version: the transition computes from its modules, on the changed values."""
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).train()
+    block, t = m.features.denseblock1, m.features.transition1
+    x = torch.randn(2, 3, 8, 8)
+    h0 = m.features.conv0(x)
+    hand_over = fused.HandOver()
+    out = block(h0, hand_over)
+    assert hand_over.source_for(out) is not None
+    with torch.no_grad():
+        out.mul_(2)
+    assert hand_over.source_for(out) is None
 
 
 def test_reference_path_is_one_switch(monkeypatch):

@@ -193,3 +193,20 @@ def test_the_stem_stays_as_given_where_the_eval_path_does_not_run():
         h.remove()
         m(x)
     assert seen == [True, True, True, False]
+
+
+def test_eval_after_training_passes_without_weight_updates_reads_the_new_statistics():
+    """Training-mode passes that change only BN running statistics (recalibration, a forward pass
+    without a step) bump no version counter of those statistics (torch's BN kernel writes them
+    inside), so the eval path's folded tensors are keyed on num_batches_tracked too: eval, train
+    passes, eval gives what a model that never cached anything gives."""
+    import copy
+
+    torch.manual_seed(0)
+    m = densenet.create_model("densenet_bc_100_k12", depth=16, bn_momentum=1.0)
+    fresh = copy.deepcopy(m)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        m.eval()(x)  # folds BN2 with the initial statistics
+        m.train()(x), fresh.train()(x)
+        torch.testing.assert_close(m.eval()(x), fresh.eval()(x), rtol=1e-5, atol=1e-5)

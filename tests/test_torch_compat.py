@@ -15,8 +15,8 @@ import densenet
 from densenet.models import _torch_compat, fused, reference_path
 
 # what each entry's fallback does to the dense blocks: "kernel", the fused path runs on with a public
-# computation; "path", the blocks take the reference path where the entry is needed; "transition", the
-# blocks run fused but the transitions take their own modules; "eval", the eval-mode path is off
+# computation; "path", the blocks take the reference path where the entry is needed; "eval", the
+# eval-mode path is off
 MODEL_ENTRIES = {
     "graph_task_id": "path",
     "tensor_version": "path",
@@ -26,7 +26,6 @@ MODEL_ENTRIES = {
     "threshold_backward": "kernel",
     "linear_pointwise": "kernel",
     "global_forward_hooks": "eval",
-    "weak_id_dict": "transition",
 }
 MEMORY_ENTRIES = ("python_dispatch", "pytree", "storage_key")
 
@@ -114,8 +113,6 @@ def _expected_calls(name: str, raising: bool) -> dict:
         return {"block": 3 * 3, "transition": 3 * 2, "eval": 3}
     if effect == "eval":  # the fused path serves the eval pass without gradients too
         return {"block": 4 * 3, "transition": 4 * 2, "eval": 0}
-    if effect == "transition":
-        return {"block": 3 * 3, "transition": 0, "eval": 3}
     if name == "graph_task_id":  # (raising: it fails its check, before any use) fused only where autograd
         return {"block": 0, "transition": 0, "eval": 3}  # records nothing: the eval-mode block
     assert name == "tensor_version"  # no fused block, nor eval-mode block (its cache needs the counter too);

@@ -145,7 +145,9 @@ class FrozenCache:
 
 def _folded_tensors(layers) -> list:
     """What `_freeze` reads (BN1 is read at every call instead): conv1's weight, BN2's parameters and
-    running statistics, conv2's weight."""
+    running statistics, conv2's weight; and BN2's num_batches_tracked, because a training-mode BN
+    updates its running statistics inside its kernel without bumping their version counters (torch
+    2.14), but counts the step with an in-place add that does."""
     out = []
     for layer in layers:
         mods = layer._modules
@@ -154,6 +156,8 @@ def _folded_tensors(layers) -> list:
             bn2 = mods["norm2"]
             out += (bn2._parameters["weight"], bn2._parameters["bias"], bn2._buffers["running_mean"],
                     bn2._buffers["running_var"], mods["conv2"]._parameters["weight"])
+            if bn2._buffers.get("num_batches_tracked") is not None:
+                out.append(bn2._buffers["num_batches_tracked"])
     return out
 
 
@@ -232,9 +236,8 @@ def _frozen(block: nn.Module, layers) -> list[tuple]:
 
 
 class FrozenOutput:
-    """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock records
-    it in the block's `fused.state.BlockOutputs`): that output is the block buffer, pixel-major. It holds
-    nothing: a reference to the buffer, a view of the output, would keep the output alive."""
+    """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock hands
+    it over in a `fused.HandOver`): that output is the block buffer, pixel-major. It holds nothing."""
 
     __slots__ = ()
 
@@ -244,7 +247,7 @@ FROZEN_OUTPUT = FrozenOutput()
 
 def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Tensor:
     """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), channels_last (the caller
-    records it with FROZEN_OUTPUT for the transition)."""
+    hands it to the transition with FROZEN_OUTPUT)."""
     frozen = _frozen(block, layers)
     b, c, h, w = x0.shape
     n = b * h * w

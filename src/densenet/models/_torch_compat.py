@@ -18,7 +18,6 @@ the reference path computes:
   eval-mode path too without the version counter (`_inference.block_applies`);
 - `global_forward_hooks`: without a way to see hooks registered for every module, the eval-mode
   path (which calls no module) is off;
-- `weak_id_dict`: blocks record nothing for their transitions, which then run their own modules;
 - `python_dispatch`, `pytree`, `storage_key` (analysis.memory): activation memory is counted at the
   level of torch functions instead (public TorchFunctionMode: within a few percent, the tensors an
   operator allocates inside itself are not seen), with a flattening of lists, tuples and dicts, and
@@ -94,12 +93,6 @@ def _global_forward_hooks():
     return module
 
 
-def _weak_id_dict():
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    return WeakIdKeyDictionary
-
-
 def _python_dispatch():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -137,9 +130,6 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in (
     Entry("global_forward_hooks", "torch.nn.modules.module._global_forward_hooks/_global_forward_pre_hooks",
           "the eval-mode dense block (models/_inference.py), to see hooks registered for every module",
           "the eval-mode path is off", _global_forward_hooks),
-    Entry("weak_id_dict", "torch.utils.weak.WeakIdKeyDictionary",
-          "dense blocks, to hand their outputs' buffers to the transitions after them",
-          "transitions run their own modules", _weak_id_dict),
     Entry("python_dispatch", "torch.utils._python_dispatch.TorchDispatchMode",
           "analysis.memory, to see every tensor an operator allocates",
           "tensors are counted at the level of torch functions (approximate)", _python_dispatch),
@@ -300,18 +290,6 @@ def global_forward_hooks_registered() -> bool | None:
         return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
     except Exception as exc:  # (the check at lookup found both; only a later change of PyTorch's gets here)
         failed("global_forward_hooks", exc)
-        return None
-
-
-def weak_id_key_dictionary():
-    """A new dictionary keyed by its keys' identity, holding them weakly; None where unavailable."""
-    cls = get("weak_id_dict")
-    if cls is None:
-        return None
-    try:
-        return cls()
-    except Exception as exc:
-        failed("weak_id_dict", exc)
         return None
 
 

@@ -30,7 +30,10 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
                       weight: torch.Tensor | None = None) -> None:
     """Raise a clear error for what a network cannot read: not a tensor, not (B, C, H, W), other channel
     counts, integer pixels, another dtype or device than the first layer's `weight` (autocast aside),
-    images smaller than `min_size` (the network downsamples by `reduction`)."""
+    images smaller than `min_size` (the network downsamples by `reduction`). A torch.fx Proxy (symbolic
+    tracing, torchvision's create_feature_extractor) has no values to check and passes."""
+    if isinstance(x, torch.fx.Proxy):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{model} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -206,6 +209,15 @@ class ClassifierMixin:
     classifier_name = "classifier"
     pool_name = "pool"
     pool_type = "avg"  # the global pooling, by timm's names (timm's `global_pool` is its pooling module)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: say in one line why it cannot compile these networks
+        (Python-level input checks, the fused path's autograd Functions and keyword arguments that
+        TorchScript's subset of Python does not cover) and what works instead."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: use torch.jit.trace(model.eval(), "
+            f"example_input), torch.export.export(model, (example_input,)), "
+            f"or `densenet export --format torchscript|onnx`")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = getattr(self, self.pool_name)(x)

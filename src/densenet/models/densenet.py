@@ -197,11 +197,12 @@ class _restore_bn_buffers:
 class DenseBlock(nn.ModuleDict):
     """num_layers dense layers; returns [x_0, x_1, ..., x_L] concatenated: k0 + L*k maps.
 
-    Besides its layers the block owns three things that are not state (not in its state_dict, not
+    Besides its layers the block owns two things that are not state (not in its state_dict, not
     copied or pickled with it): the scratch memory of the fused path, kept from one training step to
     the next (`scratch`, a `fused.ScratchPool`; `release_scratch()` frees it, and so does `.eval()`),
-    the eval-mode path's folded tensors (`frozen`, an `_inference.FrozenCache`), and `outputs`, through which the transition after it (`Transition.follow`) reads the buffer
-    and statistics behind the block's output instead of recomputing them."""
+    and the eval-mode path's folded tensors (`frozen`, an `_inference.FrozenCache`). Given a
+    `hand_over` (`DenseFeatures` gives one), it records there its output and the buffer and
+    statistics behind it, for the transition after it."""
 
     def __init__(self, num_layers: int, in_channels: int, cfg: DenseNetConfig):
         super().__init__()
@@ -210,7 +211,6 @@ class DenseBlock(nn.ModuleDict):
         self.memory_efficient = cfg.memory_efficient
         self.fused = cfg.fused
         self.scratch = _fused.ScratchPool()
-        self.outputs = _fused.BlockOutputs()
         self.frozen = _inference.FrozenCache()
 
     def release_scratch(self) -> None:
@@ -222,26 +222,45 @@ class DenseBlock(nn.ModuleDict):
             self.release_scratch()
         return super().train(mode)
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, hand_over: _fused.HandOver | None = None) -> torch.Tensor:
         layers = list(self.values())
-        fused = _fused.default_fused(x0.device) if self.fused == "auto" else self.fused
-        # reference_path(), or tracing: the paper's modules (the fused path is not traceable)
-        fused = fused and not _fused.reference_path_active()
-        if fused and not self.training and _inference.block_applies(self, layers, x0):  # eval, no autograd
-            return self.outputs.record(_inference.dense_block_forward(self, layers, x0), _inference.FROZEN_OUTPUT)
-        if fused and _fused.supported(layers):
-            if torch.compiler.is_compiling():  # torch.compile: the same arithmetic, written functionally
-                return _fused.dense_block_traceable(layers, x0, self.memory_efficient)
-            out, state = _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
-            return self.outputs.record(out, state)
-        features = [x0]
-        for layer in layers:
-            features.append(layer(features, self.memory_efficient))
-        return torch.cat(features, 1)
+        path = _block_path(self, layers, x0)
+        if path == "eval":  # eval mode, no autograd: folded BN, one pixel-major buffer (_inference)
+            out, source = _inference.dense_block_forward(self, layers, x0), _inference.FROZEN_OUTPUT
+        elif path == "compiled":  # torch.compile: the fused arithmetic, written functionally
+            return _fused.dense_block_traceable(layers, x0, self.memory_efficient)
+        elif path == "fused":
+            out, source = _fused.dense_block_forward(self, layers, x0, self.memory_efficient)
+        else:  # the paper's equation, module by module
+            features = [x0]
+            for layer in layers:
+                features.append(layer(features, self.memory_efficient))
+            return torch.cat(features, 1)
+        return out if hand_over is None else hand_over.give(out, source)
+
+
+def _block_path(block: DenseBlock, layers: list[DenseLayer], x0: torch.Tensor) -> str:
+    """The one place that says how a dense block computes: "reference" (its modules, as fused=False;
+    inside `reference_path()` and while tracing with torch.jit or torch.fx), "eval" (eval mode
+    without autograd, `_inference`), "fused" (training, or eval with autograd: the `fused` package) or
+    "compiled" (the fused path's traceable twin, under torch.compile)."""
+    if isinstance(x0, torch.fx.Proxy) or _fused.reference_path_active():
+        return "reference"
+    if not (_fused.default_fused(x0.device) if block.fused == "auto" else block.fused):
+        return "reference"
+    if not block.training and _inference.block_applies(block, layers, x0):
+        return "eval"
+    if not _fused.supported(layers):  # other BN modules, or a private torch API missing
+        return "reference"
+    return "compiled" if torch.compiler.is_compiling() else "fused"
 
 
 class Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1(floor(theta*m)) [-Dropout] -AvgPool2x2: between two dense blocks."""
+    """BN-ReLU-Conv1x1(floor(theta*m)) [-Dropout] -AvgPool2x2: between two dense blocks.
+
+    Given the block's `hand_over` and that block's untouched output, it computes from the block's
+    buffer and batch statistics (shared, not recomputed; `_transition_path`); any other input takes
+    the modules below, as nn.Sequential runs them."""
 
     def __init__(self, in_channels: int, out_channels: int, cfg: DenseNetConfig):
         super().__init__()
@@ -251,26 +270,56 @@ class Transition(nn.Sequential):
         if cfg.drop_rate > 0:
             self.drop = nn.Dropout(cfg.drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.block_outputs = None  # the outputs of the block before it (`follow`)
 
-    def follow(self, block: DenseBlock) -> None:
-        """Make this transition the one after `block`: a dense block and its transition are one unit
-        whose transition reads the block's buffer and statistics (shared, not recomputed) when its
-        input is the block's untouched output; any other input takes the modules below."""
-        self.block_outputs = block.outputs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # no block state to read: the compiler sees the modules
-            return super().forward(x)
-        outputs = getattr(self, "block_outputs", None)
-        source = None if outputs is None else outputs.get(x)  # what the block recorded for x, if its output
-        if source is None:
-            return super().forward(x)
-        if not self.training and _inference.transition_applies(self, x, source):
+    def forward(self, x: torch.Tensor, hand_over: _fused.HandOver | None = None) -> torch.Tensor:
+        source = None if hand_over is None else hand_over.source_for(x)
+        path = _transition_path(self, x, source)
+        if path == "eval":
             return _inference.transition_forward(self, x)
-        if _fused.transition_supported(self, source):
+        if path == "fused":
             return _fused.transition_forward(self, source, x)
         return super().forward(x)
+
+
+def _transition_path(transition: Transition, x: torch.Tensor, source) -> str:
+    """How a transition computes: "eval" or "fused" from the state its block handed over for x
+    (`source`: `_inference.FROZEN_OUTPUT` or the fused block's state), else "reference" (its modules)."""
+    if source is None:
+        return "reference"
+    if not transition.training and _inference.transition_applies(transition, x, source):
+        return "eval"
+    if _fused.transition_supported(transition, source):
+        return "fused"
+    return "reference"
+
+
+class DenseFeatures(nn.Sequential):
+    """`DenseNet.features`: the stem, the dense blocks joined by transitions, norm5 and relu5, with
+    torchvision's names (and so its state-dict keys). It runs its modules in order as nn.Sequential
+    does, and hands each dense block's output and state to the transition after it explicitly
+    (`step`, a `fused.HandOver` per block and pass). Both are called as modules, so their hooks run;
+    an output a hook replaces is computed from the transition's own modules. Eager only: traced
+    (torch.compile, torch.jit, torch.fx) the blocks and transitions are plain modules."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hand_over = None
+        for module in self:
+            x, hand_over = self.step(module, x, hand_over)
+        return x
+
+    @staticmethod
+    def step(module: nn.Module, x: torch.Tensor, hand_over: _fused.HandOver | None):
+        """Run one of the features' modules on x: (its output, what it hands the next module)."""
+        if isinstance(module, DenseBlock) and not _traced(x):
+            hand_over = _fused.HandOver()
+            return module(x, hand_over), hand_over
+        if isinstance(module, Transition) and hand_over is not None:
+            return module(x, hand_over), None
+        return module(x), None
+
+
+def _traced(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
 
 
 class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
@@ -281,7 +330,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         super().__init__()
         self.config = cfg
         c = cfg.init_features
-        self.features = nn.Sequential()
+        self.features = DenseFeatures()
         if cfg.stem == "imagenet":
             self.features.add_module("conv0", _conv(cfg.in_channels, c, 7, stride=2))
             self.features.add_module("norm0", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
@@ -298,7 +347,6 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
             if i < len(cfg.block_config) - 1:
                 out = compressed_channels(c, cfg.compression)
                 self.features.add_module(f"transition{i + 1}", Transition(c, out, cfg))
-                self.features[-1].follow(self.features[-2])
                 c = out
         self.features.add_module("norm5", nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
         self.features.add_module("relu5", nn.ReLU())  # a module, not in place: hooks (Grad-CAM) see it
@@ -325,7 +373,8 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
     def _in_input_format(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # The eval-mode path computes channels_last; the final features come back in the memory format of
         # the input (a copy of the last, smallest maps), so that e.g. .view(B, -1) works as before
-        if self.training or out.is_contiguous() or not out.is_contiguous(memory_format=torch.channels_last):
+        if isinstance(out, torch.fx.Proxy) or self.training or out.is_contiguous() \
+                or not out.is_contiguous(memory_format=torch.channels_last):
             return out
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out
@@ -333,7 +382,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
 
     def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.config.stem == "imagenet" and _inference.stem_applies(self, x):
+        if self.config.stem == "imagenet" and not isinstance(x, torch.fx.Proxy) and _inference.stem_applies(self, x):
             # eval on the CPU: the stem in channels_last (its 7x7 convolution, BN and max pooling) hands the
             # first block its input in the block buffer's layout; 1.08x for DenseNet-121 at batch 1 and 32
             x = x.contiguous(memory_format=torch.channels_last)
@@ -354,9 +403,9 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         last = n if last is None else last
         inp, x = x, self._stem_input(x)
         stem = self.stem_module.split(".")[-1]
-        feats = []
+        feats, hand_over = [], None
         for name, module in self.features.named_children():
-            x = module(x)
+            x, hand_over = self.features.step(module, x, hand_over)
             if name == stem or name.startswith("denseblock"):
                 feats.append(x)
                 if len(feats) > last and len(feats) <= n:  # stop early: not the last block
@@ -413,5 +462,5 @@ def densenet_imagenet(depth: int | None = 121, growth_rate: int = 32, **kwargs: 
                                         growth_rate=growth_rate, stem="imagenet", **kwargs))
 
 
-__all__ = ["DenseNet", "DenseNetConfig", "DenseLayer", "DenseBlock", "Transition", "cifar_block_config",
+__all__ = ["DenseNet", "DenseNetConfig", "DenseLayer", "DenseBlock", "Transition", "DenseFeatures", "cifar_block_config",
            "compressed_channels", "densenet_cifar", "densenet_imagenet", "IMAGENET_BLOCKS", "init_weights"]

@@ -40,8 +40,8 @@ autograd, which stores the bottleneck maps. With memory_efficient, a whole bottl
 node (`_RecomputedLayer`) that stores nothing but dropout masks and recomputes its bottleneck in the
 backward pass. Running statistics are updated once per step, in the forward pass, in every mode.
 The transition after a block is another reader of the whole buffer
-(`transition_forward`), which finds the block's state through the block (`BlockOutputs`, set up by
-`Transition.follow`): it uses the shared statistics too, and pools before its 1x1 convolution
+(`transition_forward`), which is handed the block's state explicitly (`HandOver`, passed from the
+block to the transition by `DenseNet.features`, a `DenseFeatures`): it uses the shared statistics too, and pools before its 1x1 convolution
 (average pooling and a 1x1 convolution commute; 4x fewer multiply-adds). tests/test_fused.py checks
 all of this against the reference path.
 
@@ -81,7 +81,7 @@ from __future__ import annotations
 # it (state), the eager fused block and transition (block), the same arithmetic for torch.compile
 # (traceable). The package's modules:
 #   policy.py     which path a dense block takes: FUSED_BY_DEVICE, reference_path(), supported()
-#   state.py      a block's buffer, statistics and scratch memory: ScratchPool, _BlockState, BlockOutputs
+#   state.py      a block's buffer, statistics and scratch memory: ScratchPool, _BlockState, HandOver
 #   kernels.py    the numeric kernels: BN-ReLU, batch statistics, pooling, 1x1 products, dropout masks
 #   nodes.py      what the autograd nodes share: a reader of the buffer, gradients by name, backward order
 #   functions.py  the autograd Functions: _LayerInput, _RecomputedLayer, _BlockOutput, _TransitionInput
@@ -89,8 +89,8 @@ from __future__ import annotations
 #   traceable.py  the twin in plain operations that torch.compile traces: dense_block_traceable
 from .block import dense_block_forward, transition_forward, transition_supported
 from .policy import default_fused, reference_path, reference_path_active, supported
-from .state import BlockOutputs, ScratchPool
+from .state import HandOver, ScratchPool
 from .traceable import dense_block_traceable
 
-__all__ = ["BlockOutputs", "ScratchPool", "default_fused", "dense_block_forward", "dense_block_traceable",
+__all__ = ["HandOver", "ScratchPool", "default_fused", "dense_block_forward", "dense_block_traceable",
            "reference_path", "reference_path_active", "supported", "transition_forward", "transition_supported"]

@@ -23,7 +23,7 @@ def _stats_for(bn: nn.BatchNorm2d, st: _BlockState, c: int):
 
 def dense_block_forward(block, layers, x0: torch.Tensor, memory_efficient: bool) -> tuple[torch.Tensor, _BlockState]:
     """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] for the DenseLayers of one block, fused, and the block's
-    state (buffer and statistics), which the transition after the block reads (`BlockOutputs`).
+    state (buffer and statistics), which the transition after the block reads (`HandOver`).
 
     The nodes created here (one per layer, then `_BlockOutput`; `transition_forward` adds one more)
     share the state's gradient buffer and the per-channel sums dmean and dvar, which each node adds

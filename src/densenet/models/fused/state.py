@@ -1,6 +1,6 @@
 """A fused block's state: the buffer that holds x_0 ... x_L side by side, their batch statistics, the
 gradient buffer of the backward pass and the scratch memory kept from step to step (`ScratchPool`,
-`_BlockState`), and how a block hands that state to the transition after it (`BlockOutputs`)."""
+`_BlockState`), and what a block hands the transition after it (`HandOver`)."""
 from __future__ import annotations
 
 import torch
@@ -179,44 +179,31 @@ def _version(t: torch.Tensor) -> int | None:
     return _torch_compat.tensor_version(t)
 
 
-class BlockOutputs:
-    """How a dense block hands its output's internals to the transition after it, explicitly: the
-    block records each output it returns with what produced it (`record`); the transition, given
-    the same object (`Transition.follow`), looks its input up (`get`). A _BlockState for the fused
-    training path, an `_inference.FrozenOutput` for the eval path; anything else (a tensor modified
-    in place, another module's output) finds nothing and takes the transition's reference path.
+class HandOver:
+    """What a dense block passes to the transition after it, for one forward pass: the block's output
+    and what produced it, a _BlockState (the fused training path) or `_inference.FROZEN_OUTPUT` (the
+    eval-mode path). `models.densenet.DenseFeatures` makes one per block and gives it to the block and
+    then to the transition, as an argument of each call: nothing is kept between passes or shared
+    between threads. The transition reads the block's buffer only for that very output, untouched
+    since (`source_for`); any other input (an output a forward hook replaced, or changed in place
+    after the fused path's buffer was written) finds nothing and takes the transition's modules."""
 
-    Entries are keyed by the output tensor's identity and live exactly as long as that tensor.
-    Not copied or pickled with the model (`__reduce__`: an empty registry). Where PyTorch's weak
-    identity-keyed dictionary is unavailable (models._torch_compat), nothing is recorded and every
-    transition takes its reference path."""
+    __slots__ = ("out", "source")
 
     def __init__(self):
-        self._by_output = None  # made on the first record (`_torch_compat.weak_id_key_dictionary`)
+        self.out = self.source = None
 
-    def __reduce__(self):
-        return (BlockOutputs, ())
-
-    def __len__(self) -> int:
-        return 0 if self._by_output is None else len(self._by_output)
-
-    def record(self, out: torch.Tensor, what) -> torch.Tensor:
-        if not _torch_compat.available("weak_id_dict"):
-            return out
-        if self._by_output is None:
-            self._by_output = _torch_compat.weak_id_key_dictionary()
-            if self._by_output is None:
-                return out
-        self._by_output[out] = what
+    def give(self, out: torch.Tensor, source) -> torch.Tensor:
+        """Record the block's output `out` and what produced it; returns `out`."""
+        self.out, self.source = out, source
         return out
 
-    def get(self, x: torch.Tensor):
-        """What produced x, if x is an output of the block, untouched since."""
-        if self._by_output is None or not _torch_compat.available("weak_id_dict"):
+    def source_for(self, x: torch.Tensor):
+        """What produced x, if x is the block's output, untouched since; else None."""
+        if x is not self.out or self.source is None:
             return None
-        what = self._by_output.get(x)
-        if isinstance(what, _BlockState):
-            version = _version(what.buf)
-            if version is None or version != what.version:
+        if isinstance(self.source, _BlockState):
+            version = _version(self.source.buf)
+            if version is None or version != self.source.version:
                 return None
-        return what
+        return self.source
