@@ -75,14 +75,17 @@ def get_entry(name: str) -> ModelEntry:
                          f"{len(_REGISTRY)} registered names.") from None
 
 
-def create_model(name: str, pretrained: bool | str | Path | None = False, *, reset_classifier: bool = False,
-                 features_only: bool = False, out_indices: tuple[int, ...] | None = None,
-                 **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool | str | Path | None = False, *, weights: Any = None,
+                 reset_classifier: bool = False, features_only: bool = False,
+                 out_indices: tuple[int, ...] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered network, as timm's create_model.
 
     `pretrained`: False; True (torchvision's ImageNet weights, where they exist, from torch's cache:
     an error says where to get them otherwise); a checkpoint path (torchvision's or this package's);
-    or "hf-hub:org/repo" (weights pushed with `densenet.push_to_hub`). `reset_classifier=True` loads
+    or "hf-hub:org/repo" (weights pushed with `densenet.push_to_hub`). `weights` is torchvision's way to say
+    pretrained=True (give one of the two): None, a Weights enum member (densenet.models.DenseNet121_Weights's,
+    or torchvision's own), its name ("IMAGENET1K_V1", "DenseNet121_Weights.IMAGENET1K_V1") or "DEFAULT",
+    naming the torchvision file this package loads for `name`. `reset_classifier=True` loads
     everything but the classifier (fine-tuning to other classes). timm's names are accepted:
     `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),
     `global_pool` ("avg", the paper's; "max", "avgmax", or "" for unpooled maps), `features_only=True`
@@ -95,6 +98,11 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
         if "in_channels" in overrides:
             raise ValueError("give in_chans or in_channels (the same option), not both")
         overrides["in_channels"] = overrides.pop("in_chans")
+    if weights is not None:
+        if pretrained is not None and pretrained is not False:
+            raise ValueError(f"give weights= (torchvision's argument) or pretrained= (timm's), not both: "
+                             f"weights={weights!r}, pretrained={pretrained!r}")
+        pretrained = _weights_as_pretrained(name, weights)
     source = resolve_pretrained(name, pretrained)
     overrides.setdefault("num_classes", entry.num_classes)
     model_args = dict(overrides)  # what rebuilds this model: create_model(name, **model.model_args)
@@ -126,6 +134,38 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, res
     if out_indices is not None:
         raise ValueError("out_indices selects stages of a features_only=True model; pass features_only=True")
     return model
+
+
+def _weights_as_pretrained(name: str, weights: Any) -> bool:
+    """create_model's `weights` as its `pretrained`: False for None; True where `weights` names the
+    torchvision file this package loads for `name` (from torch's cache, as pretrained=True); else ValueError.
+    Names are torchvision's, read from its enum for the network (`get_model_weights(name)`): a member of
+    that enum or of densenet.models' copy of it is known by its URL; a name, by torchvision's `verify`."""
+    if weights is None:
+        return False
+    from torchvision.models import WeightsEnum, get_model_weights
+
+    from .pretrained import _TV, TORCHVISION_FILES, resolve_pretrained
+
+    if name not in TORCHVISION_FILES:
+        resolve_pretrained(name, True)  # raises: no published weights exist for this network
+    enum, file = get_model_weights(name), TORCHVISION_FILES[name]
+    if isinstance(weights, str):
+        try:
+            weights = enum.verify(weights)
+        except KeyError:
+            raise ValueError(f"weights={weights!r}: {enum.__name__} has {', '.join(enum.__members__)} (or None: "
+                             f"no weights)") from None
+    if not isinstance(weights, WeightsEnum):
+        raise ValueError(f"weights must be None, a Weights enum member ({enum.__name__}.IMAGENET1K_V1) or its "
+                         f"name, got {weights!r}")
+    if weights.url == _TV + file:
+        return True
+    if type(weights).__name__ != enum.__name__:
+        raise ValueError(f"Invalid Weight class provided; expected {enum.__name__} but received "
+                         f"{type(weights).__name__}.")
+    raise ValueError(f"{name}: {weights!r} ({weights.url}) is not a file this package loads; its weights are "
+                     f"torchvision's IMAGENET1K_V1, {file} (weights='IMAGENET1K_V1')")
 
 
 def pretrained_cfg(name: str, in_channels: int | None = None, num_classes: int | None = None) -> dict[str, Any]:

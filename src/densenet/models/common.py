@@ -59,7 +59,14 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
 def init_weights(model: nn.Module) -> None:
     """The authors' initialisation: convolutions N(0, sqrt(2 / (kh*kw*out_channels))) (He, fan-out);
     BN weight 1, bias 0; linear bias 0 (weight keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    which is Torch7's default too). The same He (fan-out) rule as He 2015, 2016 and the WRN code."""
+    which is Torch7's default too). The same He (fan-out) rule as He 2015, 2016 and the WRN code.
+
+    A consequence to know before comparing outputs: a freshly built network in eval mode normalises
+    with the untouched running statistics (mean 0, variance 1), and fan-out scaling grows the
+    activations through the dense connections, so a fresh DenseNet-121's eval logits reach ~1e5
+    (torchvision's fan-in initialisation: ~1). Training mode, and eval mode once the running
+    statistics are estimated (a few training-mode passes), give order-1 outputs. Compare fresh models
+    with a tolerance relative to the outputs' scale (tests/test_tracing.py)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
