@@ -104,9 +104,11 @@ def plot_curves(runs: list[RunResult], out: Path) -> Path:
 
 
 def plot_efficiency(runs: list[RunResult], out: Path, x: str, setting: str | None = None) -> Path:
-    """Error against parameters (x="params") or multiply-adds (x="macs") for each run, with the
-    paper's published points for the runs' data setting (Table 2 on CIFAR/SVHN, Table 1 on ImageNet);
-    `setting` names it where the dataset cannot (a folder holding CIFAR-10 images: "C10+")."""
+    """Error against parameters (x="params") or multiply-adds (x="macs", drawn in GFLOPs: the paper's
+    "FLOPs" are multiply-adds) for each run, with the paper's published points for the runs' data
+    setting (Table 2 on CIFAR/SVHN, Table 1 on ImageNet); `setting` names it where the dataset cannot
+    (a folder holding CIFAR-10 images: "C10+"). A dataset the paper has no results for is named on the
+    figure; a lone point gets a readable axis range (_ensure_range)."""
     fig = efficiency_figure(runs, x, setting)
     save_figure(fig, out)
     return out
@@ -147,42 +149,107 @@ def _place_labels(fig, ax, points: list[tuple[float, float, str]]) -> None:
         placed.append(box)
 
 
-def efficiency_figure(runs: list[RunResult], x: str, setting: str | None = None):
-    from ..registry import get_entry
+# The paper's Figure 3 says "FLOPs" but counts multiply-adds (one multiply-add = one "FLOP"): the figure
+# says so once, in its title, and uses the one term on its axis.
+FLOPS_TITLE = "Error vs. FLOPs (multiply-adds, as the paper counts them)"
+FLOPS_XLABEL = "GFLOPs (multiply-adds)"
+PARAMS_TITLE = "Error vs. parameters"
+PARAMS_XLABEL = "parameters"
 
+
+def _x_value(x: str, params: float, macs: float) -> float:
+    """The x coordinate drawn: parameters as counted, multiply-adds in GFLOPs."""
+    return params if x == "params" else macs / 1e9
+
+
+def _ensure_range(xs: list[float], ys: list[float]) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Axis limits (log x, linear y) for the points drawn: a margin around them, and for a lone point (or
+    points close together) a readable range rather than matplotlib's +-5% (a run at 1.11 % error drawn on
+    1.06 .. 1.16): x spans at least a decade around them, y at least +-50% of their centre, at least
+    +-0.5 percentage points, kept within 0 .. 100 % where the points are. None: nothing drawn."""
+    xs = [v for v in xs if v > 0]
+    if not xs or not ys:
+        return None
+    import math
+
+    lo, hi = min(xs), max(xs)
+    centre = math.sqrt(lo * hi)
+    half = math.sqrt(max(10.0, 2.25 * hi / lo))  # at least a decade; the points well inside it
+    xlim = (min(lo / 1.25, centre / half), max(hi * 1.25, centre * half))
+    ylo, yhi = min(ys), max(ys)
+    mid = (ylo + yhi) / 2
+    reach = max(0.5 * abs(mid), 0.5, 0.55 * (yhi - ylo))
+    bottom, top = mid - reach, mid + reach
+    if bottom < 0 <= ylo:
+        bottom = 0.0
+    if top > 100 >= yhi:
+        top = 100.0
+    return xlim, (bottom, top)
+
+
+def missing_paper_note(runs: list[RunResult], setting: str | None = None) -> str | None:
+    """The figure's note for runs on a dataset the paper publishes no results of (None: every run has
+    the paper's points beside it)."""
+    if setting:
+        return None
+    missing = sorted({r.dataset for r in runs if r.setting is None and r.dataset != "imagenet"})
+    return f"no published points for {', '.join(missing)}" if missing else None
+
+
+def efficiency_figure(runs: list[RunResult], x: str, setting: str | None = None):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     labels = []
+    xs: list[float] = []  # everything drawn, for the axis range
+    ys: list[float] = []
+
+    def drawn(px: float | None) -> float | None:  # a published count as drawn: GFLOPs for multiply-adds
+        return None if px is None else px if x == "params" else px / 1e9
+
     settings = {setting} if setting else {r.setting for r in runs if r.setting}
-    for setting in sorted(settings):  # the paper's DenseNets in this setting
-        pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e[setting], n)
-               for n, e in TABLE2.items() if e.get(setting) is not None]
+    for s in sorted(settings):  # the paper's DenseNets in this setting
+        pts = [(px, e[s], n) for n, e in TABLE2.items()
+               if e.get(s) is not None and (px := drawn(_paper_x(n, x))) is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", facecolors="none", edgecolors="gray",
-                   s=50, label=f"paper, {setting}")
+                   s=50, label=f"paper, {s}")
         labels += [(px, py, n.replace("densenet_", "").replace("_", "-")) for px, py, n in pts]
-        base = baseline_points(setting, x)
+        base = [(drawn(px), py, n) for px, py, n in baseline_points(s, x)]
         if base:
             ax.scatter([b[0] for b in base], [b[1] for b in base], marker="^", facecolors="none",
-                       edgecolors="tab:brown", s=50, label=f"paper, {setting}: baselines")
+                       edgecolors="tab:brown", s=50, label=f"paper, {s}: baselines")
             labels += [(px, py, n.replace("_", "-")) for px, py, n in base]
+        xs += [p[0] for p in pts + base]
+        ys += [p[1] for p in pts + base]
     if any(r.dataset == "imagenet" for r in runs):
-        pts = [(get_entry(n).paper_params if x == "params" else get_entry(n).paper_gmacs * 1e9, e["top1"])
-               for n, e in TABLE1.items()]
+        pts = [(px, e["top1"]) for n, e in TABLE1.items() if (px := drawn(_paper_x(n, x))) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="gray", mfc="none", label="paper, ImageNet")
-        res = resnet_imagenet_points(x)
+        res = [(drawn(px), py) for px, py in resnet_imagenet_points(x)]
         ax.plot([p[0] for p in res], [p[1] for p in res], "o--", color="tab:brown", mfc="none",
                 label="ResNets (fb.resnet.torch, Figure 3)")
+        xs += [p[0] for p in pts + res]
+        ys += [p[1] for p in pts + res]
     for i, r in enumerate(runs):
         err = r.final_error
         if err is None:
             continue
-        ax.scatter([r.params if x == "params" else r.macs], [err[0]], color=f"C{i % 10}", s=60, zorder=3,
-                   label=f"{r.label} ({err[1]})")
+        rx = _x_value(x, r.params, r.macs)
+        ax.scatter([rx], [err[0]], color=f"C{i % 10}", s=60, zorder=3, label=f"{r.label} ({err[1]})")
+        xs.append(rx)
+        ys.append(err[0])
+    note = missing_paper_note(runs, setting)
+    if note:  # in the legend, where it meets no point: the absence of the paper's points is said, not silent
+        ax.plot([], [], " ", label=note)
     ax.set_xscale("log")
-    ax.set(xlabel="parameters" if x == "params" else "multiply-adds per image",
-           ylabel="top-1 error (%)", title="Error against " + ("parameters" if x == "params" else "FLOPs"))
+    ax.set(xlabel=PARAMS_XLABEL if x == "params" else FLOPS_XLABEL, ylabel="top-1 error (%)",
+           title=PARAMS_TITLE if x == "params" else FLOPS_TITLE)
+    limits = _ensure_range(xs, ys)
+    if limits:
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=8)
+    if note:
+        legend.get_texts()[-1].set(color="dimgray", style="italic")
     fig.tight_layout()
     _place_labels(fig, ax, labels)  # after the layout: the boxes measured are those drawn
     return fig

@@ -118,16 +118,36 @@ def save_reuse(blocks: list[BlockReuse], out: str | Path, title: str = "") -> li
 def _plot(blocks: list[BlockReuse], out: Path, title: str) -> None:
     from .plots import save_figure
 
-    save_figure(reuse_figure(blocks, title), out, bbox_inches="tight")
+    save_figure(reuse_figure(blocks, title), out, bbox_inches="tight", pad_inches=0.1)
 
 
 FRAMED_NOTE = ("framed column: the transition (T) or classifier (C) after the block, scaled to its own maximum "
                "(other layers' weights have another magnitude); raw numbers in the .csv")
+NOTE_FONTSIZE = 9  # points: readable beside the 10-point tick labels
+
+# The figure's size, in inches, from its number of panels (one square heatmap per dense block, side by
+# side, then the colour bar): each panel's slot is as wide as the heatmap and its labels and ticks, so
+# that the square panels fill their slots and the canvas holds no empty band.
+PANEL = 2.9  # the heatmap's side
+PANEL_LABELS = 0.75  # left of each heatmap: its y label and tick labels
+COLORBAR = 0.85  # the colour bar, its ticks and its label
+TITLES = 0.75  # above the heatmaps: the figure's title and the panels' titles
+XLABELS = 0.55  # below the heatmaps: tick labels and the x label
+NOTE_LINE = 0.2  # one line of the note
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` in lines that fit `width_in` inches at `fontsize` points (about 0.5 em a character)."""
+    import textwrap
+
+    return textwrap.fill(text, max(30, int(width_in * 72 / (0.5 * fontsize))))
 
 
 def reuse_figure(blocks: list[BlockReuse], title: str = ""):
-    """The matplotlib figure of Figure 5 (panels side by side, spaced so that no panel's labels reach
-    the previous panel's framed column)."""
+    """The matplotlib figure of Figure 5: one square panel per dense block side by side, the colour bar
+    on the right, the note on the framed column below; the canvas is sized to the number of panels and
+    laid out by matplotlib's constrained layout, so that no panel's labels reach the previous panel's
+    framed column and no band of it is left empty."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,8 +155,11 @@ def reuse_figure(blocks: list[BlockReuse], title: str = ""):
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    fig, axes = plt.subplots(1, len(blocks), figsize=(4.6 * len(blocks), 4.8), squeeze=False,
-                             gridspec_kw={"wspace": 0.45})
+    width = len(blocks) * (PANEL + PANEL_LABELS) + COLORBAR
+    note = _wrap(FRAMED_NOTE, width - 0.4, NOTE_FONTSIZE)
+    height = PANEL + TITLES * (1 if title else 0.6) + XLABELS + NOTE_LINE * (note.count("\n") + 1) + 0.15
+    fig, axes = plt.subplots(1, len(blocks), figsize=(width, height), squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.06, h_pad=0.04, wspace=0.04)
     for ax, b in zip(axes[0], blocks):
         v = np.array(b.values, dtype=float)
         # the block's layers on one scale (the block's maximum = 1); the extra column on its own, since
@@ -155,8 +178,10 @@ def reuse_figure(blocks: list[BlockReuse], title: str = ""):
         ax.set_ylabel("source layer (s)")
         ax.set_title(f"Dense block {b.block}")
         ax.set_facecolor("white")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean |w| per input map (max = 1)")
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.5 / width, aspect=18, label="mean |w| per input map (max = 1)")
     if title:
         fig.suptitle(title)
-    fig.text(0.5, -0.02, FRAMED_NOTE, ha="center", va="top", fontsize=8)
+    # a figure x label: the constrained layout keeps room for it below the panels (a free fig.text would
+    # be laid over them, or off the canvas)
+    fig.supxlabel(note, fontsize=NOTE_FONTSIZE)
     return fig
