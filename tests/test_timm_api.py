@@ -340,3 +340,24 @@ def test_set_grad_checkpointing_gives_the_same_gradients_and_bn_statistics(name)
     for (k, s), t in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(s, t, msg=k)
     b.set_grad_checkpointing(False)
+
+
+def test_global_pool_and_unpooled_reset_as_timms_densenet121():
+    """The same calls on timm's densenet121: global_pool='max' at creation, reset_classifier(0, '')
+    (unpooled maps), reset_classifier(5, 'avg'): the same output shapes, and with timm's weights loaded
+    the same values."""
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 64, 64)
+    theirs = timm.create_model("densenet121", global_pool="max").eval()
+    ours = densenet.create_model("densenet121", global_pool="max").eval()
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        scale = float(theirs(x).abs().max())
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5 * scale)
+        for m in (theirs, ours):
+            m.reset_classifier(0, "")
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5 * scale)
+        assert ours(x).shape == theirs(x).shape == (1, 1024, 2, 2)
+        for m in (theirs, ours):
+            m.reset_classifier(5, "avg")
+        assert ours(x).shape == theirs(x).shape == (1, 5)

@@ -98,3 +98,26 @@ def test_fresh_eval_outputs_follow_the_authors_initialisation():
         settled = m.eval()(x).abs().max()
     assert fresh > 1e3, fresh
     assert train < 50 and settled < 50, (train, settled)
+
+
+def test_create_feature_extractor_matches_torchvisions_densenet121():
+    """The same call on torchvision's DenseNet-121 with the same weights: the same nodes by the same
+    names, the same tensors; except that torchvision's forward applies F.relu(inplace=True) to norm5's
+    output, so its "features.norm5" node returns the maps after ReLU, and ours (relu5 a module, not in
+    place) what norm5 computed."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121().eval()
+    ours = densenet.create_model("densenet121").eval()
+    ours.load_state_dict(tv.state_dict())
+    nodes = {"features.denseblock2": "b2", "features.transition3": "t3", "features.norm5": "n5", "classifier": "out"}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = create_feature_extractor(tv, return_nodes=nodes)(x)
+        got = create_feature_extractor(ours, return_nodes=nodes)(x)
+    assert got.keys() == want.keys()
+    for k in ("b2", "t3", "out"):
+        _close(got[k], want[k])
+    assert (got["n5"] < 0).any() and not (want["n5"] < 0).any()
+    _close(got["n5"].relu(), want["n5"])
