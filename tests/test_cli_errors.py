@@ -177,12 +177,12 @@ def test_fuzz_each_mutation_in_its_own_process(tiny, tmp_path):
 
 
 def test_an_error_from_a_loading_worker_is_its_own_last_line():
-    from densenet.cli import _one_line
+    from densenet.utils.errors import one_line
 
     e = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                   '  File "x.py", line 1, in f\n    g()\ndensenet.data.sources.DataError: a.png is not a readable '
                   "image (OSError: truncated)\n")
-    assert _one_line(e) == "a.png is not a readable image (OSError: truncated)"
+    assert one_line(e) == "a.png is not a readable image (OSError: truncated)"
 
 
 def test_a_damaged_image_in_a_streamed_folder_is_one_line(tmp_path):

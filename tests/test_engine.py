@@ -71,19 +71,18 @@ def test_build_model_passes_the_rate_only_to_networks_with_dropout(capsys):
 # --- --help from the fields' metadata ------------------------------------------------------------------------
 
 def test_every_config_field_has_help_that_states_its_default():
-    from densenet.cli import _with_default
-    from densenet.train.config import SETTING_HELP
+    from densenet.train.config import SETTING_HELP, help_with_default
 
     assert list(SETTING_HELP) == [f.name for f in dataclasses.fields(TrainConfig)]  # each once, in order
     for f in dataclasses.fields(TrainConfig):
         assert SETTING_HELP[f.name], f.name
-        text = _with_default(f)
+        text = help_with_default(f)
         assert "default" in text, (f.name, text)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    assert _with_default(fields["seed"]).endswith("(default: 0)")
-    assert _with_default(fields["tensorboard"]).endswith("(default: on)")
-    assert _with_default(fields["compile"]).endswith("(default: off)")
-    assert "default: the recipe's: 0.1" in _with_default(fields["lr"])
+    assert help_with_default(fields["seed"]).endswith("(default: 0)")
+    assert help_with_default(fields["tensorboard"]).endswith("(default: on)")
+    assert help_with_default(fields["compile"]).endswith("(default: off)")
+    assert "default: the recipe's: 0.1" in help_with_default(fields["lr"])
 
 
 def test_train_help_is_built_from_the_config_fields():

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
+
+from .utils.errors import UsageError, one_line_warnings, printable, report
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, tuple[str, AddArgs, Callable[[argparse.Namespace], int]]] = {}
@@ -24,10 +25,6 @@ def command(name: str, help: str, add_args: AddArgs):
         COMMANDS[name] = (help, add_args, run)
         return run
     return deco
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for; printed as one line."""
 
 
 def _print_json(obj) -> None:
@@ -44,7 +41,7 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 @command("models", "list the registered networks with parameters and multiply-adds", _models_args)
 def _models(args: argparse.Namespace) -> int:
-    from .analysis.complexity import model_table
+    from .analysis.complexity import format_model_table, model_table
     from .registry import get_entry, list_models
 
     names = args.names or list_models()
@@ -55,74 +52,30 @@ def _models(args: argparse.Namespace) -> int:
     rows = model_table(names)
     if args.json:
         _print_json([r.as_dict() for r in rows])
-        return 0
-    family = None
-    header = f"{'model':<24}{'params':>14}{'paper':>14}{'GMACs':>9}{'paper':>9}  {'input':<11}description"
-    for r in rows:
-        if r.family != family:
-            family = r.family
-            print(f"\n{family}\n{header}")
-        paper_p = r.paper_params_text
-        paper_m = f"{r.published_gmacs:g}" if r.published_gmacs else "-"  # as printed; JSON has both
-        size = "x".join(map(str, r.input_size))
-        print(f"{r.name:<24}{r.params:>14,}{paper_p:>14}{r.macs / 1e9:>9.3f}{paper_m:>9}  {size:<11}{r.description}")
+    else:
+        print(format_model_table(rows))
     return 0
 
 
 # --- densenet train -------------------------------------------------------------------------------------
 
-_MODEL_FLAGS = {"depth": int, "growth_rate": int, "compression": float, "bn_size": int}
-
-
-def _with_default(f) -> str:
-    """A TrainConfig field's help text (config.SETTING_HELP) with the field's default, as argparse's
-    %(default)s would show it (the options themselves stay unset); a None default is explained in
-    the text itself."""
-    import dataclasses
-
-    from .train.config import SETTING_HELP
-
-    h = SETTING_HELP[f.name]
-    if f.default is dataclasses.MISSING or f.default is None or "default" in h:
-        return h
-    default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
-    return f"{h} (default: {default})"
+_MODEL_FLAGS = {"depth": (int, "L, the network's depth (DenseNet-BC: 6n + 4; DenseNet: 3n + 4)"),
+                "growth_rate": (int, "k, maps each layer adds"),
+                "compression": (float, "theta, transition output fraction"),
+                "bn_size": (int, "bottleneck width in multiples of k")}
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-    import typing
-
-    from .data import DATASETS
-    from .train.config import TrainConfig
+    from .train.config import add_setting_args
 
     S = argparse.SUPPRESS  # unset options stay unset: the config file or the resumed run decides
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (command-line options win)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_args":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        h = _with_default(f)
-        if f.name == "dataset":
-            h += " | " + "; ".join(f"{n}: {d.description}" for n, d in DATASETS.items())
-        if kind in (bool, bool | None):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=h)
-        elif f.name == "milestones":
-            p.add_argument(flag, default=S, metavar="E1,E2", help=h,
-                           type=lambda t: tuple(float(v) for v in t.split(",") if v.strip()))
-        else:
-            base = next((t for t in (int, float, str) if t == kind or t in typing.get_args(kind)), str)
-            p.add_argument(flag, type=base, default=S, help=h, metavar=f.name.upper())
+    add_setting_args(p)  # one option per TrainConfig field, its help text and default from the field
     g = p.add_argument_group("model options (the paper's names; any other with --model-arg)")
-    model_help = {"depth": "L, the network's depth (DenseNet-BC: 6n + 4; DenseNet: 3n + 4)",
-                  "growth_rate": "k, maps each layer adds", "compression": "theta, transition output fraction",
-                  "bn_size": "bottleneck width in multiples of k"}
-    for name, typ in _MODEL_FLAGS.items():
+    for name, (typ, text) in _MODEL_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, default=S, dest=f"m_{name}",
-                       help=model_help[name] + " (default: the model's)")
+                       help=text + " (default: the model's)")
     g.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=S, dest="m_bottleneck",
                    help="B: 1x1 bottleneck before each 3x3 convolution (default: the model's)")
     g.add_argument("--memory-efficient", action=argparse.BooleanOptionalAction, default=S, dest="m_memory_efficient",
@@ -132,28 +85,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
 
 
-def _train_settings(args: argparse.Namespace) -> dict:
-    from .train.config import parse_value
-
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "resume", "json", "model_arg", "debug") and not k.startswith("m_")}
-    model_args = {k[2:]: v for k, v in vars(args).items() if k.startswith("m_")}
-    for item in getattr(args, "model_arg", []) or []:
-        if "=" not in item:
-            raise UsageError(f"--model-arg takes KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        model_args[k.strip()] = parse_value(v)
-    if model_args:
-        given["model_args"] = model_args
-    return given
-
-
 @command("train", "train a registered model with the paper's recipe (defaults: the digits first run)", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingStopped, fit
-    from .train.config import settings_for_run
+    from .train.config import settings_for_run, settings_from_options
 
-    cfg = settings_for_run(_train_settings(args), config_file=args.config, resume=args.resume)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "json", "debug")}
+    cfg = settings_for_run(settings_from_options(options), config_file=args.config, resume=args.resume)
     try:
         summary = fit(cfg, resume=args.resume)
     except TrainingStopped as e:
@@ -196,31 +134,21 @@ def _eval_checkpoint(args: argparse.Namespace) -> str:
     if not path:
         raise UsageError("which checkpoint? give a run directory or a model.safetensors file: "
                          "densenet eval runs/digits")
-    if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
-        raise UsageError(f"--recalibrate-bn takes a number of training images >= 1, got {args.recalibrate_bn}")
     return path
 
 
 @command("eval", "top-1 and top-5 error of a checkpoint on a dataset split", _eval_args)
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint, format_result
 
     checkpoint = _eval_checkpoint(args)
-    if args.batch_size < 1 or args.workers < 0:
-        raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     result, origin = evaluate_checkpoint(checkpoint, split=args.split, dataset=args.dataset, data=args.data,
                                          which=args.which, ten_crop=args.ten_crop, recalibrate_bn=args.recalibrate_bn,
                                          batch_size=args.batch_size, workers=args.workers, device=args.device)
     if args.json:
         _print_json(result)
-        return 0
-    recalibrated = result["recalibrated_bn_images"]
-    print(checkpoint_line(origin, result["model"])
-          + (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
-             f"paper's protocol)" if recalibrated else ""))
-    print(f"{result['model']} on {result['dataset']} {args.split}{' (10-crop)' if args.ten_crop else ''}: "
-          f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
-          f"({result['images']} images)")
+    else:
+        print(format_result(result, checkpoint_line(origin, result["model"])))
     return 0
 
 
@@ -256,26 +184,15 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 @command("profile", "parameters, multiply-adds and training activation memory, per model and per stage",
          _profile_args)
 def _profile(args: argparse.Namespace) -> int:
-    from .analysis.complexity import profile
+    from .analysis.complexity import format_profile, profile
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     results = [profile(m, args.input_size, args.batch_size) for m in args.models]
     if args.json:
         _print_json([r.as_dict() for r in results])
-        return 0
-    mb = 2 ** 20
-    print(f"{'model':<22}{'input':<11}{'params':>13}{'paper':>13}{'GMACs':>9}{'paper':>8}"
-          f"{'activations':>14}  (training step, batch {args.batch_size}, float32)")
-    for r in results:
-        pp = f"{r.paper_params:,}" if r.paper_params else "-"
-        pm = f"{r.paper_gmacs:.3f}" if r.paper_gmacs else "-"
-        print(f"{r.model:<22}{'x'.join(map(str, r.input_size)):<11}{r.params:>13,}{pp:>13}{r.macs / 1e9:>9.3f}"
-              f"{pm:>8}{r.activation_bytes / mb:>11.1f} MB")
-        if args.stages:
-            for st in r.stages:
-                print(f"  {st.name:<31}{st.params:>13,}{'':>13}{st.macs / 1e9:>9.3f}{'':>8}"
-                      f"{st.activation_bytes / mb:>11.1f} MB")
+    else:
+        print(format_profile(results, args.batch_size, args.stages))
     return 0
 
 
@@ -289,29 +206,18 @@ def _reuse_args(p: argparse.ArgumentParser) -> None:
 
 @command("reuse", "the feature-reuse heatmap of the paper's Figure 5 for a trained DenseNet", _reuse_args)
 def _reuse(args: argparse.Namespace) -> int:
-    from .analysis.reuse import feature_reuse, save_reuse
-    from .registry import create_model
-    from .saved_model import load_model
+    from .analysis.reuse import feature_reuse, network_name, save_reuse
+    from .analysis.reuse_command import load_for_reuse
 
-    from .analysis.reuse import network_name, training_note
-    from .runs import resolve_checkpoint
+    def read(origin, model_name: str) -> None:
+        print(f"densenet reuse: {checkpoint_line(origin, model_name)}", file=sys.stderr)
 
-    if args.model:
-        origin = resolve_checkpoint(args.checkpoint, args.which)
-        model = create_model(args.model, pretrained=str(origin.file))
-        print(f"densenet reuse: {checkpoint_line(origin, args.model)}", file=sys.stderr)
-    else:
-        model, info = load_model(args.checkpoint, which=args.which)
-        origin = info["checkpoint"]
-        print(f"densenet reuse: {checkpoint_line(origin, info['model'])}", file=sys.stderr)
-    if not hasattr(model, "config") or not hasattr(model.config, "growth_rate"):
-        raise UsageError(f"feature reuse is defined for DenseNets; {args.checkpoint} holds a "
-                         f"{getattr(model, 'model_name', type(model).__name__)}")
-    note = training_note(origin.epoch)
-    if note:
-        print(f"densenet reuse: warning: {note}", file=sys.stderr)
+    loaded = load_for_reuse(args.checkpoint, args.which, args.model, on_read=read)
+    if loaded.note:
+        print(f"densenet reuse: warning: {loaded.note}", file=sys.stderr)
     # the network as trained (an L=40 run of the densenet_bc_100_k12 entry is DenseNet-BC L=40)
-    for path in save_reuse(feature_reuse(model), args.out, title=f"Feature reuse: {network_name(model)}"):
+    title = f"Feature reuse: {network_name(loaded.model)}"
+    for path in save_reuse(feature_reuse(loaded.model), args.out, title=title):
         print(path)
     return 0
 
@@ -334,9 +240,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from .grid.reproduce import GRIDS
-
     from .grid.launchers import add_launcher_args
+    from .grid.reproduce import GRIDS
 
     p.add_argument("grid", choices=[*GRIDS, "status"], help="; ".join(f"{k}: {v['about']}" for k, v in GRIDS.items())
                    + "; status: the state of each cell of a grid directory (then rebuilds results.md)")
@@ -361,44 +266,24 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 @command("reproduce", "run a named grid of the paper's experiments (here, on SLURM or on Ray); tables beside "
                       "the published numbers; `reproduce status DIR`: each cell's state", _reproduce_args)
 def _reproduce(args: argparse.Namespace) -> int:
-    from .grid.command import run_grid
+    from .grid.command import parse_data_options, run_grid
     from .grid.launchers import options_from_args
 
     if args.grid == "status":
         return _reproduce_status(args)
     if args.target is not None:
         raise UsageError(f"unexpected argument {args.target!r}: the grid directory is given with --out")
-    if not args.out:
-        raise UsageError("--out DIR is required: the grid directory (one run directory per cell)")
-    if args.epochs is not None and args.epochs < 1 or args.budget is not None and not 0 < args.budget <= 1:
-        raise UsageError("--epochs must be >= 1 and --budget in (0, 1]")
-    if args.seeds < 1:
-        raise UsageError("--seeds must be >= 1")
-    opts = options_from_args(args)
-    data = {}
-    for item in args.data:
-        if "=" not in item:
-            raise UsageError(f"--data takes DATASET=PATH, got {item!r}")
-        k, v = item.split("=", 1)
-        data[k.strip()] = str(Path(v).expanduser())
-    return run_grid(args.grid, args.out, launch_options=opts, data=data, epochs=args.epochs, budget=args.budget,
-                    seeds=args.seeds, only=args.only, dry_run=args.dry_run, device=args.device, amp=args.amp)
+    return run_grid(args.grid, args.out, launch_options=options_from_args(args), data=parse_data_options(args.data),
+                    epochs=args.epochs, budget=args.budget, seeds=args.seeds, only=args.only,
+                    dry_run=args.dry_run, device=args.device, amp=args.amp)
 
 
 def _reproduce_status(args: argparse.Namespace) -> int:
     """Each cell's state from its run directory alone; results.md rebuilt from the finished cells."""
-    from .grid.command import grid_status
-    from .grid.reproduce import GRIDS
+    from .grid.command import status
     from .grid.status import format_table
 
-    if args.target in GRIDS:
-        if not args.out:
-            raise UsageError(f"status {args.target} needs --out DIR, the grid directory")
-        states, tables = grid_status(args.out, args.target, args.seeds, args.only)
-    else:
-        if not (args.target or args.out):
-            raise UsageError("status needs the grid directory: densenet reproduce status DIR")
-        states, tables = grid_status(args.target or args.out)
+    states, tables = status(args.target, args.out, args.seeds, args.only)
     if args.json:
         _print_json([s.as_dict() for s in states])
     else:
@@ -437,13 +322,13 @@ def _predict(args: argparse.Namespace) -> int:
     model, transform = load(args.checkpoint, Distributed().device(args.device), args.which)
     print(f"densenet predict: {checkpoint_line(model.checkpoint, model.model_name)}", file=sys.stderr)
     paths = [p for p, _ in find_images(args.paths, include_hidden=args.include_hidden)]  # folders walked once
-    shown = {p: _printable(p) for p in paths}  # a newline or escape in a file name stays on its line
+    shown = {p: printable(p) for p in paths}  # a newline or escape in a file name stays on its line
     path_width, class_width = max(map(len, shown.values())), max(map(len, model.classes))
     results, failed = [], 0
     for r in predict(model, transform, paths, top_k=args.top_k, batch_size=args.batch_size):
         if "error" in r:
             failed += 1
-            print(f"densenet predict: error: {_printable(r['error'])}", file=sys.stderr)
+            print(f"densenet predict: error: {printable(r['error'])}", file=sys.stderr)
         elif not args.json:
             print(f"{shown[r['path']]:<{path_width}}  " + "  ".join(
                 f"{p['class']:<{class_width}} {p['probability']:.4f}" for p in r["predictions"]), flush=True)
@@ -475,28 +360,19 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 @command("export", "write a checkpoint as ONNX or TorchScript with a dynamic batch size, and check it "
                    "against PyTorch", _export_args)
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from types import SimpleNamespace
+
+    from .export import export_checkpoint, format_report
 
     r = export_checkpoint(args.checkpoint, args.out, args.format, which=args.which,
                           onnx_exporter=args.onnx_exporter, opset=args.opset)
-    from types import SimpleNamespace
-
     c = r["checkpoint"]
     print(f"densenet export: {checkpoint_line(SimpleNamespace(**c), c['model'])}", file=sys.stderr)
     parity = r["parity"]
     if args.json:
         _print_json(r)
     else:
-        shape = lambda s: "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
-        fmt = {"onnx": "ONNX", "torchscript": "TorchScript"}[r["format"]]
-        print(f"wrote {r['path']}: {fmt} by {r['exporter']}; input \"{r['input']['name']}\" "
-              f"{shape(r['input']['shape'])} float32 -> \"{r['output']['name']}\" {shape(r['output']['shape'])}")
-        if parity["ok"] is None:
-            print(f"parity with PyTorch: not checked ({parity['note']})")
-        else:
-            diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in parity["max_abs_diff"].items())
-            print(f"parity with PyTorch ({parity['runtime']}): max |logit difference| {diffs} "
-                  f"(tolerance {parity['tolerance']:.0e}): {'ok' if parity['ok'] else 'FAILED'}")
+        print(format_report(r))
     if parity["ok"] is False:
         print(f"densenet export: error: {r['path']} differs from PyTorch by more than {parity['tolerance']:g}",
               file=sys.stderr)
@@ -525,39 +401,6 @@ def build_parser(only: str | None = "") -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    """An exception's message on one line; an error re-raised from a data-loading worker (its message
-    holds the worker's traceback) by its last line, the error itself."""
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if len(lines) > 1 and "Traceback (most recent call last)" in text:
-        last = lines[-1]
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
-            else last
-    return _printable(" ".join(text.split())[:2000])
-
-
-def _printable(text: str) -> str:
-    """`text` with control characters (a newline or terminal escape in a file name, say) shown escaped,
-    never sent to the terminal."""
-    return text if text.isprintable() else \
-        "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .train.lock import LockedError
-
-    return (UsageError, ValueError, OSError, LockedError)
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    name = type(e).__name__
-    return name == "OutOfMemoryError" or isinstance(e, RuntimeError) and (
-        "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
-
-
 def _command_name(argv: Sequence[str]) -> str | None:
     """The subcommand argv names: its first word that is not an option (the top level takes no values)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -575,8 +418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str], interrupts) -> int:
-    import warnings
-
     from .options import flag
 
     debug = "--debug" in argv or flag("DENSENET_DEBUG", False)
@@ -587,35 +428,15 @@ def _main(argv: list[str], interrupts) -> int:
         parser.print_help()
         return 2
     _, _, run = COMMANDS[args.command]
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"densenet {args.command}: warning: {message}", file=sys.stderr)
-
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = show  # one line each, restored on the way out
+        with one_line_warnings(f"densenet {args.command}"):
             return int(run(args) or 0)
     except Exception as e:  # the top of the program: every error is one line
         if debug:
             raise
-        if interrupts.seen:  # a library swallowed the Ctrl-C and failed later because of it
-            print(f"densenet: interrupted (then {type(e).__name__})", file=sys.stderr)
-            return 130
-        return _report(args.command, e)
-
-
-def _report(command: str, e: Exception) -> int:
-    """Print an error that reached the top as one line; return the exit status."""
-    if _out_of_memory(e):
-        print(f"densenet {command}: error: out of memory ({_one_line(e)[:300]}); use a smaller "
-              f"--batch-size or a smaller model", file=sys.stderr)
-        return 2
-    if isinstance(e, _user_errors()):
-        print(f"densenet {command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"densenet {command}: error: internal error ({type(e).__name__}: {_one_line(e)[:500]}); "
-          f"run again with --debug for the traceback, and please report it", file=sys.stderr)
-    return 1
+        line, status = report(args.command, e, interrupted=interrupts.seen)
+        print(line, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Evaluate a saved checkpoint (`densenet eval`): top-1 and top-5 error on a split of the dataset it was
 trained on (or another), read and preprocessed as its training evaluated, optionally with ten crops or
-after re-estimating the BN statistics on training images.
+after re-estimating the BN statistics on training images; `format_result` writes the outcome as the
+command prints it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", dataset:
     "split", "dataset", "ten_crop", "model", "checkpoint", "which", "epoch", "recalibrated_bn_images"};
     origin the checkpoint read (`densenet.runs.Checkpoint`: file, which, why, epoch). With
     `recalibrate_bn` N, the BN statistics are first re-estimated on N training images with dropout off
-    (the checkpoint is not changed)."""
+    (the checkpoint is not changed). Raises ValueError for a batch size under 1, workers under 0 or
+    `recalibrate_bn` under 1, before reading anything."""
+    if recalibrate_bn is not None and recalibrate_bn < 1:
+        raise ValueError(f"--recalibrate-bn takes a number of training images >= 1, got {recalibrate_bn}")
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
     import dataclasses
 
     from .data import load_splits
@@ -77,6 +83,17 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", dataset:
             "loss": result["loss"], "split": split, "dataset": cfg.dataset, "ten_crop": ten_crop,
             "model": info["model"], "checkpoint": str(origin.file), "which": origin.which, "epoch": origin.epoch,
             "recalibrated_bn_images": recalibrated}, origin
+
+
+def format_result(result: dict, read: str) -> str:
+    """`densenet eval`'s two lines: `read` (what was read, cli.checkpoint_line) with a note where the BN
+    statistics were re-estimated, then the errors of `result` (evaluate_checkpoint's)."""
+    recalibrated = result["recalibrated_bn_images"]
+    note = (f"; BN statistics re-estimated on {recalibrated} training images, dropout off (not the "
+            f"paper's protocol)" if recalibrated else "")
+    return (f"{read}{note}\n{result['model']} on {result['dataset']} {result['split']}"
+            f"{' (10-crop)' if result['ten_crop'] else ''}: top-1 error {result['top1_error']:.2f}%, "
+            f"top-5 error {result['top5_error']:.2f}% ({result['images']} images)")
 
 
 def _no_split(cfg, split: str, test_only: bool, val) -> None:

@@ -11,7 +11,8 @@ Parity: the exported model and the PyTorch model (in eval mode, its own fused pa
 random batches of 2 and of 3 images, two sizes so that the batch dimension is shown to be dynamic; the
 largest absolute difference of their logits must be at most `tolerance`. ONNX files run in onnxruntime
 where it is installed (otherwise the check is skipped and says so); TorchScript files are loaded back
-with torch.jit.load.
+with torch.jit.load. `format_report` writes the report (export_model's, export_checkpoint's) as
+`densenet export` prints it.
 """
 from __future__ import annotations
 
@@ -112,6 +113,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, whic
     report["checkpoint"] = {"file": str(c.file), "model": info["model"], "which": c.which, "epoch": c.epoch,
                             "why": c.why}
     return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """An export's report as `densenet export` prints it: the file written, its input and output, and
+    the parity check's outcome."""
+    shape = lambda s: "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
+    fmt = {"onnx": "ONNX", "torchscript": "TorchScript"}[r["format"]]
+    parity = r["parity"]
+    lines = [f"wrote {r['path']}: {fmt} by {r['exporter']}; input \"{r['input']['name']}\" "
+             f"{shape(r['input']['shape'])} float32 -> \"{r['output']['name']}\" {shape(r['output']['shape'])}"]
+    if parity["ok"] is None:
+        lines.append(f"parity with PyTorch: not checked ({parity['note']})")
+    else:
+        diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in parity["max_abs_diff"].items())
+        lines.append(f"parity with PyTorch ({parity['runtime']}): max |logit difference| {diffs} "
+                     f"(tolerance {parity['tolerance']:.0e}): {'ok' if parity['ok'] else 'FAILED'}")
+    return "\n".join(lines)
 
 
 def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:

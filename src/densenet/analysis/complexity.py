@@ -4,7 +4,8 @@ Multiply-adds (MACs) are those of convolutions and fully connected layers, which
 "GFLOPS" column and He et al.'s "FLOPs" report. They are counted from the aten operations a forward
 pass of the reference path runs (torch.utils.flop_counter): the fused dense blocks compute the same
 function with fewer multiply-adds (their transitions pool before the 1x1 convolution), and the papers
-count the network, not an implementation of it.
+count the network, not an implementation of it. format_model_table and format_profile lay the figures
+out as `densenet models` and `densenet profile` print them.
 """
 from __future__ import annotations
 
@@ -131,6 +132,22 @@ def model_table(names: list[str] | None = None) -> list[ModelRow]:
     return rows
 
 
+def format_model_table(rows: list[ModelRow]) -> str:
+    """The table of `densenet models`: one section per family, each row beside the published figures
+    (the paper's multiply-adds as printed; ModelRow.as_dict has both)."""
+    lines, family = [], None
+    header = f"{'model':<24}{'params':>14}{'paper':>14}{'GMACs':>9}{'paper':>9}  {'input':<11}description"
+    for r in rows:
+        if r.family != family:
+            family = r.family
+            lines += ["", family, header]
+        paper_m = f"{r.published_gmacs:g}" if r.published_gmacs else "-"
+        size = "x".join(map(str, r.input_size))
+        lines.append(f"{r.name:<24}{r.params:>14,}{r.paper_params_text:>14}{r.macs / 1e9:>9.3f}{paper_m:>9}  "
+                     f"{size:<11}{r.description}")
+    return "\n".join(lines)
+
+
 @dataclass
 class StageProfile:
     name: str
@@ -181,3 +198,20 @@ def profile(name: str, input_size: tuple[int, int, int] | None = None, batch_siz
     return Profile(name, size, batch_size, count_params(model), counter.get_total_flops() // 2,
                    mem["total_bytes"], mem["peak_forward_bytes"], entry.paper_params if paper else None,
                    entry.paper_gmacs if paper else None, rows)
+
+
+def format_profile(results: list[Profile], batch_size: int, stages: bool = False) -> str:
+    """The table of `densenet profile`: one row per model (with `stages`, one more per stage), memory in MB
+    of float32 activations kept by a training step at `batch_size`."""
+    mb = 2 ** 20
+    lines = [f"{'model':<22}{'input':<11}{'params':>13}{'paper':>13}{'GMACs':>9}{'paper':>8}"
+             f"{'activations':>14}  (training step, batch {batch_size}, float32)"]
+    for r in results:
+        pp = f"{r.paper_params:,}" if r.paper_params else "-"
+        pm = f"{r.paper_gmacs:.3f}" if r.paper_gmacs else "-"
+        lines.append(f"{r.model:<22}{'x'.join(map(str, r.input_size)):<11}{r.params:>13,}{pp:>13}"
+                     f"{r.macs / 1e9:>9.3f}{pm:>8}{r.activation_bytes / mb:>11.1f} MB")
+        if stages:
+            lines += [f"  {st.name:<31}{st.params:>13,}{'':>13}{st.macs / 1e9:>9.3f}{'':>8}"
+                      f"{st.activation_bytes / mb:>11.1f} MB" for st in r.stages]
+    return "\n".join(lines)

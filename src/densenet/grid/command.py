@@ -1,7 +1,8 @@
 """What `densenet reproduce` does: run the cells of a named grid (counting their cost, skipping the done
 and running ones, training here or handing them to a launcher) and read a grid directory's state back.
-The command line (cli.py) parses the options and calls these; each writes its progress through `echo`
-(print's signature: a line, optionally file=sys.stderr) as it goes.
+The command line (cli.py) parses the options and calls these (parse_data_options, run_grid, status),
+which check the values given (GridError, a ValueError: one line); run_grid writes its progress through
+`echo` (print's signature: a line, optionally file=sys.stderr) as it goes.
 """
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def select_cells(grid: str, seeds: int = 1, only: list[str] | tuple[str, ...] = 
     return cells
 
 
+def parse_data_options(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`--data DATASET=PATH` options (repeated) as {dataset: path}, each path with ~ expanded."""
+    data = {}
+    for item in items:
+        if "=" not in item:
+            raise GridError(f"--data takes DATASET=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        data[k.strip()] = str(Path(v).expanduser())
+    return data
+
+
 def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str] | None = None,
              epochs: int | None = None, budget: float | None = None, seeds: int = 1,
              only: list[str] | tuple[str, ...] = (), dry_run: bool = False, device: str = "auto",
@@ -35,7 +47,15 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
     """Run the cells of `grid` into the grid directory `out` (one run directory per cell, results.md/.csv)
     with the launcher of `launch_options` (grid.launchers.LaunchOptions); with `dry_run`, only list the
     runs and their cost. Returns the command's exit status: 0 done (or handed over), 1 some cells failed,
-    a stopped training's own status (TrainingStopped.exit_code) if training here was stopped."""
+    a stopped training's own status (TrainingStopped.exit_code) if training here was stopped. Raises
+    GridError (a ValueError) for a missing `out`, `epochs` under 1, `budget` outside (0, 1] or `seeds`
+    under 1, before anything runs."""
+    if not out:
+        raise GridError("--out DIR is required: the grid directory (one run directory per cell)")
+    if epochs is not None and epochs < 1 or budget is not None and not 0 < budget <= 1:
+        raise GridError("--epochs must be >= 1 and --budget in (0, 1]")
+    if seeds < 1:
+        raise GridError("--seeds must be >= 1")
     import torch
 
     from ..analysis.complexity import count_macs
@@ -148,3 +168,16 @@ def grid_status(out: str | Path, grid: str | None = None, seeds: int = 1,
     if isinstance(recorded, dict) and recorded.get("grid") == name:  # a grid directory of this grid only
         tables = list(write_tables(name, cells, out))
     return states, tables
+
+
+def status(target: str | None, out: str | Path | None = None, seeds: int = 1,
+           only: list[str] | tuple[str, ...] = ()) -> tuple[list, list[Path]]:
+    """`densenet reproduce status`: grid_status of a grid directory given as `target` (or as `out`), or,
+    where `target` names a grid, of that grid's cells (by seeds and only) in the directory `out`."""
+    if target in GRIDS:
+        if not out:
+            raise GridError(f"status {target} needs --out DIR, the grid directory")
+        return grid_status(out, target, seeds, only)
+    if not (target or out):
+        raise GridError("status needs the grid directory: densenet reproduce status DIR")
+    return grid_status(target or out)

@@ -5,7 +5,9 @@ authors' code, e.g. He 2015 for ResNets, Zagoruyko 2016 for WRNs, DenseNet's for
 leaves open, and every setting of a family without a recipe for the dataset, from the dataset's own
 recipe), a TOML/YAML file (`--config`), the command line. `resolve()` fills every recipe default in;
 the resolved config is saved with the run (config.json) and in every checkpoint. Each setting's help
-text (`densenet train --help`) is its field's metadata, SETTING_HELP.
+text (`densenet train --help`) is its field's metadata, SETTING_HELP; add_setting_args makes each field
+an option of `densenet train` (its help with its default: help_with_default), and settings_from_options
+reads the options given back as settings.
 """
 from __future__ import annotations
 
@@ -251,6 +253,62 @@ RECIPE_SETTINGS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "
                    "warmup_lr", "augment", "val_size", "test_on", "drop_rate")
 # `densenet train --help`: each field's help text, from its metadata (the default is appended where not said)
 SETTING_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+
+
+def help_with_default(f: dataclasses.Field) -> str:
+    """A TrainConfig field's help text (SETTING_HELP) with the field's default, as argparse's
+    %(default)s would show it (the options themselves stay unset); a None default is explained in
+    the text itself."""
+    h = SETTING_HELP[f.name]
+    if f.default is dataclasses.MISSING or f.default is None or "default" in h:
+        return h
+    default = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
+    return f"{h} (default: {default})"
+
+
+def add_setting_args(p) -> None:
+    """The options of `densenet train` that set TrainConfig's fields (all but model_args), each with its
+    help text and default (help_with_default), each unset unless given (argparse.SUPPRESS): the config
+    file or the resumed run decides."""
+    import argparse
+    import typing
+
+    from ..data import DATASETS
+
+    S = argparse.SUPPRESS
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_args":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        h = help_with_default(f)
+        if f.name == "dataset":
+            h += " | " + "; ".join(f"{n}: {d.description}" for n, d in DATASETS.items())
+        if kind in (bool, bool | None):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=h)
+        elif f.name == "milestones":
+            p.add_argument(flag, default=S, metavar="E1,E2", help=h,
+                           type=lambda t: tuple(float(v) for v in t.split(",") if v.strip()))
+        else:
+            base = next((t for t in (int, float, str) if t == kind or t in typing.get_args(kind)), str)
+            p.add_argument(flag, type=base, default=S, help=h, metavar=f.name.upper())
+
+
+def settings_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings `densenet train`'s options give (for settings_for_run): each TrainConfig field given
+    as it is; the model options (keys m_NAME: --depth, --growth-rate, ...) and "model_arg" (KEY=VALUE
+    texts, --model-arg, each value read by parse_value) gathered in model_args."""
+    given = {k: v for k, v in options.items() if k != "model_arg" and not k.startswith("m_")}
+    model_args = {k[2:]: v for k, v in options.items() if k.startswith("m_")}
+    for item in options.get("model_arg") or []:
+        if "=" not in item:
+            raise ValueError(f"--model-arg takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        model_args[k.strip()] = parse_value(v)
+    if model_args:
+        given["model_args"] = model_args
+    return given
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
