@@ -15,7 +15,7 @@ tensor. Each layer reads the first c channels of every pixel as an (N, c) view (
 apart: no copy) and writes its k new maps after them. Pixel-major is the layout in which each step of
 a layer is fastest on the CPU: the matrix product z W1^T on a contiguous (N, c) z (1.3x to 1.5x the
 same product on a channel-major z, which this path used before), the 3x3 convolution (channels_last
-input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS.md, "Third pass",
+input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS_HISTORY.md, "Third pass",
 has the figures (measured on an AMD Zen 4, AVX-512 and AVX2). The normalised input and the bottleneck
 maps live in two workspaces per block that every layer reuses. No autograd node is built. A layer is five operations (affine map,
 ReLU, addmm, ReLU, 3x3 convolution) and a copy of its k maps into the buffer.

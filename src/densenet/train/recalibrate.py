@@ -4,7 +4,7 @@ Outside the paper's protocol (the paper evaluates the running statistics trainin
 in training, dropout scales the variance of what each BN layer after it sees; at test time dropout is
 off and the variances differ from the running estimates ("variance shift", Li et al., CVPR 2019). On
 the digits first run with dropout 0.2 (no augmentation) the best checkpoint went from 4.17% test error to
-1.11% after re-estimation on 1,000 training images (measured; BENCHMARKS.md, "First run (digits)"). Also the standard step after
+1.11% after re-estimation on 1,000 training images (measured; BENCHMARKS_HISTORY.md, "First run (digits)"). Also the standard step after
 weight averaging (SWA), as torch.optim.swa_utils.update_bn: every BN layer's statistics are the plain
 average over the batches (momentum None), computed with the network in evaluation mode except BN itself.
 """

@@ -16,7 +16,7 @@ x_s from each of the L - s layers that read it. Three observations remove most o
        dL/dx_s += dL/dmean / N + dL/dvar * 2 (x_s - mean) / N,     N = B * H * W.
    Each layer adds dL/dx through its own normalisation into one gradient buffer, in place.
 
-How the buffer is laid out, and why (figures: BENCHMARKS.md, "Where the time went"):
+How the buffer is laid out, and why (figures: BENCHMARKS_HISTORY.md, "Where the time went"):
 
 - Channel-major, (C, B, H, W): the prefix [x_0, ..., x_{l-1}] that layer l reads is then one
   contiguous (c_l, N) matrix. In NCHW the prefix is strided per image, in NHWC per pixel, and

@@ -97,7 +97,7 @@ def _avg_pool2_backward(gp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 # oneDNN's matrix product (the kernel torch.compile's CPU backend calls for linear layers): the two
 # products of a 1x1 convolution's backward pass run in it, the forward product in torch.mm (MKL). A
-# rule from measurements on both ISAs of an AMD Zen 4 (BENCHMARKS.md, "Third pass", item 3; not measured
+# rule from measurements on both ISAs of an AMD Zen 4 (BENCHMARKS_HISTORY.md, "Third pass", item 3; not measured
 # on Intel): with oneDNN a DenseNet-BC-100 training step is 1.16x (AVX-512) and 1.05x (AVX2) faster,
 # DenseNet-121 1.02x and 1.00x; oneDNN for the forward product as well was slower (0.92x for
 # DenseNet-121), because its output comes channel-major and has to be transposed. Float32 on the CPU only; False, or

@@ -14,7 +14,7 @@ from .. import _torch_compat
 # Which path `fused="auto"` (the default) takes on each kind of device: the one measured faster there.
 # cpu: the fused path: training throughput 1.5-1.9x torchvision NCHW (1.4-1.5x channels_last) on a 2-core
 # Intel Xeon (Sapphire Rapids), 1.3-1.6x NCHW (1.1-1.3x channels_last) on a 2-core AMD EPYC Zen 4 with
-# AVX-512 and with AVX2 only (BENCHMARKS.md, "Results" and "Third pass").
+# AVX-512 and with AVX2 only (BENCHMARKS_HISTORY.md, "Results" and "Third pass").
 # cuda: the reference path (torch's own modules, cuDNN kernels) until a GPU has measured the fused one:
 # no GPU has run it yet. Its CUDA calls are checked without a GPU (tests/test_fused_cuda_contract.py)
 # and `fused=True` opts in; benchmarks/gpu_check.py measures both and prints the entry to set here.
