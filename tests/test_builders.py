@@ -154,3 +154,11 @@ def test_weights_load_the_file_in_the_hub_cache(hub_cache):
     for model in (built, created):
         state = model.state_dict()
         assert state.keys() == saved.keys() and all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def test_torchvisions_get_model_weights_reads_the_builders():
+    from torchvision.models import get_model_weights
+
+    from densenet.models import DenseNet121_Weights, densenet121
+
+    assert get_model_weights(densenet121) is DenseNet121_Weights

@@ -73,3 +73,14 @@ def test_an_error_reads_as_one_line_with_its_exit_status():
     assert code == 1 and "internal error (KeyError: 'surprise')" in line and "--debug" in line
     assert report("train", KeyError("x"), interrupted=True) == ("densenet: interrupted (then KeyError)", 130)
     assert printable("a\nb\x1b") == "a\\nb\\x1b" and one_line(OSError("")) == "OSError"
+
+
+def test_reproduce_reports_a_missing_out_first(capsys):
+    """The grid's own checks come before the launcher and --data options are read: one mistake is
+    reported the same whatever else is on the line."""
+    from densenet.cli import main
+
+    assert main(["reproduce", "table2", "--data", "bad"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert main(["reproduce", "table2", "--out", "x", "--seeds", "0", "--data", "bad"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err

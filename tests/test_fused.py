@@ -2,6 +2,7 @@
 outputs, gradients and BN running statistics against the plain (reference) implementation."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -740,3 +741,47 @@ def test_reference_path_holds_for_the_thread_that_entered_it(monkeypatch):
         t.join(10)
     assert seen == {"exporter": True, "trainer": False} and calls
     assert not fused.reference_path_active()
+
+
+def test_hooks_see_one_input_and_hooks_inside_blocks_run_on_every_path():
+    """Hooks on a block or transition see its input as (x,) (the hand-over goes by keyword); a hook on a
+    module inside one (Grad-CAM on a convolution) runs in training, in eval with gradients and in eval
+    without, because that block or transition then takes the reference path; outputs unchanged."""
+    m = densenet.create_model("densenet_bc_100_k12", depth=16)
+    x = torch.randn(2, 3, 8, 8)
+    seen, fired = [], []
+    handles = [m.features.denseblock1.register_forward_pre_hook(lambda mod, inp: seen.append(len(inp))),
+               m.features.transition1.register_forward_hook(lambda mod, inp, out: seen.append(len(inp)))]
+    try:
+        m.train()(x)
+        assert seen == [1, 1]
+    finally:
+        for h in handles:
+            h.remove()
+    ref = densenet.create_model("densenet_bc_100_k12", depth=16, fused=False)
+    ref.load_state_dict(m.state_dict())
+    for train, grad in ((True, True), (False, True), (False, False)):
+        for target in (m.features.denseblock2.denselayer1.conv1, m.features.transition1.conv):
+            h = target.register_forward_hook(lambda mod, inp, out: fired.append(out.shape))
+            try:
+                with torch.set_grad_enabled(grad):
+                    torch.manual_seed(0)
+                    got = m.train(train)(x)
+                    torch.manual_seed(0)
+                    want = ref.train(train)(x)
+            finally:
+                h.remove()
+            assert len(fired) == 1, (train, grad, target)
+            fired.clear()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_intermediates_work_when_features_is_a_plain_sequential():
+    m = densenet.create_model("densenet_bc_100_k12", depth=16).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = m.forward_intermediates(x)[1]
+        m.features = nn.Sequential(collections.OrderedDict(m.features.named_children()))  # same modules and names, no hand-over
+        got = m.forward_intermediates(x)[1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -266,13 +266,14 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 @command("reproduce", "run a named grid of the paper's experiments (here, on SLURM or on Ray); tables beside "
                       "the published numbers; `reproduce status DIR`: each cell's state", _reproduce_args)
 def _reproduce(args: argparse.Namespace) -> int:
-    from .grid.command import parse_data_options, run_grid
+    from .grid.command import check_grid_options, parse_data_options, run_grid
     from .grid.launchers import options_from_args
 
     if args.grid == "status":
         return _reproduce_status(args)
     if args.target is not None:
         raise UsageError(f"unexpected argument {args.target!r}: the grid directory is given with --out")
+    check_grid_options(args.out, args.epochs, args.budget, args.seeds)  # first, as before the move
     return run_grid(args.grid, args.out, launch_options=options_from_args(args), data=parse_data_options(args.data),
                     epochs=args.epochs, budget=args.budget, seeds=args.seeds, only=args.only,
                     dry_run=args.dry_run, device=args.device, amp=args.amp)

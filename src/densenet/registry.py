@@ -84,7 +84,9 @@ def create_model(name: str, pretrained: bool | str | Path | None = False, *, wei
     an error says where to get them otherwise); a checkpoint path (torchvision's or this package's);
     or "hf-hub:org/repo" (weights pushed with `densenet.push_to_hub`). `weights` is torchvision's way to say
     pretrained=True (give one of the two): None, a Weights enum member (densenet.models.DenseNet121_Weights's,
-    or torchvision's own), its name ("IMAGENET1K_V1", "DenseNet121_Weights.IMAGENET1K_V1") or "DEFAULT",
+    or torchvision's own), its name ("IMAGENET1K_V1", "DenseNet121_Weights.IMAGENET1K_V1") or "DEFAULT"
+    (where torchvision's DEFAULT is a file this package does not load, e.g. resnet50's IMAGENET1K_V2, a
+    ValueError names the one it does),
     naming the torchvision file this package loads for `name`. `reset_classifier=True` loads
     everything but the classifier (fine-tuning to other classes). timm's names are accepted:
     `in_chans` (= in_channels), `num_classes=0` (no classifier: the model returns pooled features),

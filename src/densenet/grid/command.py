@@ -40,6 +40,18 @@ def parse_data_options(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return data
 
 
+def check_grid_options(out, epochs: int | None, budget: float | None, seeds: int) -> None:
+    """GridError (a ValueError) for a missing `out`, `epochs` under 1, `budget` outside (0, 1] or `seeds`
+    under 1: the checks `run_grid` makes first (the command line makes them before reading its other
+    options, so one mistake is reported the same whatever else is on the line)."""
+    if not out:
+        raise GridError("--out DIR is required: the grid directory (one run directory per cell)")
+    if epochs is not None and epochs < 1 or budget is not None and not 0 < budget <= 1:
+        raise GridError("--epochs must be >= 1 and --budget in (0, 1]")
+    if seeds < 1:
+        raise GridError("--seeds must be >= 1")
+
+
 def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str] | None = None,
              epochs: int | None = None, budget: float | None = None, seeds: int = 1,
              only: list[str] | tuple[str, ...] = (), dry_run: bool = False, device: str = "auto",
@@ -49,13 +61,8 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
     runs and their cost. Returns the command's exit status: 0 done (or handed over), 1 some cells failed,
     a stopped training's own status (TrainingStopped.exit_code) if training here was stopped. Raises
     GridError (a ValueError) for a missing `out`, `epochs` under 1, `budget` outside (0, 1] or `seeds`
-    under 1, before anything runs."""
-    if not out:
-        raise GridError("--out DIR is required: the grid directory (one run directory per cell)")
-    if epochs is not None and epochs < 1 or budget is not None and not 0 < budget <= 1:
-        raise GridError("--epochs must be >= 1 and --budget in (0, 1]")
-    if seeds < 1:
-        raise GridError("--seeds must be >= 1")
+    under 1, before anything runs (`check_grid_options`)."""
+    check_grid_options(out, epochs, budget, seeds)
     import torch
 
     from ..analysis.complexity import count_macs

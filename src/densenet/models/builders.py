@@ -19,7 +19,6 @@ count), `_metrics` (torchvision's measured ImageNet-1K accuracy of these weights
 GMACs), ...; and `paper`: the DenseNet paper's own Table 3 errors where it reports the network).
 DenseNet-264 has no published weights: its builder takes weights=None only.
 """
-from __future__ import annotations
 
 import math
 from functools import partial

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..utils.validate import check_types, needing
-from . import _inference
+from . import _inference, _torch_compat
 from . import fused as _fused
 from .common import ClassifierMixin, StagesMixin, check_image_batch, config_from_options, dropout, init_weights
 
@@ -250,9 +250,19 @@ def _block_path(block: DenseBlock, layers: list[DenseLayer], x0: torch.Tensor) -
         return "reference"
     if not block.training and _inference.block_applies(block, layers, x0):
         return "eval"
-    if not _fused.supported(layers):  # other BN modules, or a private torch API missing
-        return "reference"
+    if not _fused.supported(layers) or any(_hooked_inside(layer, itself=True) for layer in layers):
+        return "reference"  # other BN modules, a private torch API missing, or hooks that must run
     return "compiled" if torch.compiler.is_compiling() else "fused"
+
+
+def _hooked_inside(module: nn.Module, itself: bool = False) -> bool:
+    """Whether a forward hook or pre-hook is registered on a module below `module` (or on `module`
+    itself, with `itself`), or for every module: the fused and eval paths call none of those modules,
+    so their hooks (Grad-CAM on a convolution, say) need the reference path. (Hooks on a DenseBlock or
+    Transition itself run on every path: those are called as modules.)"""
+    if _torch_compat.global_forward_hooks_registered():  # (None, unknown: the modules' own hooks decide)
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if itself or m is not module)
 
 
 class Transition(nn.Sequential):
@@ -272,7 +282,8 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor, hand_over: _fused.HandOver | None = None) -> torch.Tensor:
-        source = None if hand_over is None else hand_over.source_for(x)
+        # (compiled on its own, `transition.compile()`: no block state to read, the compiler sees its modules)
+        source = None if hand_over is None or torch.compiler.is_compiling() else hand_over.source_for(x)
         path = _transition_path(self, x, source)
         if path == "eval":
             return _inference.transition_forward(self, x)
@@ -286,6 +297,8 @@ def _transition_path(transition: Transition, x: torch.Tensor, source) -> str:
     (`source`: `_inference.FROZEN_OUTPUT` or the fused block's state), else "reference" (its modules)."""
     if source is None:
         return "reference"
+    if _hooked_inside(transition):  # hooks on its BN, ReLU, convolution or pooling: call those modules
+        return "reference"
     if not transition.training and _inference.transition_applies(transition, x, source):
         return "eval"
     if _fused.transition_supported(transition, source):
@@ -298,8 +311,11 @@ class DenseFeatures(nn.Sequential):
     torchvision's names (and so its state-dict keys). It runs its modules in order as nn.Sequential
     does, and hands each dense block's output and state to the transition after it explicitly
     (`step`, a `fused.HandOver` per block and pass). Both are called as modules, so their hooks run;
-    an output a hook replaces is computed from the transition's own modules. Eager only: traced
-    (torch.compile, torch.jit, torch.fx) the blocks and transitions are plain modules."""
+    an output a hook replaces is computed from the transition's own modules. Eager only: under
+    torch.compile the blocks take the fused path's traceable twin and the transitions their modules;
+    under torch.jit.trace and torch.fx both are the paper's modules. A block wrapped in another module
+    (FSDP, a checkpoint wrapper) is not recognised here: it still runs as itself, but its transition
+    computes from its own modules."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hand_over = None
@@ -311,10 +327,10 @@ class DenseFeatures(nn.Sequential):
     def step(module: nn.Module, x: torch.Tensor, hand_over: _fused.HandOver | None):
         """Run one of the features' modules on x: (its output, what it hands the next module)."""
         if isinstance(module, DenseBlock) and not _traced(x):
-            hand_over = _fused.HandOver()
-            return module(x, hand_over), hand_over
+            hand_over = _fused.HandOver()  # by keyword: hooks (without with_kwargs) see the input (x,)
+            return module(x, hand_over=hand_over), hand_over
         if isinstance(module, Transition) and hand_over is not None:
-            return module(x, hand_over), None
+            return module(x, hand_over=hand_over), None
         return module(x), None
 
 
@@ -405,7 +421,7 @@ class DenseNet(StagesMixin, ClassifierMixin, nn.Module):
         stem = self.stem_module.split(".")[-1]
         feats, hand_over = [], None
         for name, module in self.features.named_children():
-            x, hand_over = self.features.step(module, x, hand_over)
+            x, hand_over = DenseFeatures.step(module, x, hand_over)
             if name == stem or name.startswith("denseblock"):
                 feats.append(x)
                 if len(feats) > last and len(feats) <= n:  # stop early: not the last block

@@ -6,8 +6,10 @@
     printable(text)         `text` with control characters shown escaped, never sent to the terminal
 
 Exit status 2: a mistake in the input (UsageError, ValueError, OSError, a locked run directory) or a
-resource (out of memory); 1: anything else, an internal error (the line asks for a report).
-Imports nothing heavy: `densenet --help` reaches it without torch.
+resource (out of memory); 1: anything else, an internal error (the line asks for a report); 130: an
+error after a Ctrl-C that a library swallowed ("interrupted (then X)"). Imports nothing heavy:
+`densenet --help` reaches it without torch (a locked run directory's LockedError is imported from
+train/lock.py when an error is reported, the one import from above this module's layer).
 """
 from __future__ import annotations
 
