@@ -43,3 +43,22 @@ def test_fewer_class_names_than_outputs_is_an_error(tiny, tmp_path):
     rewrite_safetensors(f, lambda t, m: m.update(classes=json.dumps(["circle", "square"])))
     with pytest.raises(CheckpointError, match="lists 2 class names for the model's 3 outputs"):
         load(f)
+
+
+def test_a_reset_head_is_what_the_saved_model_rebuilds(tmp_path):
+    """reset_classifier and set_global_pool update model_args, from which save_model's file rebuilds the
+    network: the loaded model has the new head and pooling and the same outputs."""
+    import torch
+
+    import densenet
+    from densenet.saved_model import load_model, save_model
+
+    m = densenet.create_model("densenet_bc_100_k12", depth=10)
+    m.reset_classifier(5, "max")
+    assert m.model_args["num_classes"] == 5 and m.model_args["global_pool"] == "max"
+    path = save_model(m.eval(), tmp_path / "model.safetensors")
+    loaded, info = load_model(path)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))
+    assert loaded.num_classes == 5 and loaded.pool_type == "max"

@@ -266,6 +266,8 @@ class ClassifierMixin:
                              f"('avg' is the paper's; '' returns the unpooled maps)")
         self.pool_type = global_pool
         setattr(self, self.pool_name, POOLS[global_pool]())
+        if isinstance(getattr(self, "model_args", None), dict):  # what rebuilds it (create_model, saved files)
+            self.model_args["global_pool"] = global_pool
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised classifier for `num_classes` classes (0: none), on the device and
@@ -275,6 +277,8 @@ class ClassifierMixin:
         if global_pool is not None:
             self.set_global_pool(global_pool)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        if isinstance(getattr(self, "model_args", None), dict):  # a saved model rebuilds this head
+            self.model_args["num_classes"] = num_classes
         ref = next(self.parameters())
         if num_classes:
             head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
