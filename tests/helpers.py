@@ -322,3 +322,20 @@ def folder_files(n_per_class=4, size=8) -> dict[str, bytes]:
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(b, "PNG")
                 out[f"data/{split}/{c}/{i:03d}.png"] = b.getvalue()
     return out
+
+
+def nav_pages() -> list[str]:
+    """The pages of mkdocs.yml's nav, in its order (paths relative to docs/)."""
+    import yaml
+
+    def walk(node):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+
+    return list(walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))

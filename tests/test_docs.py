@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import nav_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -62,19 +63,6 @@ def page_text(path: Path) -> str:
 def anchors(path: Path, slug) -> set[str]:
     return {slug(h) for h in headings(page_text(path))}
 
-
-def nav_pages() -> list[str]:
-    def walk(node):
-        if isinstance(node, str):
-            yield node
-        elif isinstance(node, dict):
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-
-    return list(walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
 
 
 def test_readme_is_short():

@@ -34,19 +34,9 @@ README = (ROOT / "README.md").read_text()
 def guide_pages() -> list[Path]:
     """The user guide's pages in the order of mkdocs.yml's nav (docs/*.md that hold commands; the API
     reference holds none), then any page the nav leaves out (tests/test_docs.py fails on those)."""
-    import yaml
+    from helpers import nav_pages
 
-    def walk(node):
-        if isinstance(node, str):
-            yield node
-        elif isinstance(node, dict):
-            for v in node.values():
-                yield from walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from walk(v)
-
-    nav = [ROOT / "docs" / n for n in walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])]
+    nav = [ROOT / "docs" / n for n in nav_pages()]
     rest = [p for p in sorted((ROOT / "docs").rglob("*.md")) if p not in nav]
     return [p for p in nav + rest if p.suffix == ".md" and p.is_file()]
 

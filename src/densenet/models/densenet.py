@@ -250,19 +250,19 @@ def _block_path(block: DenseBlock, layers: list[DenseLayer], x0: torch.Tensor) -
         return "reference"
     if not block.training and _inference.block_applies(block, layers, x0):
         return "eval"
-    if not _fused.supported(layers) or any(_hooked_inside(layer, itself=True) for layer in layers):
+    if not _fused.supported(layers) or _hooked_inside(block):
         return "reference"  # other BN modules, a private torch API missing, or hooks that must run
     return "compiled" if torch.compiler.is_compiling() else "fused"
 
 
-def _hooked_inside(module: nn.Module, itself: bool = False) -> bool:
-    """Whether a forward hook or pre-hook is registered on a module below `module` (or on `module`
-    itself, with `itself`), or for every module: the fused and eval paths call none of those modules,
-    so their hooks (Grad-CAM on a convolution, say) need the reference path. (Hooks on a DenseBlock or
-    Transition itself run on every path: those are called as modules.)"""
+def _hooked_inside(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on a module below `module` (a block's layers and
+    their modules, a transition's), or for every module: the fused and eval paths call none of those
+    modules, so their hooks (Grad-CAM on a convolution, say) need the reference path. (Hooks on a
+    DenseBlock or Transition itself run on every path: those are called as modules.)"""
     if _torch_compat.global_forward_hooks_registered():  # (None, unknown: the modules' own hooks decide)
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if itself or m is not module)
+    return not _inference._no_hooks(m for m in module.modules() if m is not module)
 
 
 class Transition(nn.Sequential):
