@@ -10,11 +10,11 @@ __version__ = "0.1.0"
 _LAZY = {"load": ".inference", "DenseNet": ".models.densenet", "DenseNetConfig": ".models.densenet",
          "ModelEntry": ".registry", "create_model": ".registry", "get_entry": ".registry",
          "list_models": ".registry", "register_model": ".registry", "create_transform": ".pretrained",
-         "resolve_data_config": ".pretrained"}
-_SUBMODULES = {"analysis", "cli", "data", "export", "grid", "hub", "inference", "models", "paper", "pretrained",
+         "resolve_data_config": ".pretrained", "optimize": ".compiled"}
+_SUBMODULES = {"analysis", "cli", "compiled", "data", "export", "grid", "hub", "inference", "models", "paper", "pretrained",
                "recipes", "registry", "saved_model", "train", "utils", "weights"}
 __all__ = ["DenseNet", "DenseNetConfig", "ModelEntry", "create_model", "create_transform", "get_entry",
-           "list_models", "load", "register_model", "resolve_data_config", "__version__"]
+           "list_models", "load", "optimize", "register_model", "resolve_data_config", "__version__"]
 
 
 def __getattr__(name: str):

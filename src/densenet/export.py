@@ -1,17 +1,19 @@
-"""Export a model for serving: ONNX (onnxruntime, TensorRT, ...) or TorchScript (libtorch), with a
-dynamic batch size, checked against PyTorch.
+"""Export a model for serving: ONNX (onnxruntime, TensorRT, ...), TorchScript (libtorch) or an
+AOTInductor package (compiled ahead of time for this machine's CPU; `densenet.compiled`), with a dynamic
+batch size, checked against PyTorch.
 
 The exported graph computes the dense blocks as the paper's equation reads (concatenate, BN, ReLU,
 convolution): the fused block's shared buffer and custom autograd nodes are a training-time
 optimisation of the same function that tracers cannot record. Height and width are those of the
 checkpoint's preprocessing; the batch dimension is dynamic. The class names and the preprocessing go
-into the file (ONNX metadata_props; TorchScript extra file `densenet.json`), so a server needs nothing else.
+into the file (ONNX metadata_props; TorchScript extra file `densenet.json`; the AOTInductor package's
+metadata, read with `torch._inductor.aoti_load_package(path).get_metadata()`), so a server needs nothing else.
 
 Parity: the exported model and the PyTorch model (in eval mode, its own fused path) run the same
 random batches of 2 and of 3 images, two sizes so that the batch dimension is shown to be dynamic; the
 largest absolute difference of their logits must be at most `tolerance`. ONNX files run in onnxruntime
 where it is installed (otherwise the check is skipped and says so); TorchScript files are loaded back
-with torch.jit.load. `format_report` writes the report (export_model's, export_checkpoint's) as
+with torch.jit.load, AOTInductor packages with torch._inductor.aoti_load_package. `format_report` writes the report (export_model's, export_checkpoint's) as
 `densenet export` prints it.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch.nn as nn
 
 from .utils.atomic import atomic_write, check_destination
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "aoti")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}
 PARITY_BATCHES = (2, 3)
 INPUT, OUTPUT = "input", "logits"
 
@@ -63,19 +66,40 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
 
     refuse_run_file(out, "--out")
     if Path(out).is_dir():
-        raise ValueError(f"--out {out} is a directory: give the file to write, e.g. {Path(out) / ('model.onnx' if format == 'onnx' else 'model.pt')}")
+        raise ValueError(f"--out {out} is a directory: give the file to write, e.g. {Path(out) / ('model' + SUFFIXES[format])}")
+    if format == "aoti" and Path(out).suffix != ".pt2":
+        raise ValueError(f"--out {out}: an AOTInductor package's name must end in .pt2 (its loader reads the format "
+                         f"from the suffix), e.g. {Path(out).with_suffix('.pt2')}")
     check_destination(out, "--out")  # a FIFO or a device (/dev/null): refused before the export's work
     if opset is not None and (format != "onnx" or isinstance(opset, bool) or not isinstance(opset, int)
                               or not 7 <= opset <= 30):
         raise ValueError(f"opset {opset!r}: an ONNX opset number (e.g. 17), for --format onnx only")
     out = Path(out)
-    from .models import reference_path
-
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     ref = model  # exported within reference_path(): the traceable path
     g = torch.Generator().manual_seed(0)
     example = torch.randn(PARITY_BATCHES[0], *input_size, generator=g)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    if format == "aoti":
+        from .compiled import compile_package
+
+        with _interrupts_kept():
+            compile_package(model, input_size, out, {**(metadata or {}), "input_size": list(input_size)})
+        exporter = f"AOTInductor (torch {torch.__version__})"
+    else:
+        exporter = _export_file(ref, example, out, format, onnx_exporter, meta, opset)
+    report = {"path": str(out), "format": format, "exporter": exporter,
+              "input": {"name": INPUT, "shape": ["batch", *input_size], "dtype": "float32"},
+              "output": {"name": OUTPUT, "shape": ["batch", _num_outputs(model, example)]}}
+    report["parity"] = _parity(model, out, format, input_size, g, tolerance)
+    return report
+
+
+def _export_file(ref: nn.Module, example: torch.Tensor, out: Path, format: str, onnx_exporter: str,
+                 meta: dict[str, str], opset: int | None) -> str:
+    """Write ONNX or TorchScript (atomically); the exporter's name."""
+    from .models import reference_path
+
     with atomic_write(out, "--out") as tmp, reference_path():
         if format == "onnx":
             exporter = _export_onnx(ref, example, tmp, onnx_exporter, meta, opset)
@@ -86,11 +110,7 @@ def export_model(model: nn.Module, out: str | Path, format: str, input_size: tup
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(ref, example, check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"densenet.json": json.dumps(meta)})
-    report = {"path": str(out), "format": format, "exporter": exporter,
-              "input": {"name": INPUT, "shape": ["batch", *input_size], "dtype": "float32"},
-              "output": {"name": OUTPUT, "shape": ["batch", _num_outputs(model, example)]}}
-    report["parity"] = _parity(model, out, format, input_size, g, tolerance)
-    return report
+    return exporter
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, which: str | None = None,
@@ -119,7 +139,7 @@ def format_report(r: dict[str, Any]) -> str:
     """An export's report as `densenet export` prints it: the file written, its input and output, and
     the parity check's outcome."""
     shape = lambda s: "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
-    fmt = {"onnx": "ONNX", "torchscript": "TorchScript"}[r["format"]]
+    fmt = {"onnx": "ONNX", "torchscript": "TorchScript", "aoti": "AOTInductor package"}[r["format"]]
     parity = r["parity"]
     lines = [f"wrote {r['path']}: {fmt} by {r['exporter']}; input \"{r['input']['name']}\" "
              f"{shape(r['input']['shape'])} float32 -> \"{r['output']['name']}\" {shape(r['output']['shape'])}"]
@@ -195,6 +215,10 @@ def _parity(model: nn.Module, path: Path, format: str, input_size, g: torch.Gene
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {INPUT: x.numpy()})[0])
+    elif format == "aoti":
+        from .compiled import load_package
+
+        runtime, run = f"torch._inductor.aoti_load_package (torch {torch.__version__})", load_package(path)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; still what libtorch loads

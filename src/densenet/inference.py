@@ -146,7 +146,7 @@ def predict(model: nn.Module, transform: Preprocess, paths: Iterable[str | Path]
     a readable image (the others are still predicted). Images go through the model `batch_size` at a time."""
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")  # compiled: CPU
     items = find_images(paths)
     for start in range(0, len(items), batch_size):
         results, inputs = [], []
