@@ -2,18 +2,27 @@
 
     PYTHONPATH=src python benchmarks/bench_inference.py                 # both networks, ~5 min on 2 cores
     PYTHONPATH=src python benchmarks/bench_inference.py --nets cifar --rounds 5
-    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PYTHONPATH=src python benchmarks/bench_inference.py
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        PYTHONPATH=src python benchmarks/bench_inference.py
 
 Configurations, all with the same weights (copied from ours into torchvision's modules):
   ours         create_model(name).eval(): the eval-mode path (models/_inference.py), NCHW input
   ours-cl      the same, channels_last input
   ours-fused   the fused training path in eval mode (what eval did before the eval-mode path)
+  compiled     densenet.optimize(model): AOTInductor with freezing (densenet/compiled.py); its compile
+               time is reported once per network (--no-compiled skips it)
   tv, tv-cl    torchvision's DenseNet, NCHW and channels_last
   ort          onnxruntime on the ONNX file `densenet export` writes (if onnxruntime is installed)
 
-Every configuration runs in the same process, in interleaved rounds (so that load from other processes
-hits all alike); the best time of all rounds is reported, with its ratio to torchvision NCHW and
-channels_last of the same round set. Outputs are checked against the reference path (<= 1e-4).
+Steady state (benchmarks/steady.py): each configuration is warmed until its time is stable (at least 10
+timings), then all run in interleaved rounds; the median of the rounds is reported with its spread
+(interquartile range / median) and its ratio to torchvision NCHW, channels_last and onnxruntime of the
+same run; the first timing of each is the start-up cost. onnxruntime runs its rounds after the others: its
+threads spin, waiting for work, for a while after each run (its default, which a server keeps), which
+took the CPU from whatever ran next (the "channels_last input" gain of the tables before 2026-12-02 was
+that: ours-cl followed ort). Outputs are checked against the reference path (<= 1e-4).
+Under the AVX2 emulation also set ATEN_CPU_CAPABILITY=avx2 (ATen's and Inductor's generated kernels);
+onnxruntime has no such switch and uses the machine's full instruction set.
 """
 from __future__ import annotations
 
@@ -84,10 +93,11 @@ def onnx_session(model, size: int, threads: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default="cifar,imagenet")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds after the warm-up")
     p.add_argument("--reps", type=int, default=10, help="forward passes per timing at batch 1")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-ort", action="store_true")
+    p.add_argument("--no-compiled", action="store_true", help="skip densenet.optimize (compiles for minutes)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,19 +111,26 @@ def main() -> None:
                "isa": isa, "torch": torch.__version__, "command": " ".join(sys.argv)}
     print(f"# {results['date']}  {results['machine']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}")
     real_applies = _inference.block_applies
+    from steady import interleaved, summary, warm_all
+
     for net in args.nets.split(","):
         name, size, classes, batches = NETS[net]
         torch.manual_seed(0)
         ours = densenet.create_model(name)
         calibrate(ours, size)
         tv = torchvision_twin(net, ours)
+        tv_cl = torchvision_twin(net, ours).to(memory_format=torch.channels_last)
         ref = reference_copy(ours)
         sess = None if args.no_ort else onnx_session(ours, size, args.threads)
+        compiled = None
         results[net] = {}
+        if not args.no_compiled:
+            compiled = densenet.optimize(ours, (3, size, size))
+            results[net]["compile_s"] = compiled.compile_seconds
+            print(f"{name}: densenet.optimize compiled in {compiled.compile_seconds:.0f} s", flush=True)
         for batch in batches:
             x = torch.randn(batch, 3, size, size)
             xcl = x.contiguous(memory_format=torch.channels_last)
-            tv_cl = None
 
             def fused(inp):
                 _inference.block_applies = lambda *a: False
@@ -122,37 +139,45 @@ def main() -> None:
                 finally:
                     _inference.block_applies = real_applies
 
-            configs = {"ours": lambda: ours(x), "ours-cl": lambda: ours(xcl), "ours-fused": lambda: fused(x),
-                       "tv": lambda: tv(x)}
-            tv_cl = torchvision_twin(net, ours).to(memory_format=torch.channels_last)
-            configs["tv-cl"] = lambda: tv_cl(xcl)
+            calls = {"ours": lambda: ours(x), "ours-cl": lambda: ours(xcl), "ours-fused": lambda: fused(x),
+                     "tv": lambda: tv(x), "tv-cl": lambda: tv_cl(xcl)}
+            if compiled is not None:
+                calls["compiled"] = lambda: compiled(x)
             if sess is not None:
                 xn = x.numpy()
-                configs["ort"] = lambda: torch.from_numpy(sess.run(None, {"input": xn})[0])
+                calls["ort"] = lambda: torch.from_numpy(sess.run(None, {"input": xn})[0])
+            reps = args.reps if batch == 1 else 1
+
+            def timed(f):
+                def step() -> float:
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        f()
+                    return (time.perf_counter() - t) / reps
+                return step
+
             with torch.no_grad():
                 want = ref(x)
-                for k, f in configs.items():  # warm-up, and every output checked
+                for k, f in calls.items():  # every output checked
                     err = (f() - want).abs().max().item()
                     assert err <= 1e-4 * max(1.0, want.abs().max().item()), (net, batch, k, err)
-                reps = args.reps if batch == 1 else 1
-                times = {k: [] for k in configs}
-                # PyTorch's configurations in interleaved rounds, a new order each round; onnxruntime
-                # after them: its threads spin, waiting for work, for a while after each run (its
-                # default), which took the CPU from whatever ran next (the "channels_last input" gain
-                # of the tables before 2026-12-02 was that: ours-cl followed ort)
-                names = [k for k in configs if k != "ort"]
-                order = [names[r % len(names):] + names[:r % len(names)] for r in range(args.rounds)]
-                for ks in order + ([["ort"]] * args.rounds if "ort" in configs else []):
-                    for k in ks:
-                        t = time.perf_counter()
-                        for _ in range(reps):
-                            configs[k]()
-                        times[k].append((time.perf_counter() - t) / reps)
-            best = {k: batch / min(v) for k, v in times.items()}
-            results[net][batch] = best
-            print(f"{name:20s} batch {batch:3d}: " + "  ".join(
-                f"{k} {v:.1f} img/s ({v / best['tv']:.2f}x tv, {v / best['tv-cl']:.2f}x tv-cl)" for k, v in best.items()),
-                flush=True)
+                torch_steps = {k: timed(f) for k, f in calls.items() if k != "ort"}
+                start = warm_all(torch_steps)
+                times = interleaved(torch_steps, args.rounds)
+                if "ort" in calls:  # after the others (see the docstring)
+                    start.update(warm_all({"ort": timed(calls["ort"])}))
+                    times.update(interleaved({"ort": timed(calls["ort"])}, args.rounds))
+            stats = {k: summary(v) for k, v in times.items()}
+            img_s = {k: batch / st["median"] for k, st in stats.items()}
+            results[net][batch] = {k: {"img_s": img_s[k], "spread": stats[k]["spread"],
+                                       "first_s": start[k]["first_s"], "warmup_steps": start[k]["warmup_steps"]}
+                                   for k in stats}
+            base = {b: img_s[b] for b in ("tv", "tv-cl", "ort") if b in img_s}
+            print(f"{name:20s} batch {batch:3d} (median of {args.rounds} rounds after a steady warm-up):", flush=True)
+            for k in img_s:
+                vs = ", ".join(f"{img_s[k] / v:.2f}x {b}" for b, v in base.items())
+                print(f"  {k:11s} {img_s[k]:8.1f} img/s +-{stats[k]['spread'] / 2:4.0%}  ({vs})  first "
+                      f"{start[k]['first_s'] * 1e3:.0f} ms, {start[k]['warmup_steps']} warm-up timings", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
