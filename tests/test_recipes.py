@@ -158,12 +158,16 @@ def test_iteration_recipe_on_a_folder_counts_epochs_once_loaded(tmp_path):
                                  milestones=(32_000.0, 48_000.0), val_size=0, drop_rate=0.0)),
     ("preact_resnet164", "cifar10", dict(batch_size=128, nesterov=False, warmup_lr=0.01, warmup_iterations=400)),
     ("preact_resnet1001", "cifar10", dict(batch_size=64, epochs=200, milestones=(80.0, 121.0), nesterov=True,
-                                          warmup_iterations=400)),
+                                          warmup_iterations=0)),  # the Torch code: no warm-up
+    ("preact_resnet1001", "cifar100", dict(batch_size=128, epochs=164, milestones=(32_000.0, 48_000.0), nesterov=False,
+                                           warmup_iterations=400, recipe="preact-resnet1001-c100")),  # He 2016's Caffe
     ("resnet110_stochdepth", "cifar10", dict(batch_size=128, epochs=500, milestones=(249.0, 374.0), nesterov=True,
                                              weight_decay=1e-4, val_size=5000, test_on="best")),
-    ("resnet110_stochdepth", "svhn", dict(epochs=50, milestones=(30.0, 35.0), val_size=6000, test_on="best")),
+    ("resnet110_stochdepth", "svhn", dict(epochs=50, milestones=(29.0, 34.0), val_size=6000, test_on="best",
+                                          val_every_iterations=200, normalize="pixel")),
     ("wrn_28_10", "cifar10", dict(batch_size=128, epochs=200, lr=0.1, lr_gamma=0.2, milestones=(59.0, 119.0, 159.0),
-                                  weight_decay=5e-4, nesterov=True, drop_rate=0.0, augment="cifar-reflect")),
+                                  weight_decay=5e-4, nesterov=True, drop_rate=0.0, augment="cifar-reflect",
+                                  normalize="zca", reset_momentum_at_decay=True, drop_last=True)),
     ("wrn_16_4", "svhn", dict(epochs=160, lr=0.01, lr_gamma=0.1, milestones=(79.0, 119.0), drop_rate=0.4,
                               weight_decay=5e-4, augment="none")),
     ("resnext29_8x64d", "cifar10", dict(batch_size=128, epochs=300, weight_decay=5e-4, milestones=(147.0, 222.0),
@@ -192,6 +196,90 @@ def test_recipe_optimizer_settings_reach_sgd():
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"], g["dampening"]) == (0.1, 0.9, False, 1e-4, 0.0)
     user = TrainConfig(model="wrn_16_4", dataset="svhn", lr=0.05, drop_rate=0.1).resolve()  # the user wins
     assert (user.lr, user.drop_rate) == (0.05, 0.1)
+
+
+def test_every_recipe_carries_its_sources_and_departures():
+    from densenet.recipes import DATASET_RECIPES, NO_PUBLISHED_RECIPE, RECIPES, Source, departures
+
+    for r in [*RECIPES.values(), *DATASET_RECIPES.values()]:
+        assert r.sources and all(isinstance(s, Source) for s in r.sources), r.name
+        for s in r.sources:
+            assert s.paper or (len(s.commit) == 40 and s.url.startswith(f"https://github.com/{s.repository}/blob/"))
+    wrn = RECIPES["wrn-cifar"].sources[0]
+    assert wrn.text() == ("szagoruyko/wide-residual-networks train.lua:18 @5ed3b72 "
+                          "(dataset = './datasets/cifar10_whitened.t7')")
+    assert wrn.url.endswith("/5ed3b7293d0b76a2fb8cb80bb6436ac477c1c3f4/train.lua#L18")
+    with pytest.raises(ValueError, match="needs a file, lines and a full commit"):
+        Source("x", "owner/name", "train.lua", "1", "abc")
+    assert any("3x3" in d for d in departures("preact_resnet1001", "cifar10"))  # the stride, from the network
+    assert not any(NO_PUBLISHED_RECIPE in d for d in departures("preact_resnet1001", "cifar10"))
+
+
+def test_cell_sources_and_departures_of_the_issues_cells():
+    from densenet.grid.reproduce import Cell, cell_config, cell_departures, cell_sources
+
+    def cell(row, setting):
+        c = Cell(row, setting, 0)
+        cfg = cell_config(c, {}, None, None, Path("OUT"))
+        return cfg, cell_sources(c, cfg), cell_departures(c, cfg)
+
+    cfg, src, dep = cell("preact_resnet1001", "C100+")
+    assert cfg.recipe == "preact-resnet1001-c100" and cfg.batch_size == 128 and cfg.warmup_iterations == 400
+    assert any("resnet-pre-act.lua:105-107" in s for s in src)
+    cfg, src, dep = cell("preact_resnet1001", "C10")  # starred: the DenseNet authors' run
+    assert dep[0].startswith("no published recipe: the DenseNet authors' own run")
+    cfg, src, dep = cell("resnet1202_stochdepth", "C10+")
+    assert "fb.resnet.torch modified" in dep[0]
+    cfg, src, dep = cell("wrn_28_10", "C100+")
+    assert (cfg.normalize, cfg.drop_last, cfg.reset_momentum_at_decay) == ("zca", True, True)
+    assert any("cifar10_whitened.t7" in s for s in src)
+    cfg, src, dep = cell("resnet110_stochdepth", "SVHN")
+    assert (cfg.milestones, cfg.val_every_iterations, cfg.normalize) == ((29.0, 34.0), 200, "pixel")
+    assert any("-N 25" in s for s in src)
+
+
+def test_validation_every_n_iterations_keeps_the_best_and_resumes_exactly(tmp_path, monkeypatch):
+    """val_every_iterations (SD's SVHN cadence) validates across epoch ends, checkpoints each new best at
+    once, and a run stopped after a mid-epoch validation resumes bitwise; with WRN's momentum reset and
+    dropped partial batch."""
+    import os
+    import signal
+
+    from densenet.data.loader import Batches
+    from densenet.train import TrainingStopped, fit
+    from densenet.weights import read_state_dict
+
+    folder = make_folder(tmp_path / "shapes", per_class=24, test_per_class=6, size=12)
+
+    def run(out, **kw):  # 63 training images, batch 16, last partial batch dropped: 3 steps per epoch
+        return fit(TrainConfig(model="densenet_bc_100_k12", model_args={"depth": 10, "growth_rate": 6},
+                               dataset="folder", data=str(folder), epochs=2, batch_size=16, val_size=9,
+                               milestones=(1,), drop_last=True, reset_momentum_at_decay=True, val_every_iterations=2,
+                               test_on="best", progress=False, tensorboard=False, out=str(out), **kw))
+
+    straight = run(tmp_path / "straight")
+    rows = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_iteration"] for r in rows] == [2, 6]  # each epoch's last validation: 2 (mid), 4 (mid), 6 (end)
+    assert straight["best"]["iteration"] in (2, 4, 6) and "iteration" in straight["test_weights"]
+    original = Batches.iterate
+
+    def iterate(self, ep=0, start=0):  # Ctrl-C in epoch 2, stopping after iteration 5 (the mid-epoch validation at 4 done)
+        for i, batch in enumerate(original(self, ep, start), start):
+            if self.shuffle and ep == 1 and i == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(Batches, "iterate", iterate)
+    with pytest.raises(TrainingStopped):
+        run(tmp_path / "broken")
+    monkeypatch.undo()
+    resumed = fit(TrainConfig.from_dict(json.loads((tmp_path / "broken" / "config.json").read_text())),
+                  resume=str(tmp_path / "broken"))
+    for name in ("last", "best"):
+        a = read_state_dict(tmp_path / "straight" / name / "model.safetensors")[0]
+        b = read_state_dict(tmp_path / "broken" / name / "model.safetensors")[0]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert resumed["best"] == straight["best"] and resumed["test_top1_error"] == straight["test_top1_error"]
 
 
 # --- 5. Published numbers -------------------------------------------------------------------------------
@@ -261,6 +349,16 @@ def test_reproduce_dry_run_lists_recipe_and_published_number(capsys, tmp_path):
     assert "recipe wrn-svhn: batch 128, 160 ep, lr 0.01 x0.1 after 79,119 ep" in out and "dropout 0.4" in out
     assert "wd 0.0005" in out and "published 1.64" in out
     assert "recipe stochdepth-cifar: batch 128, 500 ep" in out and "val 5000, test best; published 5.23" in out
+    assert main(["reproduce", "table2-baselines", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out  # the issue's check: ZCA for WRN, SD's SVHN schedule, a source for every cell
+    cells = out.split("\n    network ")[1:]
+    assert cells and all("\n    source: " in c for c in cells)
+    wrn = [c for c in cells if c.startswith("wrn_16_8") or c.startswith("wrn_28_10")]
+    assert len(wrn) == 4 and all("data zca" in c and "momentum reset at each decay" in c for c in wrn)
+    sd_svhn = [c for c in cells if "recipe stochdepth-svhn" in c]
+    assert len(sd_svhn) == 2 and all("after 29,34 ep" in c and "val 6000 every 200 it" in c for c in sd_svhn)
+    assert all(c.split(";")[0].endswith(("resnet152_stochdepth", "resnet152_constdepth")) for c in sd_svhn)  # 152 layers
+    assert out.count("departs: no published recipe: the DenseNet authors' own run") == 5  # 4 starred, SD-1202
 
 
 def test_results_table_puts_baselines_and_other_methods_beside_published(tmp_path):

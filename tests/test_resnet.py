@@ -505,3 +505,46 @@ def test_config_is_plain_data():
     rebuilt = ResNet(again)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert count_params(rebuilt) == count_params(model) > 0
+
+
+# --- stochastic depth's code: average-pool shortcut (option), fan-in init, the 152-layer SVHN network ---------
+
+def test_avgpool_shortcut_averages_2x2_windows_and_zero_pads_the_new_maps():
+    from densenet.models.resnet import ZeroPadShortcut
+
+    x = torch.arange(32.0).view(1, 2, 4, 4)
+    y = ZeroPadShortcut(4, 2, pool=True)(x)
+    assert y.shape == (1, 4, 2, 2)
+    torch.testing.assert_close(y[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))  # (0+1+4+5)/4, ...
+    torch.testing.assert_close(y[0, 1], torch.tensor([[18.5, 20.5], [26.5, 28.5]]))
+    assert (y[0, 2:] == 0).all()  # nn.Padding(1, nOut - nIn, 3): zero maps after the input's
+    assert torch.equal(ZeroPadShortcut(4, 2)(x)[0, 0], torch.tensor([[0.0, 2.0], [8.0, 10.0]]))  # subsample
+    m = densenet.create_model("resnet20", downsample="avgpool").eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10) and m(torch.randn(1, 3, 9, 9)).shape == (1, 10)
+
+
+def test_fan_in_init_is_nninit_kaiming_and_sd_networks_use_it():
+    torch.manual_seed(0)
+    m = densenet.create_model("resnet56", init="fan_in")
+    w = m.layer3[1].conv1.weight.detach()  # 64 -> 64, 3x3: fan-in = fan-out = 576; the stem tells them apart
+    assert float(w.std()) == pytest.approx((2 / 576) ** 0.5, rel=0.05)
+    stem = m.conv1.weight.detach()  # 3 -> 16 maps: fan-in 27, fan-out 144
+    assert float(stem.std()) == pytest.approx((2 / 27) ** 0.5, rel=0.25)
+    assert float(densenet.create_model("resnet56").conv1.weight.detach().std()) == pytest.approx((2 / 144) ** 0.5, rel=0.25)
+    for name in ("resnet110_stochdepth", "resnet152_stochdepth", "resnet110_constdepth", "resnet152_constdepth"):
+        cfg = meta_model(name).config
+        assert (cfg.init, cfg.downsample) == ("fan_in", "subsample")
+    assert meta_model("wrn_28_10").config.init == "fan_out"  # the WRN code at its paper (fan-in from Sep 2016)
+    with pytest.raises(ValueError, match="init must be one of 'fan_out', 'fan_in', got 'xavier'"):
+        densenet.create_model("resnet20", init="xavier")
+
+
+def test_stochastic_depth_svhn_network_has_152_layers():
+    from densenet.paper import TABLE2_BY_KEY
+
+    m = meta_model("resnet152_stochdepth")
+    assert m.config.layers == (25, 25, 25) and m.config.stochastic_depth == 0.5
+    assert meta_model("resnet152_constdepth").config.stochastic_depth is None
+    assert TABLE2_BY_KEY["resnet110_stochdepth"].model_for("SVHN") == "resnet152_stochdepth"
+    assert TABLE2_BY_KEY["resnet110_stochdepth"].model_for("C10+") == "resnet110_stochdepth"
+    assert TABLE2_BY_KEY["resnet110_huang2016"].model_for("SVHN") == "resnet152_constdepth"

@@ -67,7 +67,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", dataset:
         images = {"train": train, "val": val, "test": test}[split]
     if images is None:
         _no_split(cfg, split, test_only, val)
-    batches = evaluation_batches(images, pre, batch_size, device, ten_crop=ten_crop, workers=workers)
+    batches = evaluation_batches(images, pre, batch_size, device, ten_crop=ten_crop, workers=workers,
+                                 checkpoint_file=origin.file)
     recalibrated = None
     if recalibrate_bn:
         import torch
@@ -77,7 +78,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", dataset:
         g = torch.Generator().manual_seed(cfg.seed)  # a seeded sample of the training images, shuffled
         idx = torch.randperm(len(train), generator=g)[:recalibrate_bn]
         recalibrated = recalibrate(model, evaluation_batches(train.subset(idx), pre, batch_size, device,
-                                                             workers=workers))
+                                                             workers=workers, checkpoint_file=origin.file))
     result = evaluate(model, batches)
     return {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
             "loss": result["loss"], "split": split, "dataset": cfg.dataset, "ten_crop": ten_crop,

@@ -31,9 +31,12 @@ from .runs import CheckpointError
 class Preprocess:
     """A path or a PIL image -> the normalised float32 (C, H, W) tensor the model expects."""
 
-    def __init__(self, preprocessing: dict[str, Any]):
+    def __init__(self, preprocessing: dict[str, Any], checkpoint_file: str | Path | None = None):
+        from .data.normalization import find_normalization
+
         self.source = preprocessing["source"]  # "memory" or "stream": how training read its images
-        self.normalize = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+        # per-channel numbers; per-pixel or ZCA statistics from the run directory of `checkpoint_file`
+        self.normalize = find_normalization(preprocessing, checkpoint_file)
         self.channels = int(preprocessing["channels"])
         self.image_size = tuple(int(s) for s in preprocessing["image_size"])  # (H, W)
         self.resize = int(preprocessing.get("resize") or round(self.image_size[0] * 256 / 224))
@@ -42,7 +45,8 @@ class Preprocess:
     def __repr__(self) -> str:
         extra = f", resize={self.resize}" if self.source == "stream" else ""
         return (f"Preprocess(source={self.source!r}, channels={self.channels}, image_size={self.image_size}"
-                f"{extra}, mean={self.normalize.mean}, std={self.normalize.std})")
+                f"{extra}, " + (f"mean={self.normalize.mean}, std={self.normalize.std})"
+                                if isinstance(self.normalize, Normalization) else f"normalize={self.normalize.kind!r})"))
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
@@ -105,7 +109,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu",
                               f"`densenet train`); build the transform by hand")
     model.classes = list(info["classes"])
     model.checkpoint = info["checkpoint"]
-    return model, Preprocess(info["preprocessing"])
+    return model, Preprocess(info["preprocessing"], info["checkpoint"].file)
 
 
 def find_images(paths: Iterable[str | Path], include_hidden: bool = False) -> list[tuple[str, str | None]]:

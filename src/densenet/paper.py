@@ -46,6 +46,12 @@ class PublishedRow:
     source: str = ""
     notes: str = ""
     model_args: dict = field(default_factory=dict)
+    setting_models: dict[str, str] = field(default_factory=dict)  # setting -> the network trained there
+    #                                                               instead of `model` (SD's 152 layers on SVHN)
+
+    def model_for(self, setting: str) -> str | None:
+        """The registered network this row trains in `setting`."""
+        return self.setting_models.get(setting, self.model)
 
 
 _DENSENET_PARAMS = {"densenet_40_k12": "1.0M", "densenet_100_k12": "7.0M", "densenet_100_k24": "27.2M",
@@ -68,13 +74,19 @@ TABLE2_ROWS: tuple[PublishedRow, ...] = (
                  source="Larsson et al. 2016"),
     PublishedRow("resnet110", "ResNet [11]", 110, "1.7M", {"C10+": 6.61}, model="resnet110",
                  source="He et al. 2015, Table 6 (mean of 5 runs; best 6.43)"),
+    # Huang et al. 2016 trained SVHN on a 152-layer network (Stochastic_Depth README.md:43, `-N 25`), its
+    # constant-depth baseline with the same code at deathRate 0 (README.md:36): both with its fan-in init
     PublishedRow("resnet110_huang2016", "ResNet (reported by [13])", 110, "1.7M",
-                 {"C10": 13.63, "C10+": 6.41, "C100": 44.74, "C100+": 27.22, "SVHN": 2.01}, model="resnet110",
-                 recipe="stochdepth", source="Huang et al. 2016: the constant-depth baseline of stochastic depth",
-                 notes="trained with the stochastic-depth recipe (500 epochs; SVHN 50), without dropping units"),
+                 {"C10": 13.63, "C10+": 6.41, "C100": 44.74, "C100+": 27.22, "SVHN": 2.01},
+                 model="resnet110_constdepth", recipe="stochdepth",
+                 source="Huang et al. 2016: the constant-depth baseline of stochastic depth",
+                 notes="trained with the stochastic-depth recipe (500 epochs; SVHN 50), without dropping units; "
+                       "SVHN on the 152-layer network",
+                 setting_models={"SVHN": "resnet152_constdepth"}),
     PublishedRow("resnet110_stochdepth", "ResNet with Stochastic Depth [13]", 110, "1.7M",
                  {"C10": 11.66, "C10+": 5.23, "C100": 37.80, "C100+": 24.58, "SVHN": 1.75},
-                 model="resnet110_stochdepth", source="Huang et al. 2016"),
+                 model="resnet110_stochdepth", source="Huang et al. 2016", notes="SVHN on the 152-layer network",
+                 setting_models={"SVHN": "resnet152_stochdepth"}),
     PublishedRow("resnet1202_stochdepth", "ResNet with Stochastic Depth [13]", 1202, "10.2M", {"C10+": 4.91},
                  model="resnet1202_stochdepth", source="Huang et al. 2016",
                  notes="printed 10.2M; a 1202-layer CIFAR ResNet has 19.4M parameters"),
@@ -117,7 +129,8 @@ RESNET_IMAGENET_FB: dict[str, dict[str, float]] = {
 }
 
 # Xie et al. 2017, Table 3 (ImageNet-1K, single 224 crop, top-1 %): cardinality against width at
-# preserved complexity. The 1x64d rows are ResNet-50 and -101 (fb.resnet.torch's models).
+# preserved complexity. The 1x64d rows are ResNet-50 and -101 as Xie et al. trained them with the ResNeXt code
+# (23.9 and 22.0), not fb.resnet.torch's published models (24.01 and 22.44, RESNET_IMAGENET_FB).
 RESNEXT_TABLE3: dict[str, float] = {
     "resnet50": 23.9, "resnext50_2x40d": 23.0, "resnext50_4x24d": 22.6, "resnext50_8x14d": 22.3,
     "resnext50_32x4d": 22.2, "resnet101": 22.0, "resnext101_2x40d": 21.7, "resnext101_4x24d": 21.4,

@@ -301,11 +301,22 @@ for _d, _p, _g in _CIFAR_RESNETS[:-1]:
               f"{_d}-layer plain net (He 2015 Fig. 6): resnet{_d} without shortcuts", depth=_d, residual=False)
 
 # Huang 2016: p_L = 0.5, linear decay. DenseNet's Table 2 prints 10.2M for ResNet-1202 with stochastic
-# depth, but a 1202-layer CIFAR ResNet has He 2015's 19.4M.
-for _d, _p, _g in [(110, "1.7", 0.253), (1202, "19.4", 2.829)]:
+# depth, but a 1202-layer CIFAR ResNet has He 2015's 19.4M. The authors' code as it made the paper's numbers
+# (yueatsprograms/Stochastic_Depth at 86b5cddd97841d2586ce0047f476eba0568efc95, the camera-ready code):
+# fan-in He initialisation (ResidualDrop.lua:19,25, main.lua:63: nninit.kaiming, gain 'relu'), and a
+# shortcut that subsamples (ResidualDrop.lua:32, a 1x1 average pool of stride 2) and zero-pads the new maps
+# (:36). The 2x2 average pool (`downsample="avgpool"`) is the later fix 8389752 (2017-02-11), after the
+# paper and after DenseNet's Table 2. SVHN: README.md:43 `-N 25`, a 6 * 25 + 2 = 152-layer network.
+# The constant-depth baseline ("ResNet (reported by [13])") is the same code with deathRate 0 (README.md:36).
+_SD_CODE = dict(init="fan_in", downsample="subsample")
+for _d, _p, _g in [(110, "1.7", 0.253), (152, "2.4", None), (1202, "19.4", 2.829)]:
     _baseline(f"resnet{_d}_stochdepth", "ResNet with stochastic depth (CIFAR)", resnet_cifar, _CIFAR, 10,
-              _printed(_p), _g, f"ResNet-{_d} with stochastic depth (Huang 2016), p_L = 0.5",
-              depth=_d, stochastic_depth=0.5)
+              _printed(_p), _g, f"ResNet-{_d} with stochastic depth (Huang 2016), p_L = 0.5"
+              + (" (its SVHN network)" if _d == 152 else ""), depth=_d, stochastic_depth=0.5, **_SD_CODE)
+for _d, _p, _g in [(110, "1.7", 0.253), (152, "2.4", None)]:
+    _baseline(f"resnet{_d}_constdepth", "ResNet with stochastic depth (CIFAR)", resnet_cifar, _CIFAR, 10,
+              _printed(_p), _g, f"ResNet-{_d} of the stochastic-depth code at constant depth (Huang 2016's "
+              f"baseline{', SVHN' if _d == 152 else ''})", depth=_d, **_SD_CODE)
 
 # He 2016 (Identity Mappings) Tables 2-4 and DenseNet's Table 2. ResNet-1001 built by the paper's rules
 # has 10.33M parameters (SPEC.md); the paper prints 10.2M.

@@ -149,19 +149,17 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 def stream_transform(train: bool, image_size: int, resize: int, normalize: Normalization, ten: bool = False):
     """ImageNet preprocessing: for training fb.resnet.torch's (random-sized crop, colour jitter, PCA
-    lighting, flip: transforms.imagenet_train_transform); resize to `resize` and a single centre crop
-    (or ten crops) of `image_size` for evaluation."""
+    lighting, flip: transforms.imagenet_train_transform); for evaluation its datasets/imagenet.lua (val):
+    Scale(`resize`) by Torch's bicubic image.scale (no antialiasing), ColorNormalize, then CenterCrop
+    (offsets rounded up, as the Lua's math.ceil) or TenCrop of `image_size` (transforms.LuaScale ...)."""
     from torchvision import transforms as T
 
-    from .transforms import imagenet_train_transform
+    from .transforms import LuaCenterCrop, LuaScale, LuaTenCrop, _float_image, imagenet_train_transform
 
-    norm = T.Normalize(normalize.mean, normalize.std)
     if train:
         return imagenet_train_transform(image_size, normalize)
-    if ten:
-        return T.Compose([T.Resize(resize), T.TenCrop(image_size),
-                          T.Lambda(lambda crops: torch.stack([norm(T.functional.to_tensor(c)) for c in crops]))])
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
+    crop = LuaTenCrop(image_size) if ten else LuaCenterCrop(image_size)
+    return T.Compose([_float_image, LuaScale(resize), T.Normalize(normalize.mean, normalize.std), crop])
 
 
 @dataclass

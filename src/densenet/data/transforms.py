@@ -9,8 +9,10 @@ normalising), take a random 32x32 crop, flip horizontally with probability 1/2.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 AUGMENTATIONS = ("cifar", "cifar-reflect", "flip", "none", "imagenet")
@@ -98,15 +100,116 @@ def ten_crop_padding(preprocessing: dict) -> tuple[int, str]:
 
 
 def ten_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The four corner crops and the centre crop, and their mirror images: (10, B, C, h, w)."""
+    """fb.resnet.torch's TenCrop (liuzhuang13/DenseNet datasets/transforms.lua:88-110 at e3d24fb, fb.resnet.torch's
+    copied): the centre crop and the four corner
+    crops of the image and of its mirror image, (10, ..., h, w). The centre sits at
+    math.ceil((W - w) / 2) (CenterCrop, :53-59) in both, so where W - w is odd the mirror's centre crop is
+    not the mirror of the image's. Ordered so that crop i + 5 is the mirror of crop i (the corners and,
+    for an even margin, the centre): TL, TR, BL, BR, centre, then the mirror image's TR, TL, BR, BL, centre."""
     h, w = x.shape[-2:]
     th, tw = size
     if th > h or tw > w:
         raise ValueError(f"ten-crop of {th}x{tw} needs images at least that large, got {h}x{w}")
-    top, left = (h - th) // 2, (w - tw) // 2
-    crops = [x[..., :th, :tw], x[..., :th, w - tw:], x[..., h - th:, :tw], x[..., h - th:, w - tw:],
-             x[..., top:top + th, left:left + tw]]
-    return torch.stack(crops + [c.flip(-1) for c in crops])
+    top, left = lua_center_offset(h, th), lua_center_offset(w, tw)
+
+    def corners(im):
+        return [im[..., :th, :tw], im[..., :th, w - tw:], im[..., h - th:, :tw], im[..., h - th:, w - tw:]]
+
+    m = x.flip(-1)
+    tl, tr, bl, br = corners(m)
+    return torch.stack(corners(x) + [x[..., top:top + th, left:left + tw]]
+                       + [tr, tl, br, bl, m[..., top:top + th, left:left + tw]])
+
+
+def lua_center_offset(length: int, size: int) -> int:
+    """transforms.lua CenterCrop's offset, `math.ceil((length - size) / 2)`."""
+    return -(-(length - size) // 2)
+
+
+# --- Torch7's image.scale(src, w, h, 'bicubic'), as fb.resnet.torch and DenseNet resize ImageNet -----------
+# torch/image generic/image.c (commit 5aa18819b6a7b44751f8a858bd232d1c07b67985) Main_scaleBicubic: rows,
+# then columns, each by Main_scaleCubic_rowcol: destination pixel i samples the source at
+# i * (src - 1) / (dst - 1) (corners aligned; float32 arithmetic), Catmull-Rom weights
+# (Main_cubicInterpolate), the missing neighbour at either end extrapolated linearly (p0 = 2 p1 - p2,
+# p3 = 2 p2 - p1), the last pixel copied; no antialiasing, no clamping of float images.
+
+@functools.lru_cache(maxsize=256)
+def lua_cubic_weights(src: int, dst: int) -> torch.Tensor:
+    """The (dst, src) matrix of Main_scaleCubic_rowcol: resampled = weights @ line (do not modify it)."""
+    if dst == src:
+        return torch.eye(src)
+    wt = np.zeros((dst, src))
+    if src == 1:
+        return torch.ones(dst, 1)
+    scale = np.float32(src - 1) / np.float32(dst - 1 if dst > 1 else 1)  # float32, as the C
+    for di in range(dst - 1):
+        si_f = float(np.float32(di) * scale)  # `si_f = di * scale`
+        i = min(int(si_f), src - 2)
+        x = si_f - i
+        w0, w1 = 0.5 * x * (-1 + x * (2 - x)), 1 + 0.5 * x * x * (-5 + 3 * x)
+        w2, w3 = 0.5 * x * (1 + x * (4 - 3 * x)), 0.5 * x * x * (x - 1)
+        if i > 0:
+            wt[di, i - 1] += w0
+        else:  # p0 = 2 p1 - p2
+            w1, w2 = w1 + 2 * w0, w2 - w0
+        if i + 2 < src:
+            wt[di, i + 2] += w3
+        else:  # p3 = 2 p2 - p1
+            w1, w2 = w1 - w3, w2 + 2 * w3
+        wt[di, i] += w1
+        wt[di, i + 1] += w2
+    wt[dst - 1, src - 1] = 1.0
+    return torch.from_numpy(wt).float()
+
+
+def lua_scale(img: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """image.scale(img, width, height, 'bicubic') of a float image (C, H, W)."""
+    h, w = img.shape[-2:]
+    rows = lua_cubic_weights(w, width).to(img.device)  # (width, W)
+    cols = lua_cubic_weights(h, height).to(img.device)  # (height, H)
+    return cols @ (img.float() @ rows.T)
+
+
+class LuaScale:
+    """transforms.lua M.Scale(size) (:37-50, bicubic by default): the shorter side to `size` by bicubic image.scale, the other
+    truncated as Torch sizes a tensor from `h / w * size`; an image whose shorter side is `size` unchanged."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        s = self.size
+        if (w <= h and w == s) or (h <= w and h == s):
+            return img
+        if w < h:
+            return lua_scale(img, s, max(int(h / w * s), 1))
+        return lua_scale(img, max(int(w / h * s), 1), s)
+
+
+class LuaCenterCrop:
+    """transforms.lua M.CenterCrop(size) (:53-59) of a (C, H, W) tensor: offsets math.ceil((W - size) / 2)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        s = self.size
+        if s > h or s > w:
+            raise ValueError(f"a centre crop of {s}x{s} needs an image at least that large, got {h}x{w}")
+        top, left = lua_center_offset(h, s), lua_center_offset(w, s)
+        return img[..., top:top + s, left:left + s]
+
+
+class LuaTenCrop:
+    """transforms.lua M.TenCrop(size) of a (C, H, W) tensor: (10, C, size, size), see `ten_crop`."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return ten_crop(img, (self.size, self.size))
 
 
 # --- ImageNet training augmentation, as fb.resnet.torch (which DenseNet's datasets/imagenet.lua copies) ----
@@ -188,24 +291,31 @@ def random_sized_crop_params(height: int, width: int, generator: torch.Generator
 
 
 class RandomSizedCrop:
-    """transforms.lua M.RandomSizedCrop on a PIL image: a random crop resized to size x size (bicubic),
-    or, when no crop fits, the shorter side scaled to `size` and a centre crop."""
+    """transforms.lua M.RandomSizedCrop (:130-163) on a PIL image (or a float (C, H, W) tensor): a random
+    crop scaled to size x size by Torch's bicubic image.scale (`lua_scale`: no antialiasing, which
+    Pillow's and torchvision's resizing would add), or, when no crop fits, M.Scale(size) and
+    M.CenterCrop(size) (ceil). Returns a float (C, size, size) tensor, pixels in [0, 1] as Lua's."""
 
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, img):
-        from PIL import Image
-
-        params = random_sized_crop_params(img.height, img.width)
+    def __call__(self, img) -> torch.Tensor:
+        x = _float_image(img)
+        height, width = x.shape[-2:]
+        params = random_sized_crop_params(height, width)
         if params is not None:
             top, left, h, w = params
-            return img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        scale = self.size / min(img.width, img.height)
-        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
-        img = img.resize((w, h), Image.BICUBIC)
-        left, top = -(-(w - self.size) // 2), -(-(h - self.size) // 2)  # Lua CenterCrop: math.ceil
-        return img.crop((left, top, left + self.size, top + self.size))
+            return lua_scale(x[:, top:top + h, left:left + w], self.size, self.size)
+        return LuaCenterCrop(self.size)(LuaScale(self.size)(x))
+
+
+def _float_image(img) -> torch.Tensor:
+    """A PIL image (or a uint8 / float tensor) as a float32 (C, H, W) tensor in [0, 1], as Lua's image.load."""
+    if isinstance(img, torch.Tensor):
+        return img.float().div(255.0) if img.dtype == torch.uint8 else img.float()
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.pil_to_tensor(img).float().div_(255.0)
 
 
 def imagenet_train_transform(image_size: int, normalize: Normalization):

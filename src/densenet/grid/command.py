@@ -70,7 +70,7 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
     from ..registry import create_model
     from ..train import TrainingStopped
     from .launchers import CellJob, check, run_cell
-    from .reproduce import cell_config, cost, describe
+    from .reproduce import cell_config, cell_departures, cell_sources, cost, describe
     from .status import cell_state, write_grid
 
     data = data or {}
@@ -98,6 +98,9 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
         line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
                 f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
         echo(line.rstrip() + "\n    " + describe(c, cfg))
+        if dry_run:  # where the recipe comes from, and where the cell departs from it
+            echo("\n".join([f"    source: {t}" for t in cell_sources(c, cfg)]
+                           + [f"    departs: {t}" for t in cell_departures(c, cfg)]))
         if dry_run or st in ("done", "running") or not where:
             continue
         job = CellJob(f"{c.row}/{c.setting}/seed{c.seed}", str(c.path(out)), cfg.to_dict())

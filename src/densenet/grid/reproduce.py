@@ -32,9 +32,9 @@ class Cell:
 
     @property
     def model(self) -> str:
-        """The registered network the row trains."""
+        """The registered network the row trains in its setting (stochastic depth's 152 layers on SVHN)."""
         r = TABLE2_BY_KEY.get(self.row)
-        return r.model if r is not None and r.model else self.row
+        return r.model_for(self.setting) if r is not None and r.model else self.row
 
     def recipe(self):
         """The row's recipe for its setting, complete (`recipes.recipe_for`): the row's own paper's where
@@ -116,17 +116,52 @@ def cell_config(cell: Cell, data: dict[str, str], epochs: int | None, budget: fl
 
 
 def describe(cell: Cell, cfg) -> str:
-    """The cell's recipe in one line: batch, length, schedule, weight decay, dropout, published number."""
+    """The cell's recipe in one line: network, batch, length, schedule, weight decay, dropout, data,
+    validation, published number."""
     length = (f"{cfg.iterations:,} it ({cfg.epochs} ep)" if cfg.milestone_unit == "iterations" and cfg.epochs
               else f"{cfg.iterations:,} it" if cfg.milestone_unit == "iterations" else f"{cfg.epochs} ep")
     ms = ",".join(f"{int(m):,}" if m >= 1000 else str(int(m)) for m in cfg.milestones or ())
     warm = f" warm-up {cfg.warmup_lr:g}x{cfg.warmup_iterations}it" if cfg.warmup_iterations else ""
+    extra = "".join([", momentum reset at each decay" if cfg.reset_momentum_at_decay else "",
+                     ", last partial batch dropped" if cfg.drop_last else ""])
+    norm = getattr(cfg, "normalize", None)  # the data's normalisation (ZCA, per-pixel, per-channel)
+    data = f", data {norm}" if norm else ""
+    every = f" every {cfg.val_every_iterations} it" if cfg.val_every_iterations else ""
     pub = cell.published
-    return (f"recipe {cfg.recipe}: batch {cfg.batch_size}, {length}, lr {cfg.lr:g} x{cfg.lr_gamma:g} after "
-            f"{ms} {'it' if cfg.milestone_unit == 'iterations' else 'ep'}{warm}, "
-            f"{'nesterov ' if cfg.nesterov else ''}momentum {cfg.momentum:g}, wd {cfg.weight_decay:g}, "
-            f"dropout {cfg.drop_rate:g}, val {cfg.val_size}, test {cfg.test_on}; "
+    return (f"network {cfg.model}; recipe {cfg.recipe}: batch {cfg.batch_size}, {length}, lr {cfg.lr:g} "
+            f"x{cfg.lr_gamma:g} after {ms} {'it' if cfg.milestone_unit == 'iterations' else 'ep'}{warm}, "
+            f"{'nesterov ' if cfg.nesterov else ''}momentum {cfg.momentum:g}{extra}, wd {cfg.weight_decay:g}, "
+            f"dropout {cfg.drop_rate:g}{data}, val {cfg.val_size}{every}, test {cfg.test_on}; "
             f"published {'-' if pub is None else f'{pub:.2f}'}")
+
+
+# cells whose published number has no recipe of its authors: besides Table 2's "*" cells (the DenseNet
+# authors ran the pre-activation ResNets without augmentation), the 1202-layer network with stochastic depth,
+# whose code was not released (Stochastic_Depth README: "easily modified from the repo fb.resnet.torch")
+NO_RECIPE_NOTES: dict[str, str] = {
+    "resnet1202_stochdepth": "Huang et al. 2016 trained it with fb.resnet.torch modified, not released "
+                             "(yueatsprograms/Stochastic_Depth README.md:4 @86b5cdd); here the 110-layer CIFAR recipe",
+}
+
+
+def cell_sources(cell: Cell, cfg) -> tuple[str, ...]:
+    """Where the cell's recipe comes from: each source of its recipe in one line (recipes.Source.text)."""
+    from ..recipes import recipe_for
+
+    return tuple(src.text() for src in recipe_for(cfg.model, SETTING_DATA[cell.setting][0], cfg.recipe).sources)
+
+
+def cell_departures(cell: Cell, cfg) -> tuple[str, ...]:
+    """Every place the cell's protocol departs from its sources: no published recipe (Table 2's "*" cells,
+    NO_RECIPE_NOTES), the recipe's and the network's departures (recipes.departures)."""
+    from ..recipes import NO_PUBLISHED_RECIPE, departures
+
+    r = TABLE2_BY_KEY.get(cell.row)
+    out = []
+    if r is not None and (cell.setting in r.starred or cell.row in NO_RECIPE_NOTES):
+        note = NO_RECIPE_NOTES.get(cell.row, "Table 2 marks it '*'; here the network's own recipe")
+        out.append(f"{NO_PUBLISHED_RECIPE} ({note})")
+    return tuple(out) + departures(cfg.model, SETTING_DATA[cell.setting][0], cfg.recipe)
 
 
 def cost(cell_cfg, macs_per_image: int, train_images: int) -> float:

@@ -56,10 +56,17 @@ def check_image_batch(x: torch.Tensor, *, model: str, in_channels: int, min_size
                          f"it downsamples by {reduction}, so inputs need at least {min_size}x{min_size}")
 
 
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module, mode: str = "fan_out") -> None:
     """The authors' initialisation: convolutions N(0, sqrt(2 / (kh*kw*out_channels))) (He, fan-out);
     BN weight 1, bias 0; linear bias 0 (weight keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    which is Torch7's default too). The same He (fan-out) rule as He 2015, 2016 and the WRN code.
+    which is Torch7's default too). Fan-out is He 2015/2016's (fb.resnet.torch, resnet-1k-layers,
+    liuzhuang13/DenseNet) and the Wide ResNet code's at the time of its paper's numbers:
+    szagoruyko/wide-residual-networks models/utils.lua:5 at 0a4c3646f778d5be3fa4ff91424a8f4d9acdb391
+    (2016-05-24, the README with 4.17 / 20.5) has `n = v.kW*v.kH*v.nOutputPlane`; it became fan-in
+    (`nInputPlane`) only with ea025180fdcd8914845c4711657ba34c6d9c6b38 ("fix MSRA init", 2016-09-08).
+    `mode="fan_in"`: N(0, sqrt(2 / (kh*kw*in_channels))), stochastic depth's nninit.kaiming with
+    gain 'relu' (yueatsprograms/Stochastic_Depth ResidualDrop.lua:19,25 and main.lua:63 at
+    86b5cddd97841d2586ce0047f476eba0568efc95; nninit's kaiming is std = gain * sqrt(1 / fanIn)).
 
     A consequence to know before comparing outputs: a freshly built network in eval mode normalises
     with the untouched running statistics (mean 0, variance 1), and fan-out scaling grows the
@@ -67,9 +74,11 @@ def init_weights(model: nn.Module) -> None:
     (torchvision's fan-in initialisation: ~1). Training mode, and eval mode once the running
     statistics are estimated (a few training-mode passes), give order-1 outputs. Compare fresh models
     with a tolerance relative to the outputs' scale (tests/test_tracing.py)."""
+    if mode not in ("fan_out", "fan_in"):
+        raise ValueError(f"init must be fan_out or fan_in, got {mode!r}")
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

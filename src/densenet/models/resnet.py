@@ -95,6 +95,10 @@ class ResNetConfig:
     stochastic_depth: float | None = None  # p_L, survival probability of the last unit; None: off
     stride_in_1x1: bool = False  # bottleneck: stride-2 on the first 1x1 (He 2015's Caffe models) instead
     #                              of the 3x3 (torchvision's weights, ResNeXt)
+    downsample: Literal["subsample", "avgpool"] = "subsample"  # option A's spatial reduction: every
+    #   stride-th pixel (He 2015's code; Stochastic_Depth's 1x1 average pool of stride 2 until 2017), or a
+    #   stride x stride average pool (Stochastic_Depth ResidualDrop.lua since 8389752, see ZeroPadShortcut)
+    init: Literal["fan_out", "fan_in"] = "fan_out"  # He initialisation of the convolutions (init_weights)
     num_classes: int = 10
     in_channels: int = 3
     bn_eps: float = 1e-5
@@ -172,14 +176,26 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 class ZeroPadShortcut(nn.Module):
     """Option A of He 2015: keep every stride-th pixel and append zero maps up to `out_channels`
-    (as the authors' Torch code, which concatenates x with 0 * x). No parameters."""
+    (as the authors' Torch code, which concatenates x with 0 * x). No parameters.
 
-    def __init__(self, out_channels: int, stride: int):
+    `pool=True`: average each stride x stride window instead, as yueatsprograms/Stochastic_Depth
+    ResidualDrop.lua:32 since commit 8389752d464ce2769aca94c7c551a1f492e87bca ("Bug in Average Pooling
+    layer", 2017-02-11: `nn.SpatialAveragePooling(stride, stride, stride, stride)`), then the same zero
+    maps appended after the input's (:36, `nn.Padding(1, nOutChannels - nChannels, 3)`). Before that
+    commit, and so for the paper's numbers (camera-ready code 86b5cddd97841d2586ce0047f476eba0568efc95,
+    :32), the pool was 1x1 with stride 2: the subsample."""
+
+    def __init__(self, out_channels: int, stride: int, pool: bool = False):
         super().__init__()
-        self.out_channels, self.stride = out_channels, stride
+        self.out_channels, self.stride, self.pool = out_channels, stride, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]  # (B, C_in, ceil(H/s), ceil(W/s))
+        if self.pool and self.stride > 1:
+            # (B, C_in, ceil(H/s), ceil(W/s)): the strided convolution's size; on odd sizes the last window
+            # averages the pixels it has (the Lua's pool would not fit there at all)
+            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        else:
+            x = x[:, :, ::self.stride, ::self.stride]  # (B, C_in, ceil(H/s), ceil(W/s))
         return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - x.shape[1]))  # (B, C_out, ...)
 
 
@@ -231,7 +247,7 @@ class ResidualUnit(nn.Module):
                 proj.append(nn.BatchNorm2d(out, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
             self.downsample = nn.Sequential(*proj)
         elif cfg.residual and reshapes:
-            self.downsample = ZeroPadShortcut(out, stride)
+            self.downsample = ZeroPadShortcut(out, stride, pool=cfg.downsample == "avgpool")
         if self.variant in ("exclusive_gating", "shortcut_only_gating"):
             self.gate = nn.Conv2d(in_channels, out, 1, stride=stride, bias=True)  # g(x) = sigmoid(W_g x + b_g)
         self.scaling = cfg.scaling
@@ -324,7 +340,7 @@ class ResNet(StagesMixin, ClassifierMixin, nn.Module):
         for unit, p in zip(self.units(), cfg.survival_probabilities()):
             unit.survival_prob = p
         if self.conv1.weight.device.type != "meta":  # built to be counted (meta device): nothing to initialise
-            init_weights(self)
+            init_weights(self, cfg.init)
             for unit in self.units():
                 if hasattr(unit, "gate"):
                     nn.init.constant_(unit.gate.bias, cfg.gate_bias)

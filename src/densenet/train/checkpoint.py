@@ -40,7 +40,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "ckp
              "tensorboard")
 # what else lives in a run directory while it runs: the run lock (train/lock.py) and, in a grid cell,
 # the launcher's files (grid/launchers.py); no output may replace them either
-_RUN_OWNED = RUN_FILES + ("densenet.lock", "launch.json", "error.json")
+_RUN_OWNED = RUN_FILES + ("densenet.lock", "launch.json", "error.json", "normalization.safetensors")
 
 
 def refuse_run_file(path: str | Path, what: str) -> None:

@@ -57,6 +57,10 @@ class TrainConfig:
                                        "(default: all)")
     augment: str | None = setting("cifar (pad 4, crop, flip), cifar-reflect (WRN's reflection padding), flip, "
                                   "none, imagenet, auto (folders: by image size) (default: the recipe's)")
+    normalize: str | None = setting(
+        "channel (the dataset's own: per-channel mean and std of the training images; SVHN pixels / 255; "
+        "ImageNet's constants), pixel (per-pixel mean, one std: stochastic depth's), zca (ZCA whitening: Wide "
+        "ResNets' CIFAR) (default: the recipe's, else channel)")
     image_size: int = setting("streamed folders: training crop and evaluation centre crop", 224)
     resize: int = setting("streamed folders: evaluation resizes the shorter side to this, then crops", 256)
     # the recipe: a setting left unset (None) takes the recipe's value (`densenet.recipes.recipe_for`)
@@ -92,6 +96,13 @@ class TrainConfig:
         "option under its paper's recipe; else DenseNet's rule, 0.2 without augmentation and 0 with it)")
     test_on: str | None = setting("final or best: the weights whose test error is reported (default: the "
                                   "recipe's: best on SVHN, WRN's aside, and for stochastic depth; else final)")
+    val_every_iterations: int | None = setting(
+        "validate every N optimizer steps (counted over the run), keeping the best; 0: once per epoch (default: "
+        "the recipe's: 200 for stochastic depth on SVHN, as its main.lua; else 0)")
+    reset_momentum_at_decay: bool | None = setting("clear SGD's momentum buffers at each decay of the rate (default: "
+                                                   "the recipe's: on for Wide ResNets, as their train.lua)")
+    drop_last: bool | None = setting("drop each epoch's last partial batch (default: the recipe's: on for Wide "
+                                     "ResNets, as their train.lua's 'skip-last')")
     label_smoothing: float = setting("label smoothing of the cross-entropy (0: none, as the paper)", 0.0)
     accumulate: int = setting("split each batch into this many micro-batches (BN then sees the micro-batches)", 1)
     # how to run it
@@ -127,6 +138,10 @@ class TrainConfig:
         need(self.milestone_unit in (None, "epochs", "iterations"),
              f"milestone_unit must be epochs or iterations, got {self.milestone_unit!r}")
         need(self.test_on in (None, "final", "best"), f"test_on must be final or best, got {self.test_on!r}")
+        need(self.normalize in (None, "channel", "pixel", "zca"),
+             f"normalize must be channel, pixel or zca, got {self.normalize!r}")
+        need(self.val_every_iterations is None or self.val_every_iterations >= 0,
+             f"val_every_iterations must be >= 0, got {self.val_every_iterations}")
         if self.recipe not in ("auto", "dataset"):
             from ..recipes import RECIPES
 
@@ -180,6 +195,8 @@ class TrainConfig:
                                 **{k: getattr(rec, k) for k in RECIPE_SETTINGS if k not in given})
         if c.warmup_iterations and c.warmup_lr is None:
             raise ValueError("config: warmup_iterations needs warmup_lr (the rate of the warm-up)")
+        if c.normalize is None:  # a recipe without its own normalisation: the dataset's
+            c.normalize = "channel"
         if c.drop_rate is None:  # DenseNet's rule: dropout without augmentation
             c.drop_rate = 0.2 if c.augment == "none" else 0.0
         if c.milestone_unit == "iterations" and c.milestones is not None:  # decays at exact iterations
@@ -250,7 +267,8 @@ class TrainConfig:
 
 # the settings a Recipe gives where they are not set (the schedule's, epochs to iterations, resolve() plans)
 RECIPE_SETTINGS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_gamma", "warmup_iterations",
-                   "warmup_lr", "augment", "val_size", "test_on", "drop_rate")
+                   "warmup_lr", "augment", "val_size", "test_on", "drop_rate", "normalize", "val_every_iterations",
+                   "reset_momentum_at_decay", "drop_last")
 # `densenet train --help`: each field's help text, from its metadata (the default is appended where not said)
 SETTING_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
 

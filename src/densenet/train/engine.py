@@ -7,6 +7,7 @@ last good checkpoint, and ends with a summary of validation and test error.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import signal
@@ -21,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DataError, ImageSet, Normalization, balanced_split, channel_stats, get_dataset_spec, load_splits
+from ..data.normalization import (NORMALIZATION_FILE, describe, find_normalization, fit_normalization,
+                                  load_normalization, normalization_bytes, save_normalization)
 from ..data.loader import IMAGENET_MEAN_STD, Batches, StreamBatches, eval_batches, stream_transform
 from ..data.transforms import ten_crop_padding
 from ..registry import create_model
@@ -54,6 +57,8 @@ class RunData:
     classes: list[str]
     in_channels: int
     preprocessing: dict
+    normalizer: Any = None  # what normalises the in-memory images (data/normalization.py)
+    normalization_file: bytes | None = None  # per-pixel / ZCA statistics: RUN/normalization.safetensors
 
 
 def _normalization(kind: str, train) -> Normalization:
@@ -83,7 +88,25 @@ def select_splits(cfg: TrainConfig, splits):
     return train, val, splits.test
 
 
-def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3) -> RunData:
+def _fitted_normalization(cfg: TrainConfig, spec, train, run_dir: Path | None):
+    """(normaliser, the bytes of its file or None) for cfg.normalize (data/normalization.py): the dataset's
+    own per-channel numbers, or per-pixel / ZCA statistics of the training split, fitted here or, on
+    resume, read back from the run directory (the very numbers the run started with)."""
+    kind = cfg.normalize or "channel"
+    if kind == "channel":
+        return _normalization(spec.normalize, train), None
+    stored = None if run_dir is None else Path(run_dir) / NORMALIZATION_FILE
+    if stored is not None and stored.is_file():
+        norm = load_normalization(stored)
+        if norm.kind != kind:
+            raise ValueError(f"{stored} holds a {norm.kind} normalisation; this run asks for --normalize {kind}")
+        return norm, stored.read_bytes()
+    norm = fit_normalization(kind, None, train.images if isinstance(train, ImageSet) else None)
+    return norm, normalization_bytes(norm)
+
+
+def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3,
+               run_dir: Path | None = None) -> RunData:
     spec = get_dataset_spec(cfg.dataset)
     splits = load_splits(cfg.dataset, cfg.data, download=cfg.download and dist.is_main,
                          svhn_extra=cfg.svhn_extra, in_memory=cfg.in_memory, in_channels=in_channels)
@@ -91,17 +114,19 @@ def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3
     if len(train) < cfg.batch_size:
         raise DataError(f"the training split has {len(train)} images, fewer than one batch of "
                         f"{cfg.batch_size}; lower --batch-size or --val-size")
-    norm = _normalization(spec.normalize, train)
+    norm, stored = _fitted_normalization(cfg, spec, train, run_dir)
     augment = cfg.augment
-    common = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=False, seed=cfg.seed, rank=dist.rank,
+    common = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=bool(cfg.drop_last), seed=cfg.seed, rank=dist.rank,
                   world_size=dist.world_size, device=device, channels_last=cfg.channels_last)
     if isinstance(train, ImageSet):
         augment = "cifar" if augment == "auto" else augment
         if augment == "imagenet":
             raise ValueError("--augment imagenet needs a streamed folder (--no-in-memory)")
         batches = Batches(train, normalize=norm, augment=augment, **common)
-        pre = {"source": "memory", "mean": norm.mean, "std": norm.std, "channels": train.images.shape[1],
+        pre = {"source": "memory", **describe(norm, train.images.shape[1]), "channels": train.images.shape[1],
                "image_size": list(train.images.shape[-2:])}
+        if stored is not None:  # the run directory's file (Trainer._start writes it), named and hashed
+            pre.update(normalization_file=NORMALIZATION_FILE, normalization_sha256=hashlib.sha256(stored).hexdigest())
     else:
         augment = "imagenet" if augment == "auto" else augment
         if augment == "imagenet" and splits.in_channels != 3:  # colour jitter and PCA lighting are RGB's
@@ -112,13 +137,15 @@ def build_data(cfg: TrainConfig, device, dist: Distributed, in_channels: int = 3
         pre = {"source": "stream", "mean": norm.mean, "std": norm.std, "channels": splits.in_channels,
                "image_size": [cfg.image_size, cfg.image_size], "resize": cfg.resize}
     pre["augment"] = augment
-    return RunData(batches, val, test, splits.classes, splits.in_channels, pre)
+    return RunData(batches, val, test, splits.classes, splits.in_channels, pre, norm, stored)
 
 
 def evaluation_batches(data, preprocessing: dict, batch_size: int, device, ten_crop: bool = False,
-                       channels_last: bool = False, workers: int = 4) -> Iterable:
-    """Batches of a split, preprocessed as the checkpoint says (the user does not repeat it)."""
-    norm = Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+                       channels_last: bool = False, workers: int = 4, normalizer=None,
+                       checkpoint_file: Path | None = None) -> Iterable:
+    """Batches of a split, preprocessed as the checkpoint says (the user does not repeat it); per-pixel or
+    ZCA statistics from `normalizer`, else from the run directory of `checkpoint_file`."""
+    norm = normalizer if normalizer is not None else find_normalization(preprocessing, checkpoint_file)
     if isinstance(data, ImageSet):
         pad = ten_crop_padding(preprocessing) if ten_crop else None  # raises where ten-crop does not apply
         return eval_batches(data, batch_size, norm, device, pad, channels_last)
@@ -156,9 +183,19 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[n
     return model, args
 
 
+def validates_after(cfg: TrainConfig, iteration: int, steps_per_epoch: int) -> bool:
+    """Whether a run validates after `iteration` optimizer steps in all: at each epoch's end, or every
+    `val_every_iterations` steps counted over the run (stochastic depth's main.lua on SVHN: `if
+    sgdState.iterCounter % 200 == 0 then accounting(...)`, its iterCounter never reset at an epoch)."""
+    return iteration > 0 and iteration % (cfg.val_every_iterations or steps_per_epoch) == 0
+
+
 class StepSchedule:
     """The recipe's learning rate as a function of (epoch, step): set before every optimizer step, so a
-    resumed run, a warm-up and a decay in mid-epoch (He 2015's 32k iterations) need no state."""
+    resumed run, a warm-up and a decay in mid-epoch (He 2015's 32k iterations) need no state. Where the
+    recipe resets the momentum at each decay (WRN's train.lua onStartEpoch: `state.optim =
+    tablex.deepcopy(opt)` drops optim.sgd's `dfdx`), the buffers are cleared before the first step at the
+    decayed rate; the next step starts them from the gradient, as optim.sgd does (`dfdx:copy(dfdx)`)."""
 
     def __init__(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer):
         self.cfg, self.optimizer = cfg, optimizer
@@ -166,10 +203,21 @@ class StepSchedule:
     def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
         return self.cfg.learning_rate(epoch, step, steps_per_epoch)
 
+    def resets_momentum(self, epoch: int, step: int, steps_per_epoch: int) -> bool:
+        from ..recipes import is_decay_step
+
+        cfg = self.cfg
+        return bool(cfg.reset_momentum_at_decay) and is_decay_step(
+            cfg.lr_milestones(), epoch, step, steps_per_epoch, cfg.milestone_unit == "iterations")
+
     def apply(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         lr = self.lr(epoch, step, steps_per_epoch)
+        reset = self.resets_momentum(epoch, step, steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+            if reset:
+                for p in g["params"]:
+                    self.optimizer.state.get(p, {}).pop("momentum_buffer", None)
         return lr
 
 
@@ -306,7 +354,8 @@ class RunState:
     def evaluate_split(self, split) -> dict[str, float]:
         cfg = self.cfg
         return evaluate(self.model, evaluation_batches(split, self.data.preprocessing, cfg.eval_batch_size, self.device,
-                                                       channels_last=cfg.channels_last, workers=cfg.workers),
+                                                       channels_last=cfg.channels_last, workers=cfg.workers,
+                                                       normalizer=self.data.normalizer),
                         self.autocast)
 
 
@@ -371,7 +420,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         in_channels = int(cfg.model_args.get("in_channels", 3))
-        data = build_data(cfg, device, dist, in_channels)
+        data = build_data(cfg, device, dist, in_channels, Path(self.resume) if self.resume else None)
         if cfg.epochs is None:  # a recipe that counts iterations, on a dataset of unknown size: now known
             cfg = self.cfg = cfg.resolve(train_images=len(data.train.data))
         model, model_args = build_model(cfg, len(data.classes), data.in_channels)
@@ -438,6 +487,8 @@ class Trainer:
         if s.run and s.dist.is_main:
             if not self.resume:  # claimed now that data and model are built: a refusal before leaves nothing
                 s.run.start_new()
+            if s.data.normalization_file is not None and not (self.resume and (s.run.path / NORMALIZATION_FILE).is_file()):
+                save_normalization(s.data.normalization_file, s.run.path / NORMALIZATION_FILE)
             s.run.write_config(s.cfg.to_dict())
             s.run.truncate_metrics(s.epoch)
         s.net = s.model
@@ -467,7 +518,7 @@ class Trainer:
                        "images_per_s": s.sums["n"] / max(s.sums["time"], 1e-9),
                        "data_wait_frac": s.sums["wait"] / max(s.sums["time"], 1e-9),
                        "epoch_time_s": time.perf_counter() - t0}
-                is_best = self._validate(s, row)
+                is_best = self._validate_epoch(s, row)
                 s.sums, s.step = None, 0
                 if s.dist.is_main:
                     self._report(s, row)
@@ -489,7 +540,8 @@ class Trainer:
                 s.best_state = read_state_dict(s.run.path / "best" / MODEL_FILE)[0]
             if s.best_state is not None:
                 s.model.load_state_dict(s.best_state)
-                summary["test_weights"] = f"best validation error (epoch {s.best['epoch']})"
+                at = f", iteration {s.best['iteration']:,}" if "iteration" in s.best else ""
+                summary["test_weights"] = f"best validation error (epoch {s.best['epoch']}{at})"
         summary.setdefault("test_weights", "final epoch")
         t = s.evaluate_split(data.test)
         summary.update({"test_top1_error": t["top1_error"], "test_top5_error": t["top5_error"],
@@ -547,6 +599,8 @@ class Trainer:
                 sums["time"] += now - t_prev
                 t_prev = now
                 step += 1
+                if self._validates_at(s, epoch * len(batches) + step) and step < len(batches):
+                    self._validate_mid_epoch(s, step)  # the epoch's last step: validated with the epoch (_loop)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
                                 acc=f"{100 * sums['correct'] / sums['n']:.1f}%",
@@ -576,19 +630,48 @@ class Trainer:
         loss_sum = sum(v * len(yc) for v, (_, yc) in zip(values[0::2], chunks))
         return loss_sum, int(sum(values[1::2]))
 
-    def _validate(self, s: RunState, row: dict[str, Any]) -> bool:
-        """Validation error into `row`; whether this epoch is the best so far (without validation: every
-        epoch is). test_on best keeps the best epoch's weights in memory."""
+    def _validate(self, s: RunState, row: dict[str, Any], iteration: int | None = None) -> bool:
+        """Validation error into `row`; whether this epoch (or, with `iteration`, this point of the run) is
+        the best so far (without validation: every epoch is). test_on best keeps the best weights in memory."""
         if s.data.val is None or not len(s.data.val):
             return True
         v = s.evaluate_split(s.data.val)
         row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
+        if iteration is not None:
+            row["val_iteration"] = iteration
         if not (s.best is None or v["top1_error"] < s.best["val_top1_error"]):
             return False
         s.best = {"epoch": s.epoch, "val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"]}
+        if iteration is not None:  # in mid-epoch: the epoch in progress (1-indexed) and the steps done
+            s.best.update(epoch=-(-iteration // s.steps), iteration=iteration)
         if s.cfg.test_on == "best":  # SVHN, stochastic depth: the best validation model is tested
             s.best_state = {k: t.detach().clone() for k, t in s.model.state_dict().items()}
         return True
+
+    def _validates_at(self, s: RunState, iteration: int) -> bool:
+        """Whether the run, which has validation images, validates after `iteration` steps (validates_after)."""
+        return validates_after(s.cfg, iteration, s.steps) and s.data.val is not None and len(s.data.val) > 0
+
+    def _validate_mid_epoch(self, s: RunState, step: int) -> None:
+        """Validate at step `step` of the epoch in progress; a new best is checkpointed at once (`best`, and
+        `last`: a mid-epoch checkpoint resumes exactly), since the epoch's end has other weights. The
+        epoch's last validation goes to its metrics row (`s.sums["val"]`)."""
+        row: dict[str, Any] = {}
+        is_best = self._validate(s, row, s.epoch * s.steps + step)
+        s.sums["val"] = row
+        if is_best:
+            self._save(s, s.epoch, step, s.sums, is_best=True)
+
+    def _validate_epoch(self, s: RunState, row: dict[str, Any]) -> bool:
+        """The validation of an epoch's end (`s.epoch` done): once per epoch, or with val_every_iterations
+        where the epoch's last step is such a point, the row then carrying the epoch's last validation."""
+        if not s.cfg.val_every_iterations or s.data.val is None or not len(s.data.val):
+            return self._validate(s, row)
+        end = s.epoch * s.steps
+        if self._validates_at(s, end):
+            return self._validate(s, row, end)
+        row.update((s.sums or {}).get("val") or {})
+        return False
 
     def _save(self, s: RunState, epoch: int, step: int, sums: dict | None, is_best: bool = False) -> None:
         """A checkpoint of the run at (epoch, step), `last` (and `best`); refused if anything is non-finite."""
@@ -654,7 +737,8 @@ def _summary_line(s: dict) -> str:
     if "val_top1_error" in s:
         parts.append(f"val error {s['val_top1_error']:.2f}% (final epoch)")
     if s.get("best") and "val_top1_error" in s["best"]:
-        parts.append(f"best val error {s['best']['val_top1_error']:.2f}% (epoch {s['best']['epoch']})")
+        at = f", iteration {s['best']['iteration']:,}" if "iteration" in s["best"] else ""
+        parts.append(f"best val error {s['best']['val_top1_error']:.2f}% (epoch {s['best']['epoch']}{at})")
     if "test_top1_error" in s:
         parts.append(f"test error {s['test_top1_error']:.2f}% ({s['test_weights']}, {s['test_images']} images)")
     if s.get("out"):
