@@ -147,9 +147,9 @@ _TORCH_STATE = (  # (what, read it, put it back)
 _CONFIGS = (torch._dynamo.config, torch._inductor.config)
 # set by pytest for every phase of every test, and by torch's inductor for itself (compiled kernels read
 # _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR when loaded; the C++ builder sets the other two)
-# set by libraries for themselves on first import (pytest, inductor, scikit-learn's OpenMP set-up), not by tests
+# set by libraries for themselves on first import (pytest, inductor, scikit-learn's OpenMP set-up, ray), not by tests
 _OWN_ENV = frozenset({"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "TORCH_WARM_POOL",
-                      "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "CUDA_HOME"})
+                      "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "CUDA_HOME", "RAY_CLIENT_MODE"})
 
 
 def _shot(value, depth: int = 2):
@@ -302,6 +302,14 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    # what the tests on the real SLURM cluster record (tests/test_slurm.py): the job ids sbatch gave, the
+    # requeues; user_properties travel from pytest-xdist workers with their reports
+    lines = [f"{r.nodeid.split('::')[-1]}: {v}" for reports in terminalreporter.stats.values() for r in reports
+             if getattr(r, "when", None) == "call" for k, v in getattr(r, "user_properties", ()) if k == "slurm"]
+    if lines:
+        terminalreporter.section("SLURM jobs of these tests")
+        for line in lines:
+            terminalreporter.write_line(line)
     seed = config.getoption("--shuffle-seed")
     if seed is not None:
         terminalreporter.write_line(f"tests ran in the order of --shuffle-seed {seed} (the same option repeats it)")
@@ -311,6 +319,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: a heavy test, over a few seconds on 2 CPU cores "
                                        "(-m 'not slow' leaves them out)")
+    config.addinivalue_line("markers", "slurm: runs on a real one-node SLURM cluster that tools/slurm/start-cluster.sh "
+                                       "starts (skipped where it cannot: not root, packages missing); "
+                                       "python -m pytest -m slurm -rs runs them alone")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -332,7 +343,8 @@ def pytest_collection_modifyitems(config, items):
 # the tests over ~15 s on one core, longest first (`--durations` of a full run)
 LONGEST = ("test_first_screen_exactly_as_written", "test_every_readme_command_runs_offline_on_stand_ins",
            "test_stored_counts_are_those_of_the_networks", "test_fuzz_each_mutation_in_its_own_process",
-           "test_submitit_local_grid_with_a_killed_and_a_preempted_cell", "test_ray_grid_with_a_killed_cell")
+           "test_submitit_local_grid_with_a_killed_and_a_preempted_cell",
+           "test_a_killed_node_fails_the_job_loudly_and_a_rerun_resumes", "test_ray_grid_with_a_killed_cell")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from densenet.data.sources import DataError, _decode
 
@@ -39,6 +40,15 @@ def test_out_of_memory_and_internal_errors_are_one_line(monkeypatch):
     assert code == 1 and "internal error (KeyError" in err and "--debug" in err and "Traceback" not in err
     with pytest.raises(KeyError):
         cli("train", "--debug")
+
+    def peer_gone(cfg, resume=None):  # what gloo raises in a node's worker when the other node is killed
+        raise torch.distributed.DistBackendError("[gloo/transport/tcp/pair.cc:538] Connection closed by peer "
+                                                 "[127.0.0.1]:29400")
+
+    monkeypatch.setattr(densenet.train, "fit", peer_gone)
+    code, err = cli("train")
+    assert code == 2 and "another process of this distributed job" in err and "--resume" in err, err
+    assert "Connection closed by peer" in err and "internal error" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_messages_name_the_cause(tiny, tmp_path, capsys):

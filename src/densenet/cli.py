@@ -2,9 +2,9 @@
 
 Every error ends in one line on stderr and a non-zero exit status, never a traceback (`--debug`, or
 DENSENET_DEBUG=1, shows one). Exit status: 0 done; 1 an internal error (please report it), or some
-images that `predict` could not read; 2 a mistake in the input (options, files, data, checkpoints) or
-a resource (memory, disk); 3 training stopped on non-finite values; 130/143 stopped by Ctrl-C/SIGTERM
-with a resumable checkpoint.
+images that `predict` could not read; 2 a mistake in the input (options, files, data, checkpoints), a
+resource (memory, disk) or a lost process of a distributed job (resume on every node); 3 training
+stopped on non-finite values; 130/143 stopped by Ctrl-C/SIGTERM with a resumable checkpoint.
 """
 from __future__ import annotations
 

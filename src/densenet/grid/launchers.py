@@ -534,6 +534,7 @@ class RayLauncher:
     def launch(self, jobs: list[CellJob], report: Report) -> list[dict]:
         ray = _require("ray")
         started_here = False
+        environ = dict(os.environ)  # ray.init sets RAY_* and PYTHONBREAKPOINT here; shutdown leaves them
         if not ray.is_initialized():
             address = self.opts.ray_address or os.environ.get("RAY_ADDRESS")
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
@@ -544,6 +545,7 @@ class RayLauncher:
             try:
                 ray.init(**kwargs)
             except Exception as e:  # noqa: BLE001 -- Ray's own errors: one line
+                _restore_environ(environ)
                 raise LauncherError(f"could not start or reach Ray ({address or 'a local instance'}): "
                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             started_here = True
@@ -574,6 +576,16 @@ class RayLauncher:
         finally:
             if started_here:
                 ray.shutdown()
+                _restore_environ(environ)
+
+
+def _restore_environ(before: dict[str, str]) -> None:
+    """os.environ as it was before a Ray started here (this process's environment is the caller's)."""
+    for key in [k for k in os.environ if k not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _ray_error(e: Exception) -> str:

@@ -5,8 +5,8 @@
     one_line(e)             an exception's message on one line (a loading worker's: its own last line)
     printable(text)         `text` with control characters shown escaped, never sent to the terminal
 
-Exit status 2: a mistake in the input (UsageError, ValueError, OSError, a locked run directory) or a
-resource (out of memory); 1: anything else, an internal error (the line asks for a report); 130: an
+Exit status 2: a mistake in the input (UsageError, ValueError, OSError, a locked run directory), a
+resource (out of memory) or a distributed job's lost process (a node gone: resume on every node); 1: anything else, an internal error (the line asks for a report); 130: an
 error after a Ctrl-C that a library swallowed ("interrupted (then X)"). Imports nothing heavy:
 `densenet --help` reaches it without torch (a locked run directory's LockedError is imported from
 train/lock.py when an error is reported, the one import from above this module's layer).
@@ -57,6 +57,16 @@ def out_of_memory(e: BaseException) -> bool:
         "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` says another process of a distributed job went away (a node lost, a worker killed):
+    torch.distributed's own errors, or a collective's connection closed or reset under it."""
+    if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted"))
+
+
 def report(command: str, e: BaseException, interrupted: bool = False) -> tuple[str, int]:
     """The line that reports an error that reached the top of `densenet COMMAND`, and the exit status.
     `interrupted`: a Ctrl-C or SIGTERM came first (a library swallowed it and failed later because of it)."""
@@ -67,6 +77,10 @@ def report(command: str, e: BaseException, interrupted: bool = False) -> tuple[s
                 f"--batch-size or a smaller model", 2)
     if isinstance(e, user_errors()):
         return f"densenet {command}: error: {one_line(e)}", 2
+    if peer_lost(e):
+        return (f"densenet {command}: error: another process of this distributed job stopped or lost its "
+                f"connection ({one_line(e)[:300]}); the job cannot go on: start it again on every node with "
+                f"--resume RUN_DIR (it goes on from the last checkpoint)", 2)
     return (f"densenet {command}: error: internal error ({type(e).__name__}: {one_line(e)[:500]}); "
             f"run again with --debug for the traceback, and please report it", 1)
 
