@@ -58,7 +58,8 @@ def main() -> None:
     p.add_argument("--net", choices=list(NETS), default="cifar")
     p.add_argument("--batch", type=int, help="default: 64 (cifar) or 32 (imagenet)")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps of each before the rounds")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="at least this many untimed steps of each, then until its time is stable (steady.py)")
     p.add_argument("--reps", type=int, default=10, help="eval: forward passes per timing at batch 1")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -97,12 +98,11 @@ def main() -> None:
             a, b = models["old"](x), models["new"](x)
         err = ((a - b).abs().max() / a.abs().max()).item()
         assert err <= 1e-4, err
-    times = {"old": [], "new": []}
-    for _ in range(args.warmup):  # until both are at steady speed (torchvision-like models take 5-10 steps)
-        run("old"), run("new")
-    for r in range(args.rounds):
-        for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            times[k].append(run(k))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from steady import interleaved, warm_all
+
+    warm_all({k: (lambda k=k: run(k)) for k in ("old", "new")}, min_steps=args.warmup)  # until stable
+    times = interleaved({k: (lambda k=k: run(k)) for k in ("old", "new")}, args.rounds)
     best = {k: batch / statistics.median(v) for k, v in times.items()}  # the median round
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"{name} batch {batch} {'training' if train else 'eval'} ({isa}, {args.threads} threads): "

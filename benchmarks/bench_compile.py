@@ -5,8 +5,9 @@
 For each of this package's default (fused) DenseNet-BC and torchvision's with the same structure:
 `torch._dynamo.explain` graph and break counts (training mode), the time of the first compiled step,
 then images/s of a training step (forward, backward, SGD) and of an eval forward pass, eager and
-compiled, measured in interleaved rounds (best and median). Ratios are to torchvision eager in the
-same run. Inductor compiles a DenseNet-BC-100 training graph in many minutes on 2 cores: --depth
+compiled, in steady state (benchmarks/steady.py: each configuration warmed until its time is stable, at
+least 10 steps, then the median of interleaved rounds with its spread; the first step, compilation
+included, is the start-up cost). Ratios are to torchvision eager in the same run. Inductor compiles a DenseNet-BC-100 training graph in many minutes on 2 cores: --depth
 sets a smaller network (the compiled code is the same per layer).
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from steady import interleaved, summary, warm_all  # noqa: E402
 
 
 def models(depth: int):
@@ -40,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=40)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--explain-depth", type=int, default=100, help="depth for the graph-break count")
     p.add_argument("--json")
@@ -70,27 +71,29 @@ def main() -> None:
         for compiled in (False, True):
             net = torch.compile(model) if compiled else model
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-            runs[f"{name}{'-compiled' if compiled else ''}"] = dict(net=net, model=model, opt=opt, x=xi, train=[], eval=[])
-    for key, r in runs.items():  # warm-up: compilation (timed), first-step allocations
+            runs[f"{name}{'-compiled' if compiled else ''}"] = dict(net=net, model=model, opt=opt, x=xi)
+    first = {}
+    for key, r in runs.items():  # compilation and first-step allocations: the start-up cost
         t = time.perf_counter()
-        step(r)
+        step(r, y)
         infer(r)
-        r["first_s"] = time.perf_counter() - t
-        print(f"{key}: first train step + eval pass {r['first_s']:.1f} s", flush=True)
-    for _ in range(args.rounds):
-        for r in runs.values():
-            r["train"].append(step(r, y))
-            r["eval"].append(infer(r))
+        first[key] = time.perf_counter() - t
+        print(f"{key}: first train step + eval pass {first[key]:.1f} s", flush=True)
+    steps = {f"{key}/{what}": (lambda r=r, f=f: f(r, y)) for key, r in runs.items()
+             for what, f in (("train", step), ("eval", lambda r, y: infer(r)))}
+    warm = warm_all(steps)
+    times = interleaved(steps, args.rounds)
     out = {}
-    base = runs["tv"]
-    for key, r in runs.items():
-        out[key] = dict(first_s=r["first_s"], train_img_s=args.batch / min(r["train"]),
-                        train_median_img_s=args.batch / statistics.median(r["train"]),
-                        eval_img_s=args.batch / min(r["eval"]),
-                        train_vs_tv=min(base["train"]) / min(r["train"]), eval_vs_tv=min(base["eval"]) / min(r["eval"]))
-        print(f"{key:14s} train {out[key]['train_img_s']:7.1f} img/s ({out[key]['train_vs_tv']:.2f}x tv)  "
-              f"eval {out[key]['eval_img_s']:7.1f} img/s ({out[key]['eval_vs_tv']:.2f}x tv)  "
-              f"first step {r['first_s']:.0f} s", flush=True)
+    for key in runs:
+        s_train, s_eval = summary(times[f"{key}/train"]), summary(times[f"{key}/eval"])
+        b_train, b_eval = summary(times["tv/train"]), summary(times["tv/eval"])
+        out[key] = dict(first_s=first[key], warmup_steps=warm[f"{key}/train"]["warmup_steps"],
+                        train_img_s=args.batch / s_train["median"], train_spread=s_train["spread"],
+                        eval_img_s=args.batch / s_eval["median"], eval_spread=s_eval["spread"],
+                        train_vs_tv=b_train["median"] / s_train["median"], eval_vs_tv=b_eval["median"] / s_eval["median"])
+        print(f"{key:14s} train {out[key]['train_img_s']:7.1f} img/s ({out[key]['train_vs_tv']:.2f}x tv, spread "
+              f"{s_train['spread']:.0%})  eval {out[key]['eval_img_s']:7.1f} img/s ({out[key]['eval_vs_tv']:.2f}x tv)"
+              f"  first step {first[key]:.0f} s, {out[key]['warmup_steps']} warm-up steps", flush=True)
     res["runs"] = out
     if args.json:
         with open(args.json, "w") as f:

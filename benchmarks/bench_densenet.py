@@ -6,8 +6,10 @@
 
 Networks: CIFAR DenseNet-BC (L=100, k=12), batch 64, 32x32; DenseNet-121, batch 32, 224x224.
 Training throughput is images/s of a full step (forward, backward, SGD with momentum); every
-configuration is measured in interleaved rounds, so that load from other processes hits all of them
-alike, and the best step of all rounds is reported (the median beside it). Peak memory is measured per
+configuration is warmed until its step time is stable (benchmarks/steady.py: at least --warmup steps,
+10 by default; torchvision needs 5-10), then measured in interleaved rounds, so that load from other
+processes hits all of them alike; the median step of the rounds is reported (the best beside it).
+Inference: the median of the timings after the same warm-up. Peak memory is measured per
 configuration in a fresh process: peak RSS (VmHWM) on the CPU (and its growth over the RSS before the first
 step, i.e. activations and gradients), torch.cuda.max_memory_allocated on a GPU. Every figure is
 printed with its ratio to torchvision's NCHW DenseNet of the same configuration.
@@ -205,17 +207,16 @@ def worker(args) -> None:
 
 
 def throughput(net, impls, args, rounds, steps) -> dict:
-    """Images/s of each configuration, measured in interleaved rounds: {impl: (best, median)}."""
+    """Images/s of each configuration after a steady warm-up (first-step allocations, oneDNN primitive
+    creation, compile), measured in interleaved rounds: {impl: (median, best)}."""
+    from steady import interleaved, warm_all
+
     trainers = {impl: Trainer(net, impl, args) for impl in impls}
     check_same_size(trainers)
-    for tr in trainers.values():  # warm-up: first-step allocations, oneDNN primitive creation, compile
-        for _ in range(args.warmup):
-            tr.step()
-    for _ in range(rounds):
-        for tr in trainers.values():
-            tr.times += [tr.step() for _ in range(steps)]
+    warm_all({impl: tr.step for impl, tr in trainers.items()}, min_steps=args.warmup)
+    times = interleaved({impl: tr.step for impl, tr in trainers.items()}, rounds * steps)
     batch = NETS[net]["batch"]
-    return {impl: (batch / min(tr.times), batch / statistics.median(tr.times)) for impl, tr in trainers.items()}
+    return {impl: (batch / statistics.median(t), batch / min(t)) for impl, t in times.items()}
 
 
 def inference(net, impls, args, rounds) -> dict:
@@ -225,9 +226,11 @@ def inference(net, impls, args, rounds) -> dict:
         tr = Trainer(net, impl, args)
         res[impl] = {}
         for batch in (1, NETS[net]["batch"]):
-            tr.infer(batch)
-            n = max(rounds, 3 if batch > 1 else 20)
-            res[impl][batch] = batch / min(tr.infer(batch) for _ in range(n))
+            from steady import warm_up
+
+            warm_up(lambda: tr.infer(batch), min_steps=args.warmup)
+            n = max(rounds, 5 if batch > 1 else 20)
+            res[impl][batch] = batch / statistics.median(tr.infer(batch) for _ in range(n))
     return res
 
 
@@ -248,7 +251,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CIFAR only, fewer rounds (about 3 minutes)")
     p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (GPU; not the exact fp32 maths)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=10,
+                   help="at least this many untimed steps of each, then until its time is stable (steady.py)")
     p.add_argument("--json", help="write all results here too")
     p.add_argument("--worker", choices=["memory", "throughput", "inference"], help=argparse.SUPPRESS)
     p.add_argument("--net", default="cifar", help=argparse.SUPPRESS)
@@ -273,14 +277,14 @@ def main() -> None:
         print(f"\n## Training: {NETS[net]['title']}  (ratios: to torchvision NCHW '{BASELINE}', and to 'tv-cl')")
         tp = in_fresh_process("throughput", net, args)
         mem = {impl: measure_memory(net, impl, args) for impl in IMPLS}
-        results[f"train_{net}"] = {impl: dict(best_img_s=tp[impl][0], median_img_s=tp[impl][1], **mem[impl])
+        results[f"train_{net}"] = {impl: dict(median_img_s=tp[impl][0], best_img_s=tp[impl][1], **mem[impl])
                                    for impl in IMPLS}
-        print(f"{'config':16s} {'img/s':>8s} {'vs tv':>6s} {'vs tv-cl':>8s} {'median':>7s} | "
+        print(f"{'config':16s} {'img/s':>8s} {'vs tv':>6s} {'vs tv-cl':>8s} {'best':>7s} | "
               f"{'peak MB':>8s} {'vs tv':>6s} | {'growth MB':>9s} {'vs tv':>6s} {'vs tv-memeff':>12s}")
         for impl in IMPLS:
             r, m = results[f"train_{net}"][impl], mem
-            print(f"{impl:16s} {r['best_img_s']:8.1f} {ratio(tp[impl][0], tp[BASELINE][0]):>6s} "
-                  f"{ratio(tp[impl][0], tp['tv-cl'][0]):>8s} {r['median_img_s']:7.1f} | {r['peak_mb']:8.0f} "
+            print(f"{impl:16s} {r['median_img_s']:8.1f} {ratio(tp[impl][0], tp[BASELINE][0]):>6s} "
+                  f"{ratio(tp[impl][0], tp['tv-cl'][0]):>8s} {r['best_img_s']:7.1f} | {r['peak_mb']:8.0f} "
                   f"{ratio(m[impl]['peak_mb'], m[BASELINE]['peak_mb'], True):>6s} | {r['growth_mb']:9.0f} "
                   f"{ratio(m[impl]['growth_mb'], m[BASELINE]['growth_mb'], True):>6s} "
                   f"{ratio(m[impl]['growth_mb'], m['tv-memeff']['growth_mb'], True):>12s}", flush=True)

@@ -5,9 +5,11 @@ fraction of the machine's fp32 matrix-multiply peak the training step reaches.
     PYTHONPATH=src python benchmarks/bench_isa.py --nets cifar,imagenet --rounds 3
 
 Each ISA runs in its own process (oneDNN and MKL read ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS at
-start-up; AVX2 is how an AVX2-only machine is measured on an AVX-512 one). Inside a process, the
-configurations step in interleaved rounds, so that load from other processes hits all of them alike;
-the best step is reported with its ratio to torchvision NCHW and channels_last of the same process.
+start-up; AVX2 is how an AVX2-only machine is measured on an AVX-512 one). Inside a process, each
+configuration is warmed until its step time is stable (benchmarks/steady.py: at least 10 steps;
+torchvision needs 5-10), then all step in interleaved rounds, so that load from other processes hits
+them alike; the median step is reported with its spread and its ratio to torchvision NCHW and
+channels_last of the same process, and the first step separately (start-up cost).
 Peak: the best of repeated 2048x2048 float32 torch.mm at the same thread count. A training step is
 counted as 3x the forward multiply-adds (forward, and backward for inputs and weights), 2 FLOPs each.
 """
@@ -27,7 +29,8 @@ import time
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                               "ATEN_CPU_CAPABILITY": "avx2"}}
 IMPLS = ["ours", "tv", "tv-cl"]
 
 
@@ -51,6 +54,7 @@ def worker(args) -> None:
     sys.path.insert(0, HERE)
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
     from bench_densenet import NETS, Trainer
+    from steady import interleaved, summary, warm_all
 
     from densenet.analysis.complexity import stored_counts
 
@@ -59,15 +63,15 @@ def worker(args) -> None:
     for net in args.nets.split(","):
         trainers = {impl: Trainer(net, impl, argparse.Namespace(device="cpu", compile=False, amp=None))
                     for impl in IMPLS}
-        for tr in trainers.values():
-            tr.step()  # warm-up
-        for _ in range(args.rounds):
-            for tr in trainers.values():
-                tr.times.append(tr.step())
+        steps = {impl: tr.step for impl, tr in trainers.items()}
+        start = warm_all(steps)
+        times = interleaved(steps, args.rounds)
         batch = NETS[net]["batch"]
-        best = {impl: batch / min(tr.times) for impl, tr in trainers.items()}
+        stats = {impl: summary(t) for impl, t in times.items()}
+        best = {impl: batch / st["median"] for impl, st in stats.items()}  # the median round (name kept for the JSON)
         macs = stored_counts()[NETS[net]["model"]][1]
-        out[net] = {"img_s": best, "gflops": best["ours"] * 3 * 2 * macs / 1e9}
+        out[net] = {"img_s": best, "spread": {k: st["spread"] for k, st in stats.items()}, "start": start,
+                    "gflops": best["ours"] * 3 * 2 * macs / 1e9}
         out["gemm_gflops"] = max(out["gemm_gflops"], gemm_peak(args.threads))
         del trainers
     print(json.dumps(out))
@@ -76,7 +80,7 @@ def worker(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default="cifar")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds after the warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--isas", default="native,avx2")
     p.add_argument("--json")
@@ -99,7 +103,9 @@ def main() -> None:
         results[isa] = r
         for net in args.nets.split(","):
             s = r[net]["img_s"]
-            print(f"{isa:6s} {net:8s} ours {s['ours']:.1f} img/s, tv {s['tv']:.1f}, tv-cl {s['tv-cl']:.1f}: "
+            sp = r[net]["spread"]
+            print(f"{isa:6s} {net:8s} median of {args.rounds} after a steady warm-up: ours {s['ours']:.1f} img/s "
+                  f"(+-{sp['ours'] / 2:.0%}), tv {s['tv']:.1f}, tv-cl {s['tv-cl']:.1f}: "
                   f"{s['ours'] / s['tv']:.2f}x tv, {s['ours'] / s['tv-cl']:.2f}x tv-cl; "
                   f"{r[net]['gflops']:.1f} GFLOP/s = {r[net]['gflops'] / r['gemm_gflops']:.0%} of the "
                   f"{r['gemm_gflops']:.0f} GFLOP/s sgemm peak", flush=True)
