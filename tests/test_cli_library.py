@@ -26,7 +26,8 @@ def test_evaluate_checkpoint_checks_its_arguments_before_reading(tmp_path, kw, m
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"out": None}, "--out DIR is required: the grid directory (one run directory per cell)"),
+    ({"out": None}, "--out DIR is required: the grid directory (one run directory per cell); "
+                    "--dry-run lists the cells without one"),
     ({"epochs": 0}, "--epochs must be >= 1 and --budget in (0, 1]"),
     ({"budget": 1.5}, "--epochs must be >= 1 and --budget in (0, 1]"),
     ({"seeds": 0}, "--seeds must be >= 1"),
@@ -34,7 +35,7 @@ def test_evaluate_checkpoint_checks_its_arguments_before_reading(tmp_path, kw, m
 def test_run_grid_checks_its_arguments_before_running(tmp_path, kw, message):
     args = {"out": tmp_path / "grid", **kw}
     with pytest.raises(ValueError) as e:
-        run_grid("table2", args.pop("out"), launch_options=None, dry_run=True, **args)
+        run_grid("table2", args.pop("out"), launch_options=None, dry_run=False, **args)  # checked first
     assert str(e.value) == message
     assert not (tmp_path / "grid").exists()
 

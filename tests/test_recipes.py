@@ -349,7 +349,7 @@ def test_reproduce_dry_run_lists_recipe_and_published_number(capsys, tmp_path):
     assert "recipe wrn-svhn: batch 128, 160 ep, lr 0.01 x0.1 after 79,119 ep" in out and "dropout 0.4" in out
     assert "wd 0.0005" in out and "published 1.64" in out
     assert "recipe stochdepth-cifar: batch 128, 500 ep" in out and "val 5000, test best; published 5.23" in out
-    assert main(["reproduce", "table2-baselines", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert main(["reproduce", "table2-baselines", "--dry-run"]) == 0  # no grid directory needed to list
     out = capsys.readouterr().out  # the issue's check: ZCA for WRN, SD's SVHN schedule, a source for every cell
     cells = out.split("\n    network ")[1:]
     assert cells and all("\n    source: " in c for c in cells)
@@ -359,6 +359,7 @@ def test_reproduce_dry_run_lists_recipe_and_published_number(capsys, tmp_path):
     assert len(sd_svhn) == 2 and all("after 29,34 ep" in c and "val 6000 every 200 it" in c for c in sd_svhn)
     assert all(c.split(";")[0].endswith(("resnet152_stochdepth", "resnet152_constdepth")) for c in sd_svhn)  # 152 layers
     assert out.count("departs: no published recipe: the DenseNet authors' own run") == 5  # 4 starred, SD-1202
+    assert "pending (no --data" in out and not (tmp_path / "GRID_DIR").exists() and not Path("GRID_DIR").exists()
 
 
 def test_results_table_puts_baselines_and_other_methods_beside_published(tmp_path):

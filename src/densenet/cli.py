@@ -247,7 +247,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
                    + "; status: the state of each cell of a grid directory (then rebuilds results.md)")
     p.add_argument("target", nargs="?", metavar="GRID_DIR",
                    help="for status: the grid directory (the --out of the run), or a grid name with --out")
-    p.add_argument("--out", help="grid directory: one run directory per cell, results.md/.csv")
+    p.add_argument("--out", help="grid directory: one run directory per cell, results.md/.csv (not needed with --dry-run)")
     p.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
                    help="where each dataset is, e.g. --data cifar10=~/data/cifar (repeat); a .tar.gz or "
                         "train/ folder is read as an image folder")
@@ -273,7 +273,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return _reproduce_status(args)
     if args.target is not None:
         raise UsageError(f"unexpected argument {args.target!r}: the grid directory is given with --out")
-    check_grid_options(args.out, args.epochs, args.budget, args.seeds)  # first, as before the move
+    check_grid_options(args.out, args.epochs, args.budget, args.seeds, args.dry_run)  # first, as before the move
     return run_grid(args.grid, args.out, launch_options=options_from_args(args), data=parse_data_options(args.data),
                     epochs=args.epochs, budget=args.budget, seeds=args.seeds, only=args.only,
                     dry_run=args.dry_run, device=args.device, amp=args.amp)

@@ -40,12 +40,14 @@ def parse_data_options(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return data
 
 
-def check_grid_options(out, epochs: int | None, budget: float | None, seeds: int) -> None:
-    """GridError (a ValueError) for a missing `out`, `epochs` under 1, `budget` outside (0, 1] or `seeds`
-    under 1: the checks `run_grid` makes first (the command line makes them before reading its other
-    options, so one mistake is reported the same whatever else is on the line)."""
-    if not out:
-        raise GridError("--out DIR is required: the grid directory (one run directory per cell)")
+def check_grid_options(out, epochs: int | None, budget: float | None, seeds: int, dry_run: bool = False) -> None:
+    """GridError (a ValueError) for a missing `out` (a dry run may go without: it lists the cells as not
+    started), `epochs` under 1, `budget` outside (0, 1] or `seeds` under 1: the checks `run_grid` makes
+    first (the command line makes them before reading its other options, so one mistake is reported the
+    same whatever else is on the line)."""
+    if not out and not dry_run:
+        raise GridError("--out DIR is required: the grid directory (one run directory per cell); "
+                        "--dry-run lists the cells without one")
     if epochs is not None and epochs < 1 or budget is not None and not 0 < budget <= 1:
         raise GridError("--epochs must be >= 1 and --budget in (0, 1]")
     if seeds < 1:
@@ -60,9 +62,9 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
     with the launcher of `launch_options` (grid.launchers.LaunchOptions); with `dry_run`, only list the
     runs and their cost. Returns the command's exit status: 0 done (or handed over), 1 some cells failed,
     a stopped training's own status (TrainingStopped.exit_code) if training here was stopped. Raises
-    GridError (a ValueError) for a missing `out`, `epochs` under 1, `budget` outside (0, 1] or `seeds`
-    under 1, before anything runs (`check_grid_options`)."""
-    check_grid_options(out, epochs, budget, seeds)
+    GridError (a ValueError) for a missing `out` (but in a dry run), `epochs` under 1, `budget` outside
+    (0, 1] or `seeds` under 1, before anything runs (`check_grid_options`)."""
+    check_grid_options(out, epochs, budget, seeds, dry_run)
     import torch
 
     from ..analysis.complexity import count_macs
@@ -74,7 +76,8 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
     from .status import cell_state, write_grid
 
     data = data or {}
-    out = Path(out)
+    listed_only = not out  # a dry run without a grid directory: every cell as not started
+    out = Path(out or "GRID_DIR")
     cells = select_cells(grid, seeds, only)
     total = 0.0
     extra = {"device": device, "amp": amp}
@@ -93,7 +96,7 @@ def run_grid(grid: str, out: str | Path, *, launch_options, data: dict[str, str]
         n_train = cfg.known_train_images(dataset)  # the setting's dataset, also where given as a folder
         macs_run = cost(cfg, macs_of[c.model, classes], n_train)
         total += macs_run
-        st = cell_state(c.path(out)).state
+        st = "pending" if listed_only else cell_state(c.path(out)).state
         where = data.get(dataset)
         line = (f"{c.row:<22}{c.setting:<7}seed {c.seed}  {cfg.epochs:>4} epochs  {macs_run / 1e15:8.2f} PMACs  "
                 f"{st:<8}{'' if where else '(no --data ' + dataset + '=PATH: skipped)'}")
