@@ -116,6 +116,20 @@ def test_a_zca_run_stores_its_whitening_and_evaluates_and_resumes_with_it(tmp_pa
     assert zca.shape == (1, 8, 8) and zca.epsilon == 0.1
     before = stored.read_bytes()
     assert evaluate_checkpoint(str(out), split="val")[0]["top1_error"] >= 0
+    # an export carries the whitening beside it, named in its preprocessing: complete without the run
+    import json
+
+    from densenet.export import export_checkpoint, format_report
+
+    report = export_checkpoint(str(out), tmp_path / "served" / "wrn.pt", "torchscript")
+    sidecar = tmp_path / "served" / "wrn.normalization.safetensors"
+    assert report["parity"]["ok"] and sidecar.read_bytes() == before
+    assert f"wrote {sidecar}: the zca normalisation" in format_report(report)
+    files = {"densenet.json": ""}
+    torch.jit.load(str(tmp_path / "served" / "wrn.pt"), _extra_files=files)
+    served = json.loads(json.loads(files["densenet.json"])["densenet.preprocessing"])  # values are JSON text
+    assert served["normalization_file"] == sidecar.name
+    assert torch.equal(find_normalization(served, tmp_path / "served" / "wrn.pt").matrix, zca.matrix)
     fit(TrainConfig(epochs=2, **cfg), resume=str(out))
     assert stored.read_bytes() == before
     assert load_model(out)[1]["preprocessing"]["normalization_sha256"] == pre["normalization_sha256"]

@@ -126,10 +126,28 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str, whic
         raise ValueError(f"{checkpoint} holds no preprocessing (not written by `densenet train`): "
                          f"use densenet.export.export_model with an input size")
     size = (int(pre["channels"]), *map(int, pre["image_size"]))
+    # a "pixel" or "zca" model's input statistics are a file of the run (data/normalization.py): it goes
+    # beside the export, named in its preprocessing, so that the export is complete without the run
+    from .data.normalization import file_sha256, normalization_path
+
+    c = info["checkpoint"]
+    stats = normalization_path(pre, c.file)
+    sidecar = None
+    if stats is not None:
+        sidecar = Path(out).with_name(Path(out).stem + ".normalization.safetensors")
+        if pre.get("normalization_sha256") not in (None, file_sha256(stats)):
+            raise ValueError(f"{stats} is not the normalisation this checkpoint was trained with (its SHA-256 "
+                             f"differs from the one in the checkpoint's preprocessing)")
+        pre = {**pre, "normalization_file": sidecar.name}
     metadata = {"densenet.model": info["model"], "densenet.model_args": info["model_args"],
                 "densenet.classes": info.get("classes"), "densenet.preprocessing": pre}
     report = export_model(model, out, format, size, metadata, **kwargs)
-    c = info["checkpoint"]
+    if sidecar is not None:
+        from .utils.atomic import atomic_write
+
+        with atomic_write(sidecar, "the normalisation beside the export") as tmp:
+            Path(tmp).write_bytes(stats.read_bytes())
+        report["normalization"] = {"path": str(sidecar), "normalize": pre["normalize"]}
     report["checkpoint"] = {"file": str(c.file), "model": info["model"], "which": c.which, "epoch": c.epoch,
                             "why": c.why}
     return report
@@ -149,6 +167,9 @@ def format_report(r: dict[str, Any]) -> str:
         diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in parity["max_abs_diff"].items())
         lines.append(f"parity with PyTorch ({parity['runtime']}): max |logit difference| {diffs} "
                      f"(tolerance {parity['tolerance']:.0e}): {'ok' if parity['ok'] else 'FAILED'}")
+    if r.get("normalization"):
+        lines.append(f"wrote {r['normalization']['path']}: the {r['normalization']['normalize']} normalisation "
+                     f"the input needs (fitted on the training images; named in the preprocessing metadata)")
     return "\n".join(lines)
 
 

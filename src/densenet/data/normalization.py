@@ -156,28 +156,39 @@ def load_normalization(path: str | Path, sha256: str | None = None) -> PixelNorm
         raise ValueError(f"{path} holds an incomplete {kind} normalisation ({type(e).__name__}: {e})"[:300]) from None
 
 
-def find_normalization(preprocessing: dict, checkpoint_file: str | Path | None) -> Normalizer:
-    """The normalisation a checkpoint's preprocessing describes: per-channel from its numbers, else the
-    run's stored file, looked for beside the checkpoint's model file and in the run directory above it
-    (RUN/ckpt/000012/model.safetensors -> RUN/normalization.safetensors)."""
+def normalization_path(preprocessing: dict, checkpoint_file: str | Path | None) -> Path | None:
+    """Where the run's stored normalisation of a "pixel" or "zca" checkpoint is: beside its model file or
+    in the run directory above it (RUN/ckpt/000012/model.safetensors -> RUN/normalization.safetensors);
+    None for a per-channel checkpoint (its numbers are in the preprocessing itself). ValueError where
+    the file is not found."""
     kind = check_normalize(preprocessing.get("normalize", "channel"))
     if kind == "channel":
-        return Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+        return None
     name = preprocessing.get("normalization_file", NORMALIZATION_FILE)
     if Path(name).name != name:
         raise ValueError(f"preprocessing normalization_file must be a file name, got {name!r}")
     where = [] if checkpoint_file is None else [p / name for p in list(Path(checkpoint_file).resolve().parents)[:3]]
     for p in where:
         if p.is_file():
-            norm = load_normalization(p, preprocessing.get("normalization_sha256"))
-            if norm.kind != kind:
-                raise ValueError(f"{p} holds a {norm.kind} normalisation; the checkpoint was trained with {kind}")
-            return norm
+            return p
     raise ValueError(f"the checkpoint was trained on {kind}-normalised images, whose statistics are stored in "
                      f"its run directory ({name}), not found beside {checkpoint_file}")
 
 
+def find_normalization(preprocessing: dict, checkpoint_file: str | Path | None) -> Normalizer:
+    """The normalisation a checkpoint's preprocessing describes: per-channel from its numbers, else the
+    run's stored file (`normalization_path`), checked against the SHA-256 the preprocessing names."""
+    path = normalization_path(preprocessing, checkpoint_file)
+    if path is None:
+        return Normalization(tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    kind = preprocessing["normalize"]
+    norm = load_normalization(path, preprocessing.get("normalization_sha256"))
+    if norm.kind != kind:
+        raise ValueError(f"{path} holds a {norm.kind} normalisation; the checkpoint was trained with {kind}")
+    return norm
+
+
 __all__ = ["FORMAT", "NORMALIZATIONS", "NORMALIZATION_FILE", "Normalizer", "PixelNormalization", "check_normalize",
            "describe", "file_sha256", "find_normalization", "fit_normalization", "load_normalization",
-           "normalization_bytes",
+           "normalization_bytes", "normalization_path",
            "pixel_stats", "save_normalization"]
