@@ -3,6 +3,8 @@ whitening and stochastic depth's per-pixel mean and scalar std, fitted on the tr
 with the run and read back unchanged."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -126,7 +128,9 @@ def test_a_zca_run_stores_its_whitening_and_evaluates_and_resumes_with_it(tmp_pa
     assert report["parity"]["ok"] and sidecar.read_bytes() == before
     assert f"wrote {sidecar}: the zca normalisation" in format_report(report)
     files = {"densenet.json": ""}
-    torch.jit.load(str(tmp_path / "served" / "wrn.pt"), _extra_files=files)
+    with warnings.catch_warnings():  # torch.jit.load's deprecation note: TorchScript is the format read here
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(tmp_path / "served" / "wrn.pt"), _extra_files=files)
     served = json.loads(json.loads(files["densenet.json"])["densenet.preprocessing"])  # values are JSON text
     assert served["normalization_file"] == sidecar.name
     assert torch.equal(find_normalization(served, tmp_path / "served" / "wrn.pt").matrix, zca.matrix)
