@@ -6,10 +6,12 @@ one another."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -339,3 +341,19 @@ def nav_pages() -> list[str]:
                 yield from walk(v)
 
     return list(walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    """The first true value of `predicate()`, polled every `every` s; AssertionError after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def epochs_logged(run_dir: Path) -> list[int]:
+    """The epochs a run's metrics.jsonl records, in order (each once for a run resumed, not restarted)."""
+    return [json.loads(r)["epoch"] for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if r.strip()]

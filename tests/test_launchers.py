@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from densenet.grid.launchers import (CellJob, LaunchOptions, LauncherError, Slur
                                      run_cell, timeout_minutes, write_launch)
 from densenet.cli import main
 from densenet.train.lock import LOCK_FILE, DirLock, LockedError, holder
-from helpers import ENV, make_folder
+from helpers import ENV, epochs_logged, make_folder, wait_for
 
 
 def tiny_job(root: Path, name: str, epochs: int = 1) -> CellJob:
@@ -32,15 +31,6 @@ def tiny_job(root: Path, name: str, epochs: int = 1) -> CellJob:
                       out=str(root / name), progress=False, tensorboard=False).resolve()
     return CellJob(f"{name}/digits/seed0", str(root / name), cfg.to_dict())
 
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def lock_info(run: str) -> dict:
@@ -394,7 +384,7 @@ def test_submitit_local_grid_with_a_killed_and_a_preempted_cell(tmp_path):
     st = cell_state(long.run_dir)
     assert (st.state, st.epoch, st.attempts) == ("done", 6, 3)
     assert lock_info(long.run_dir)["resumed_at_epoch"] >= preempted_at
-    epochs = [json.loads(r)["epoch"] for r in Path(long.run_dir, "metrics.jsonl").read_text().splitlines()]
+    epochs = epochs_logged(long.run_dir)
     assert epochs == [1, 2, 3, 4, 5, 6]  # each epoch once: resumed, never restarted
     log = "".join(p.read_text() for p in (tmp_path / ".submitit").glob("*/*_log.out"))
     assert "SIGTERM: saving a resumable checkpoint" in log and "Requeued job" in log

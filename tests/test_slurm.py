@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from densenet.grid.launchers import checkpoint_epoch
 from densenet.grid.status import cell_state
 from densenet.train.lock import LOCK_FILE, holder
-from helpers import ENV, ROOT, make_folder
+from helpers import ENV, ROOT, epochs_logged, make_folder, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = ROOT / "tools" / "slurm" / "start-cluster.sh"
@@ -89,18 +88,6 @@ def record(request, text: str) -> None:
     request.node.user_properties.append(("slurm", text))
 
 
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def epochs_logged(run_dir: Path) -> list[int]:
-    return [json.loads(r)["epoch"] for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
 
 
 def job_logs(out: Path) -> str:
@@ -189,7 +176,8 @@ def test_a_cancelled_cell_shows_as_failed_and_the_same_command_resumes_it(slurm_
     wait_for(lambda: cell_state(run_dir).state == "failed", 60, "the cancelled cell to show as failed")
     status = run([sys.executable, "-m", "densenet.cli", "reproduce", "status", str(out)], slurm_env, 60).stdout
     assert re.search(r"0 done, 0 running, 0 pending, 1 failed of 1 cell", status), status
-    wait_for(lambda: sacct(slurm_env, first)[-1]["State"].startswith("CANCELLED"), 60, "sacct to say CANCELLED")
+    wait_for(lambda: sacct(slurm_env, first)[-1]["State"].startswith("CANCELLED"), 60, "sacct to say CANCELLED",
+             every=0.5)
     stopped_at = checkpoint_epoch(run_dir)
     second = submitted(run(argv, slurm_env, 120).stderr)[C10]  # the same command again
     assert second != first
@@ -199,4 +187,5 @@ def test_a_cancelled_cell_shows_as_failed_and_the_same_command_resumes_it(slurm_
     info = json.loads((run_dir / LOCK_FILE).read_text())
     assert info["attempt"] == 2 and info["job_id"] == second and info["resumed_at_epoch"] == stopped_at >= 1
     assert epochs_logged(run_dir) == list(range(1, 9))
-    wait_for(lambda: sacct(slurm_env, second)[-1]["State"] == "COMPLETED", 60, "sacct to say COMPLETED")
+    wait_for(lambda: sacct(slurm_env, second)[-1]["State"] == "COMPLETED", 60, "sacct to say COMPLETED",
+             every=0.5)

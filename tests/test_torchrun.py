@@ -19,7 +19,7 @@ import torch
 
 from densenet.grid.launchers import checkpoint_epoch
 from densenet.weights import read_state_dict
-from helpers import ENV, make_folder
+from helpers import ENV, epochs_logged, make_folder
 
 pytestmark = pytest.mark.slow
 
@@ -91,9 +91,6 @@ def kill_node(proc: subprocess.Popen) -> None:
 def weights(run: Path) -> dict:
     return read_state_dict(run / "last" / "model.safetensors")[0]
 
-
-def epochs_logged(run: Path) -> list[int]:
-    return [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
 
 
 def test_two_nodes_train_to_the_weights_of_one_process(tmp_path):

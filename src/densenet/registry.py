@@ -309,13 +309,14 @@ for _d, _p, _g in _CIFAR_RESNETS[:-1]:
 # paper and after DenseNet's Table 2. SVHN: README.md:43 `-N 25`, a 6 * 25 + 2 = 152-layer network.
 # The constant-depth baseline ("ResNet (reported by [13])") is the same code with deathRate 0 (README.md:36).
 _SD_CODE = dict(init="fan_in", downsample="subsample")
-for _d, _p, _g in [(110, "1.7", 0.253), (152, "2.4", None), (1202, "19.4", 2.829)]:
+# No paper prints the 152-layer network's count or FLOPs: registered without a published number.
+for _d, _p, _g in [(110, "1.7", 0.253), (152, None, None), (1202, "19.4", 2.829)]:
     _baseline(f"resnet{_d}_stochdepth", "ResNet with stochastic depth (CIFAR)", resnet_cifar, _CIFAR, 10,
-              _printed(_p), _g, f"ResNet-{_d} with stochastic depth (Huang 2016), p_L = 0.5"
+              _p and _printed(_p), _g, f"ResNet-{_d} with stochastic depth (Huang 2016), p_L = 0.5"
               + (" (its SVHN network)" if _d == 152 else ""), depth=_d, stochastic_depth=0.5, **_SD_CODE)
-for _d, _p, _g in [(110, "1.7", 0.253), (152, "2.4", None)]:
+for _d, _p, _g in [(110, "1.7", 0.253), (152, None, None)]:
     _baseline(f"resnet{_d}_constdepth", "ResNet with stochastic depth (CIFAR)", resnet_cifar, _CIFAR, 10,
-              _printed(_p), _g, f"ResNet-{_d} of the stochastic-depth code at constant depth (Huang 2016's "
+              _p and _printed(_p), _g, f"ResNet-{_d} of the stochastic-depth code at constant depth (Huang 2016's "
               f"baseline{', SVHN' if _d == 152 else ''})", depth=_d, **_SD_CODE)
 
 # He 2016 (Identity Mappings) Tables 2-4 and DenseNet's Table 2. ResNet-1001 built by the paper's rules

@@ -124,8 +124,7 @@ def describe(cell: Cell, cfg) -> str:
     warm = f" warm-up {cfg.warmup_lr:g}x{cfg.warmup_iterations}it" if cfg.warmup_iterations else ""
     extra = "".join([", momentum reset at each decay" if cfg.reset_momentum_at_decay else "",
                      ", last partial batch dropped" if cfg.drop_last else ""])
-    norm = getattr(cfg, "normalize", None)  # the data's normalisation (ZCA, per-pixel, per-channel)
-    data = f", data {norm}" if norm else ""
+    data = f", data {cfg.normalize}" if cfg.normalize else ""  # ZCA, per-pixel, per-channel
     every = f" every {cfg.val_every_iterations} it" if cfg.val_every_iterations else ""
     pub = cell.published
     return (f"network {cfg.model}; recipe {cfg.recipe}: batch {cfg.batch_size}, {length}, lr {cfg.lr:g} "

@@ -183,6 +183,11 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[n
     return model, args
 
 
+def _has_val(s) -> bool:
+    """Whether the run (a RunState) holds validation images."""
+    return s.data.val is not None and len(s.data.val) > 0
+
+
 def validates_after(cfg: TrainConfig, iteration: int, steps_per_epoch: int) -> bool:
     """Whether a run validates after `iteration` optimizer steps in all: at each epoch's end, or every
     `val_every_iterations` steps counted over the run (stochastic depth's main.lua on SVHN: `if
@@ -633,7 +638,7 @@ class Trainer:
     def _validate(self, s: RunState, row: dict[str, Any], iteration: int | None = None) -> bool:
         """Validation error into `row`; whether this epoch (or, with `iteration`, this point of the run) is
         the best so far (without validation: every epoch is). test_on best keeps the best weights in memory."""
-        if s.data.val is None or not len(s.data.val):
+        if not _has_val(s):
             return True
         v = s.evaluate_split(s.data.val)
         row.update({f"val_{k}": v[k] for k in ("loss", "top1_error", "top5_error")})
@@ -650,7 +655,7 @@ class Trainer:
 
     def _validates_at(self, s: RunState, iteration: int) -> bool:
         """Whether the run, which has validation images, validates after `iteration` steps (validates_after)."""
-        return validates_after(s.cfg, iteration, s.steps) and s.data.val is not None and len(s.data.val) > 0
+        return validates_after(s.cfg, iteration, s.steps) and _has_val(s)
 
     def _validate_mid_epoch(self, s: RunState, step: int) -> None:
         """Validate at step `step` of the epoch in progress; a new best is checkpointed at once (`best`, and
@@ -665,7 +670,7 @@ class Trainer:
     def _validate_epoch(self, s: RunState, row: dict[str, Any]) -> bool:
         """The validation of an epoch's end (`s.epoch` done): once per epoch, or with val_every_iterations
         where the epoch's last step is such a point, the row then carrying the epoch's last validation."""
-        if not s.cfg.val_every_iterations or s.data.val is None or not len(s.data.val):
+        if not s.cfg.val_every_iterations or not _has_val(s):
             return self._validate(s, row)
         end = s.epoch * s.steps
         if self._validates_at(s, end):
