@@ -210,3 +210,85 @@ def test_eval_after_training_passes_without_weight_updates_reads_the_new_statist
         m.eval()(x)  # folds BN2 with the initial statistics
         m.train()(x), fresh.train()(x)
         torch.testing.assert_close(m.eval()(x), fresh.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# --- The workspace: scratch memory kept from call to call (models/_inference.Workspace) ---------------
+
+def _workspaces(m: DenseNet) -> list[dict]:
+    return [blk.frozen.workspace().tensors for blk in m.modules() if hasattr(blk, "frozen")]
+
+
+def test_the_workspace_is_reused_and_what_a_caller_keeps_is_never_overwritten():
+    cfg, size = CONFIGS["imagenet"]
+    m = calibrated(cfg, size)
+    ref = reference(m)
+    x1, x2, x3 = (torch.randn(b, 3, size, size) for b in (3, 2, 5))  # smaller, then larger: it grows
+    with torch.inference_mode():
+        y1 = m(x1)
+        first = [{k: t.data_ptr() for k, t in ws.items()} for ws in _workspaces(m)]
+        assert first[0].keys() == {("z", torch.float32), ("y", torch.float32), ("pooled", torch.float32),
+                                   ("out", torch.float32)}  # the lent buffer came back from the transition
+        assert ("out", torch.float32) not in first[-1]  # the last block's output goes to norm5: never lent
+        y1_kept = y1.clone()
+    with torch.no_grad():  # workspace tensors made under inference_mode are writable outside it
+        y2 = m(x2)
+        assert [{k: t.data_ptr() for k, t in ws.items()} for ws in _workspaces(m)] == first  # the same memory
+        y3 = m(x3)
+        stages = m.forward_stages(x2)
+        kept = [s.clone() for s in stages]
+        m(x3)
+        for want, got in zip((ref(x1), ref(x2), ref(x3)), (y1, y2, y3)):
+            assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(y1, y1_kept)
+        # feature maps handed to the caller are not lent: a later call leaves them as they were
+        assert all(torch.equal(s, k) for s, k in zip(stages, kept))
+
+
+def test_a_block_output_seen_by_a_hook_is_not_lent():
+    cfg, size = CONFIGS["bc"]
+    m = calibrated(cfg, size)
+    seen = []
+    m.features.transition1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        m(x)
+        kept = seen[0].clone()
+        m(torch.randn(2, 3, size, size))
+    assert torch.equal(seen[0], kept)
+
+
+def test_threads_have_their_own_workspace_and_release_frees_it():
+    import threading
+
+    cfg, size = CONFIGS["bc"]
+    m = calibrated(cfg, size)
+    ref = reference(m)
+    xs = [torch.randn(4, 3, size, size) for _ in range(4)]
+    with torch.no_grad():
+        want = [ref(x) for x in xs]
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    got[i] = m(xs[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.allclose(got[i], want[i], atol=1e-5) for i in range(4))
+    with torch.no_grad():
+        m(xs[0])
+    assert any(_workspaces(m))
+    m.release_scratch()
+    assert not any(_workspaces(m))
+    with torch.no_grad():
+        m(xs[0])
+    m.train()
+    assert not any(_workspaces(m))

@@ -17,7 +17,9 @@ a layer is fastest on the CPU: the matrix product z W1^T on a contiguous (N, c) 
 same product on a channel-major z, which this path used before), the 3x3 convolution (channels_last
 input), and the copy of its k new maps into the buffer (no transpose). BENCHMARKS_HISTORY.md, "Third pass",
 has the figures (measured on an AMD Zen 4, AVX-512 and AVX2). The normalised input and the bottleneck
-maps live in two workspaces per block that every layer reuses. No autograd node is built. A layer is five operations (affine map,
+maps live in the block's `Workspace`, which every layer reuses and which is kept from call to call (per
+thread); in a whole model's pass the block buffer is lent from it to the transition, which gives it
+back. No autograd node is built. A layer is five operations (affine map,
 ReLU, addmm, ReLU, 3x3 convolution) and a copy of its k maps into the buffer.
 
 The transition that follows such a block reads its buffer too, and pools before its 1x1 convolution
@@ -35,6 +37,8 @@ without hooks on the block's modules; anything else takes the fused or reference
 tests/test_inference_path.py checks it against the reference path.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn as nn
@@ -129,18 +133,73 @@ class _Frozen:
         self.key, self.layers = key, layers
 
 
+class Workspace:
+    """One thread's scratch memory for one block's eval path, kept from call to call: the normalised
+    input and bottleneck maps of its layers, the transition's normalised and pooled maps, and the block
+    buffer itself when it is lent (`take`) to a transition that gives it back (`put`). A pass at batch 32
+    of DenseNet-121 allocates ~0.5 GB of such tensors; allocated afresh at every call, each is mapped
+    from the operating system page by page on first write (glibc serves allocations over 32 MB with
+    mmap), which cost 20% of the pass (BENCHMARKS.md, "Eval-mode workspace"). Tensors are flat, of one
+    dtype per role, and grow to the largest batch seen; `FrozenCache.release_workspace` frees them."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self):
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of numel elements for `role`, the same memory as at the last call when it fits."""
+        key = (role, dtype)
+        flat = self.tensors.get(key)
+        if flat is None or flat.numel() < numel:
+            self.tensors.pop(key, None)  # (free the old one first: the new one may take its place)
+            flat = self.tensors[key] = _empty(numel, dtype)
+        return flat[:numel]
+
+    def take(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Like `get`, but the tensor leaves the workspace until `put` gives it back: one that is never
+        given back (its holder may keep it) is never written again."""
+        flat = self.tensors.pop((role, dtype), None)
+        if flat is None or flat.numel() < numel:
+            flat = None  # (freed before the new one is allocated)
+            flat = _empty(numel, dtype)
+        return flat
+
+    def put(self, role: str, flat: torch.Tensor) -> None:
+        self.tensors[(role, flat.dtype)] = flat
+
+
+def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    # a normal tensor, not an inference tensor, even under torch.inference_mode: a later call outside
+    # inference mode (under torch.no_grad) writes into it too
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype)
+
+
 class FrozenCache:
     """The folded eval-mode tensors of one dense block, owned by the block (`DenseBlock.frozen`): not
     state (not in its state_dict), not copied or pickled with it (`__reduce__`: an empty cache), freed
-    with the block. An entry is used while its key (the tensors it was folded from) is current."""
+    with the block. An entry is used while its key (the tensors it was folded from) is current. It also
+    holds each thread's `Workspace` (a thread never sees another's)."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "local")
 
     def __init__(self):
         self.entry: _Frozen | None = None
+        self.local = threading.local()
 
     def __reduce__(self):
         return (FrozenCache, ())
+
+    def workspace(self) -> Workspace:
+        ws = getattr(self.local, "workspace", None)
+        if ws is None:
+            ws = self.local.workspace = Workspace()
+        return ws
+
+    def release_workspace(self) -> None:
+        """Free every thread's workspace (in use by a call now, it is freed when that call ends)."""
+        self.local = threading.local()
 
 
 def _folded_tensors(layers) -> list:
@@ -236,30 +295,45 @@ def _frozen(block: nn.Module, layers) -> list[tuple]:
 
 
 class FrozenOutput:
-    """Marks an eval-mode block's output for the transition after it (models.densenet.DenseBlock hands
-    it over in a `fused.HandOver`): that output is the block buffer, pixel-major. It holds nothing."""
+    """What an eval-mode block hands the transition after it (models.densenet.DenseBlock passes it in a
+    `fused.HandOver`): its output is the block buffer, pixel-major. `buffer`, where the block lent the
+    buffer from its workspace: the transition gives it back once it has read it (`give_back`)."""
 
-    __slots__ = ()
+    __slots__ = ("workspace", "buffer")
+
+    def __init__(self, workspace: Workspace, buffer: torch.Tensor | None):
+        self.workspace, self.buffer = workspace, buffer
+
+    def give_back(self) -> None:
+        if self.buffer is not None:
+            self.workspace.put("out", self.buffer)
+            self.buffer = None
 
 
-FROZEN_OUTPUT = FrozenOutput()
-
-
-def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Tensor:
-    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), channels_last (the caller
-    hands it to the transition with FROZEN_OUTPUT)."""
+def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor, lend: bool = False):
+    """[x_0, H_1(x_0), H_2([x_0, x_1]), ...] in eval mode: (B, C, H, W), channels_last, and the
+    `FrozenOutput` the caller hands to the transition. `lend`: the caller guarantees that nothing but
+    the transition after this block reads the output (models.densenet.DenseFeatures.forward), so the
+    buffer may come from the workspace, for the transition to give back."""
     frozen = _frozen(block, layers)
+    ws = block.__dict__["frozen"].workspace()
     b, c, h, w = x0.shape
     n = b * h * w
     k = (layers[0].conv2 if layers[0].bottleneck else layers[0].conv1).out_channels
     total = c + len(layers) * k
-    out = torch.empty((b, total, h, w), dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
-    pixels = out.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+    if lend:
+        flat = ws.take("out", n * total, x0.dtype)
+        pixels = flat[:n * total].view(b, h, w, total)  # (B, H, W, C)
+        out = pixels.permute(0, 3, 1, 2)
+    else:
+        flat = None
+        out = torch.empty((b, total, h, w), dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
+        pixels = out.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
     rows = pixels.view(n, total)  # the buffer, a row per pixel
     pixels[..., :c].copy_(x0.permute(0, 2, 3, 1))
-    zs = torch.empty(total * n, dtype=x0.dtype, device=x0.device)  # the normalised input, (N, c)
+    zs = ws.get("z", total * n, x0.dtype)  # the normalised input, (N, c) (and the transition's)
     width = max((f[0].shape[1] for f in frozen if f[0] is not None), default=0)
-    ys = torch.empty((n, width), dtype=x0.dtype, device=x0.device) if width else None  # bottleneck maps
+    ys = ws.get("y", n * width, x0.dtype).view(n, width) if width else None  # bottleneck maps
     with torch.no_grad():  # (BN1's parameters require grad; nothing here needs a graph: `block_applies`)
         scales, shifts = _bn1_affine(layers)
     for (w1t, t2, w2, pad), s1, t1 in zip(frozen, scales, shifts):
@@ -271,13 +345,13 @@ def dense_block_forward(block: nn.Module, layers, x0: torch.Tensor) -> torch.Ten
             new = F.conv2d(z.view(b, h, w, c).permute(0, 3, 1, 2), w2, padding=pad)
         pixels[..., c:c + k].copy_(new.permute(0, 2, 3, 1))
         c += k
-    return out
+    return out, FrozenOutput(ws, flat)
 
 
 def transition_applies(transition: nn.Module, x: torch.Tensor, source) -> bool:
     """Whether the eval-mode path computes the transition of x, the output of its block (`source`:
     what the block recorded for x)."""
-    if source is not FROZEN_OUTPUT or not _eligible(x, transition):
+    if not isinstance(source, FrozenOutput) or not _eligible(x, transition):
         return False
     return _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and type(transition.conv) is nn.Conv2d \
         and transition.conv.kernel_size == (1, 1) and _plain_conv(transition.conv) \
@@ -287,15 +361,20 @@ def transition_applies(transition: nn.Module, x: torch.Tensor, source) -> bool:
         and transition.conv.weight.dtype == x.dtype
 
 
-def transition_forward(transition: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def transition_forward(transition: nn.Module, x: torch.Tensor, source: FrozenOutput) -> torch.Tensor:
     """BN-ReLU-AvgPool2x2-Conv1x1 (pooling and a 1x1 convolution commute) of an eval-mode block's buffer;
-    (B, o, H/2, W/2), channels_last."""
+    (B, o, H/2, W/2), channels_last. Its normalised and pooled maps are the block's workspace, and a
+    buffer the block lent goes back to it."""
     b, c, h, w = x.shape
+    ws = source.workspace
     scale, shift = _bn_affine(transition.norm, x.dtype)
-    z = torch.addcmul(shift, x.permute(0, 2, 3, 1), scale).relu_()  # (B, H, W, C): x is the block buffer
-    z = z[:, :h // 2 * 2, :w // 2 * 2]
-    zr = z[:, 0::2] + z[:, 1::2]
+    z = ws.get("z", b * h * w * c, x.dtype).view(b, h, w, c)  # the block's workspace: it is done with it
+    torch.addcmul(shift, x.permute(0, 2, 3, 1), scale, out=z).relu_()  # (B, H, W, C): x is the block buffer
+    h2, w2 = h // 2, w // 2
+    z = z[:, :h2 * 2, :w2 * 2]
+    zr = torch.add(z[:, 0::2], z[:, 1::2], out=ws.get("pooled", b * h2 * w2 * 2 * c, x.dtype).view(b, h2, w2 * 2, c))
     zp = (zr[:, :, 0::2] + zr[:, :, 1::2]).mul_(0.25)  # (B, H/2, W/2, C)
     o = transition.conv.out_channels
-    y = torch.mm(zp.reshape(b * (h // 2) * (w // 2), c), transition.conv.weight.view(o, c).t())  # (N/4, o)
-    return y.view(b, h // 2, w // 2, o).permute(0, 3, 1, 2)
+    y = torch.mm(zp.reshape(b * h2 * w2, c), transition.conv.weight.view(o, c).t())  # (N/4, o)
+    source.give_back()
+    return y.view(b, h2, w2, o).permute(0, 3, 1, 2)

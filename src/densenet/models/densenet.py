@@ -214,19 +214,23 @@ class DenseBlock(nn.ModuleDict):
         self.frozen = _inference.FrozenCache()
 
     def release_scratch(self) -> None:
-        """Free the scratch memory the fused path keeps between training steps (CPU only)."""
+        """Free the scratch memory the fused path keeps between training steps and the eval-mode path's
+        workspace (CPU only)."""
         self.scratch.release()
+        self.frozen.release_workspace()
 
     def train(self, mode: bool = True):
-        if not mode:  # evaluation and after training: the scratch memory is not needed
-            self.release_scratch()
+        if mode:  # training: the eval-mode path's workspace is not needed
+            self.frozen.release_workspace()
+        else:  # evaluation and after training: the fused path's scratch memory is not needed
+            self.scratch.release()
         return super().train(mode)
 
     def forward(self, x0: torch.Tensor, hand_over: _fused.HandOver | None = None) -> torch.Tensor:
         layers = list(self.values())
         path = _block_path(self, layers, x0)
         if path == "eval":  # eval mode, no autograd: folded BN, one pixel-major buffer (_inference)
-            out, source = _inference.dense_block_forward(self, layers, x0), _inference.FROZEN_OUTPUT
+            out, source = _inference.dense_block_forward(self, layers, x0, hand_over is not None and hand_over.lend)
         elif path == "compiled":  # torch.compile: the fused arithmetic, written functionally
             return _fused.dense_block_traceable(layers, x0, self.memory_efficient)
         elif path == "fused":
@@ -286,7 +290,7 @@ class Transition(nn.Sequential):
         source = None if hand_over is None or torch.compiler.is_compiling() else hand_over.source_for(x)
         path = _transition_path(self, x, source)
         if path == "eval":
-            return _inference.transition_forward(self, x)
+            return _inference.transition_forward(self, x, source)
         if path == "fused":
             return _fused.transition_forward(self, source, x)
         return super().forward(x)
@@ -294,7 +298,7 @@ class Transition(nn.Sequential):
 
 def _transition_path(transition: Transition, x: torch.Tensor, source) -> str:
     """How a transition computes: "eval" or "fused" from the state its block handed over for x
-    (`source`: `_inference.FROZEN_OUTPUT` or the fused block's state), else "reference" (its modules)."""
+    (`source`: an `_inference.FrozenOutput` or the fused block's state), else "reference" (its modules)."""
     if source is None:
         return "reference"
     if _hooked_inside(transition):  # hooks on its BN, ReLU, convolution or pooling: call those modules
@@ -319,15 +323,16 @@ class DenseFeatures(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hand_over = None
-        for module in self:
-            x, hand_over = self.step(module, x, hand_over)
+        for module in self:  # nothing but the next module sees a block's output: it may be lent
+            x, hand_over = self.step(module, x, hand_over, lend=True)
         return x
 
     @staticmethod
-    def step(module: nn.Module, x: torch.Tensor, hand_over: _fused.HandOver | None):
-        """Run one of the features' modules on x: (its output, what it hands the next module)."""
+    def step(module: nn.Module, x: torch.Tensor, hand_over: _fused.HandOver | None, lend: bool = False):
+        """Run one of the features' modules on x: (its output, what it hands the next module). `lend`:
+        nothing but the next module keeps a dense block's output (`fused.HandOver.lend`)."""
         if isinstance(module, DenseBlock) and not _traced(x):
-            hand_over = _fused.HandOver()  # by keyword: hooks (without with_kwargs) see the input (x,)
+            hand_over = _fused.HandOver(lend)  # by keyword: hooks (without with_kwargs) see the input (x,)
             return module(x, hand_over=hand_over), hand_over
         if isinstance(module, Transition) and hand_over is not None:
             return module(x, hand_over=hand_over), None

@@ -181,17 +181,20 @@ def _version(t: torch.Tensor) -> int | None:
 
 class HandOver:
     """What a dense block passes to the transition after it, for one forward pass: the block's output
-    and what produced it, a _BlockState (the fused training path) or `_inference.FROZEN_OUTPUT` (the
+    and what produced it, a _BlockState (the fused training path) or an `_inference.FrozenOutput` (the
     eval-mode path). `models.densenet.DenseFeatures` makes one per block and gives it to the block and
     then to the transition, as an argument of each call: nothing is kept between passes or shared
     between threads. The transition reads the block's buffer only for that very output, untouched
     since (`source_for`); any other input (an output a forward hook replaced, or changed in place
-    after the fused path's buffer was written) finds nothing and takes the transition's modules."""
+    after the fused path's buffer was written) finds nothing and takes the transition's modules.
+    `lend`: the caller keeps no reference to the block's output beyond the transition's call, so the
+    eval-mode path may lend the block buffer from its workspace (`_inference.Workspace.take`)."""
 
-    __slots__ = ("out", "source")
+    __slots__ = ("out", "source", "lend")
 
-    def __init__(self):
+    def __init__(self, lend: bool = False):
         self.out = self.source = None
+        self.lend = lend
 
     def give(self, out: torch.Tensor, source) -> torch.Tensor:
         """Record the block's output `out` and what produced it; returns `out`."""
