@@ -319,6 +319,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: a heavy test, over a few seconds on 2 CPU cores "
                                        "(-m 'not slow' leaves them out)")
+    config.addinivalue_line("markers", "long: minutes on its own (the README's first screen exactly as written); skipped "
+                                       "unless selected by name: python -m pytest -m long (CI runs it once)")
     config.addinivalue_line("markers", "slurm: runs on a real one-node SLURM cluster that tools/slurm/start-cluster.sh "
                                        "starts (skipped where it cannot: not root, packages missing); "
                                        "python -m pytest -m slurm -rs runs them alone")
@@ -326,9 +328,13 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     cuda = torch.cuda.is_available()
+    long_selected = "long" in (config.getoption("markexpr") or "").replace("not long", "")
     for item in items:
         if "cuda" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "long" in item.keywords and not long_selected:  # the suite stays within minutes: CI runs these once
+            item.add_marker(pytest.mark.skip(reason="minutes on its own: python -m pytest -m long runs it "
+                                                    "(CI does, once)"))
     seed = config.getoption("--shuffle-seed")
     if seed is not None:  # a fixed seed: every xdist worker collects the same order, as xdist requires
         items.sort(key=lambda item: item.nodeid)  # whatever order collection gave: the seed alone decides
@@ -341,7 +347,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # the tests over ~15 s on one core, longest first (`--durations` of a full run)
-LONGEST = ("test_first_screen_exactly_as_written", "test_every_readme_command_runs_offline_on_stand_ins",
+LONGEST = ("test_every_readme_command_runs_offline_on_stand_ins",
            "test_stored_counts_are_those_of_the_networks", "test_fuzz_each_mutation_in_its_own_process",
            "test_submitit_local_grid_with_a_killed_and_a_preempted_cell",
            "test_a_killed_node_fails_the_job_loudly_and_a_rerun_resumes", "test_ray_grid_with_a_killed_cell")

@@ -5,8 +5,9 @@ README.md and of the guide's pages parses (no invented or misspelt options); the
 data run for real as written (models, profile, reproduce --dry-run); the first screen (install ->
 trained model -> figure -> exported file), README's Deploy block and docs/deploy.md's, and every
 ```python block of README and the guide run for real in a fresh folder, the training shortened to one
-epoch on 128 images. The full run (the default; -m "not slow" leaves it out) also runs the first screen
-exactly as written (30 epochs: minutes on 2 CPU cores), and every distinct `$ ` line of README and then
+epoch on 128 images. The first screen exactly as written (30 epochs: minutes on 2 CPU cores) is marked
+`long`: `python -m pytest -m long` runs it, CI once. The full run (the default; -m "not slow" leaves it
+out) also runs every distinct `$ ` line of README and then
 of the guide's pages (in mkdocs.yml's order) in order, offline, with small stand-ins of the datasets
 where the commands expect them (`~/data/...` in a temporary home); what each command gets appended to
 fit in seconds is in `STAND_IN`. ```bash blocks (installs, the test commands) are not run."""
@@ -111,7 +112,6 @@ def test_every_readme_command_parses(cmd, monkeypatch):
     build_parser().parse_args(densenet_argv(cmd))  # argparse errors exit: a misspelt option fails here
 
 
-SLOW = pytest.mark.slow  # minutes on 2 cores: -m 'not slow' leaves them out (tests/conftest.py)
 # `models` and the table2 dry run (27 cells counted: half a minute) run in the slow test of every command
 CHEAP = [c for c in ALL if densenet_argv(c)[0] == "profile" or "--dry-run" in c and "table2" not in c]
 
@@ -228,8 +228,7 @@ def test_first_screen_deploy_and_python_blocks_run_in_a_fresh_folder(tmp_path, c
     assert [repo for repo, _ in offline_hub] == ["me/digits"]  # push_to_hub's upload, into the local Hub cache
 
 
-@pytest.mark.slow
-@SLOW
+@pytest.mark.long  # ~3 min: CI runs it once (python -m pytest -m long), not in each run of the suite
 def test_first_screen_exactly_as_written(tmp_path, capsys):
     _first_screen_then_deploy(tmp_path, shorten=False, capsys=capsys)
 
