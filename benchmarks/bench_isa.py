@@ -3,6 +3,12 @@ fraction of the machine's fp32 matrix-multiply peak the training step reaches.
 
     PYTHONPATH=src python benchmarks/bench_isa.py                       # native ISA and AVX2, CIFAR
     PYTHONPATH=src python benchmarks/bench_isa.py --nets cifar,imagenet --rounds 3
+    PYTHONPATH=src python benchmarks/bench_isa.py --isas native --allocators default,keep
+
+`--allocators keep` runs the workers with glibc's malloc told to keep freed memory
+(MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 2 GiB, settings any user of either model can make),
+for every configuration alike; `default` is the C library's defaults, what a program that imports torch
+gets. Large tensors are otherwise mapped afresh and faulted in page by page at every step.
 
 Each ISA runs in its own process (oneDNN and MKL read ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS at
 start-up; AVX2 is how an AVX2-only machine is measured on an AVX-512 one). Inside a process, each
@@ -48,11 +54,14 @@ def gemm_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def worker(args) -> None:
-    import torch
+ALLOCATORS = {"default": {}, "keep": {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}}
 
+
+def worker(args) -> None:
     sys.path.insert(0, HERE)
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    import torch
+
     from bench_densenet import NETS, Trainer
     from steady import interleaved, summary, warm_all
 
@@ -83,6 +92,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds after the warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--isas", default="native,avx2")
+    p.add_argument("--allocators", default="default", help="default, keep, or both: default,keep")
     p.add_argument("--json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -95,16 +105,17 @@ def main() -> None:
 
     results = {"date": datetime.date.today().isoformat(), "machine": cpu_name(), "threads": args.threads}
     print(f"# {results['date']}  {results['machine']}, {args.threads} threads")
-    for isa in args.isas.split(","):
-        env = {**os.environ, **ISAS[isa]}
+    for isa, alloc in [(i, a) for i in args.isas.split(",") for a in args.allocators.split(",")]:
+        env = {**os.environ, **ISAS[isa], **ALLOCATORS[alloc]}
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--nets", args.nets, "--rounds",
-               str(args.rounds), "--threads", str(args.threads)]
+               str(args.rounds), "--threads", str(args.threads), "--allocators", alloc]
         r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        results[isa] = r
+        key = isa if alloc == "default" else f"{isa}+{alloc}"
+        results[key] = r
         for net in args.nets.split(","):
             s = r[net]["img_s"]
             sp = r[net]["spread"]
-            print(f"{isa:6s} {net:8s} median of {args.rounds} after a steady warm-up: ours {s['ours']:.1f} img/s "
+            print(f"{key:11s} {net:8s} median of {args.rounds} after a steady warm-up: ours {s['ours']:.1f} img/s "
                   f"(+-{sp['ours'] / 2:.0%}), tv {s['tv']:.1f}, tv-cl {s['tv-cl']:.1f}: "
                   f"{s['ours'] / s['tv']:.2f}x tv, {s['ours'] / s['tv-cl']:.2f}x tv-cl; "
                   f"{r[net]['gflops']:.1f} GFLOP/s = {r[net]['gflops'] / r['gemm_gflops']:.0%} of the "
