@@ -58,10 +58,10 @@ ALLOCATORS = {"default": {}, "keep": {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), 
 
 
 def worker(args) -> None:
-    sys.path.insert(0, HERE)
-    sys.path.insert(0, os.path.join(HERE, "..", "src"))
     import torch
 
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
     from bench_densenet import NETS, Trainer
     from steady import interleaved, summary, warm_all
 
@@ -108,7 +108,7 @@ def main() -> None:
     for isa, alloc in [(i, a) for i in args.isas.split(",") for a in args.allocators.split(",")]:
         env = {**os.environ, **ISAS[isa], **ALLOCATORS[alloc]}
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--nets", args.nets, "--rounds",
-               str(args.rounds), "--threads", str(args.threads), "--allocators", alloc]
+               str(args.rounds), "--threads", str(args.threads)]
         r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         key = isa if alloc == "default" else f"{isa}+{alloc}"
         results[key] = r
